@@ -1,0 +1,240 @@
+//! One webhook request: source lookup, IP check, bounded body read,
+//! authentication, parsing, routing, durable store, and the contract's answer.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Incoming};
+use tokio::sync::watch;
+
+use super::auth::{self, AuthFailure};
+use super::formats::{self, FormatError};
+use crate::config::{Settings, Source};
+use crate::metrics::{IngressOutcome, Metrics};
+use crate::store::{Ingested, NewEvent, Store, StoreError};
+
+/// What ingress reads on every request; replaced whole on reload.
+#[derive(Debug)]
+pub struct Routes {
+    by_path: HashMap<String, Arc<Source>>,
+    max_body: u64,
+    request_timeout: Duration,
+}
+
+impl Routes {
+    pub fn new(settings: &Settings) -> Self {
+        Routes {
+            by_path: settings
+                .sources
+                .iter()
+                .map(|s| (s.path.clone(), s.clone()))
+                .collect(),
+            max_body: settings.server.max_body,
+            request_timeout: settings.server.request_timeout,
+        }
+    }
+}
+
+/// Shared by every connection.
+pub struct Ingress {
+    pub routes: watch::Receiver<Arc<Routes>>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+}
+
+/// Why a webhook was not stored. The one place that maps a failure to the
+/// contract's status and short body; the detail goes to the log only.
+#[derive(Debug)]
+enum Reject {
+    Forbidden,
+    TooLarge,
+    Timeout,
+    BodyRead(String),
+    Unauthorized(AuthFailure),
+    Invalid(FormatError),
+    Unavailable(StoreError),
+}
+
+impl Reject {
+    fn outcome(&self) -> IngressOutcome {
+        match self {
+            Reject::Forbidden => IngressOutcome::Forbidden,
+            Reject::TooLarge => IngressOutcome::TooLarge,
+            Reject::Timeout | Reject::BodyRead(_) | Reject::Invalid(_) => IngressOutcome::Invalid,
+            Reject::Unauthorized(_) => IngressOutcome::Unauthorized,
+            Reject::Unavailable(_) => IngressOutcome::Unavailable,
+        }
+    }
+
+    fn response(&self, version: Version) -> Response<Full<Bytes>> {
+        let (status, message) = match self {
+            Reject::Forbidden => (StatusCode::FORBIDDEN, "forbidden".to_string()),
+            Reject::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload too large".to_string(),
+            ),
+            Reject::Timeout => (StatusCode::REQUEST_TIMEOUT, "request timeout".to_string()),
+            Reject::BodyRead(_) => (StatusCode::BAD_REQUEST, "cannot read the body".to_string()),
+            Reject::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized".to_string()),
+            Reject::Invalid(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+            Reject::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage unavailable".to_string(),
+            ),
+        };
+        let mut r = json(status, serde_json::json!({ "error": message }));
+        // An unread body may still be on the wire: HTTP/1 cannot reuse the connection.
+        if matches!(self, Reject::TooLarge | Reject::Timeout) && version < Version::HTTP_2 {
+            r.headers_mut()
+                .insert(CONNECTION, http::HeaderValue::from_static("close"));
+        }
+        if matches!(self, Reject::Unavailable(_)) {
+            r.headers_mut()
+                .insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
+        }
+        r
+    }
+
+    fn log(&self, source: &str, peer: IpAddr, ms: f64) {
+        let outcome = self.outcome().as_str();
+        match self {
+            Reject::Unauthorized(why) => {
+                tracing::warn!(source, %peer, outcome, reason = %why, ms, "webhook refused")
+            }
+            Reject::Forbidden => {
+                tracing::warn!(source, %peer, outcome, reason = "client address not in allow_ips", ms, "webhook refused")
+            }
+            Reject::Unavailable(e) => {
+                tracing::error!(source, %peer, outcome, error = %e, ms, "webhook not stored")
+            }
+            Reject::Invalid(e) => {
+                tracing::info!(source, %peer, outcome, reason = %e, ms, "webhook refused")
+            }
+            Reject::BodyRead(e) => {
+                tracing::info!(source, %peer, outcome, reason = %e, ms, "webhook refused")
+            }
+            Reject::TooLarge | Reject::Timeout => {
+                tracing::info!(source, %peer, outcome, ms, "webhook refused")
+            }
+        }
+    }
+}
+
+fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+impl Ingress {
+    /// Answers one request. Never fails: every problem is a status code.
+    pub async fn handle(&self, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        let started = Instant::now();
+        let routes = self.routes.borrow().clone();
+        let Some(source) = routes.by_path.get(req.uri().path()).cloned() else {
+            return json(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({ "error": "not found" }),
+            );
+        };
+        if req.method() != Method::POST {
+            let mut r = json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                serde_json::json!({ "error": "method not allowed" }),
+            );
+            r.headers_mut()
+                .insert(ALLOW, http::HeaderValue::from_static("POST"));
+            return r;
+        }
+        let version = req.version();
+        let result = self.receive(&routes, &source, peer, req).await;
+        let elapsed = started.elapsed().as_secs_f64();
+        let ms = elapsed * 1000.0;
+        match result {
+            Ok((ingested, event)) => {
+                let (outcome, id, response) = match ingested {
+                    Ingested::Accepted { id, targets } => (
+                        IngressOutcome::Accepted,
+                        id,
+                        json(
+                            StatusCode::ACCEPTED,
+                            serde_json::json!({ "id": id.to_string(), "targets": targets }),
+                        ),
+                    ),
+                    Ingested::Duplicate { id } => (
+                        IngressOutcome::Duplicate,
+                        id,
+                        json(
+                            StatusCode::OK,
+                            serde_json::json!({ "id": id.to_string(), "duplicate": true }),
+                        ),
+                    ),
+                };
+                self.metrics.ingress(&source.name, outcome, elapsed);
+                tracing::info!(source = %source.name, event, %id, outcome = outcome.as_str(), ms, "webhook received");
+                response
+            }
+            Err(reject) => {
+                self.metrics
+                    .ingress(&source.name, reject.outcome(), elapsed);
+                reject.log(&source.name, peer, ms);
+                reject.response(version)
+            }
+        }
+    }
+
+    async fn receive(
+        &self,
+        routes: &Routes,
+        source: &Source,
+        peer: IpAddr,
+        req: Request<Incoming>,
+    ) -> Result<(Ingested, String), Reject> {
+        if !source.is_ip_allowed(peer) {
+            return Err(Reject::Forbidden);
+        }
+        // Refuse a declared oversize body before reading any of it.
+        if req.body().size_hint().lower() > routes.max_body {
+            return Err(Reject::TooLarge);
+        }
+        let (parts, body) = req.into_parts();
+        let limit = usize::try_from(routes.max_body).unwrap_or(usize::MAX);
+        let body =
+            tokio::time::timeout(routes.request_timeout, Limited::new(body, limit).collect())
+                .await
+                .map_err(|_| Reject::Timeout)?
+                .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+                    Some(_) => Reject::TooLarge,
+                    None => Reject::BodyRead(e.to_string()),
+                })?
+                .to_bytes();
+        let verified = auth::verify(&source.auth, &parts.headers, body, SystemTime::now())
+            .map_err(Reject::Unauthorized)?;
+        let parsed = formats::parse(&source.format, &parts.headers, verified.body())
+            .map_err(Reject::Invalid)?;
+        let event = parsed.event.clone();
+        let targets = source
+            .targets_for(&event)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        let new = NewEvent::new(source, verified, parsed, content_type, targets);
+        let ingested = self.store.ingest(new).await.map_err(Reject::Unavailable)?;
+        Ok((ingested, event))
+    }
+}

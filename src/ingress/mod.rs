@@ -1,0 +1,11 @@
+//! Ingress: what a CMS talks to. Accepts connections (HTTP/1.1, HTTP/2, TLS),
+//! and turns each webhook into a stored event and a `202`.
+
+pub mod auth;
+pub mod formats;
+mod handler;
+mod server;
+pub mod tls;
+
+pub use handler::{Ingress, Routes};
+pub use server::serve;

@@ -1,0 +1,22 @@
+//! hookrelay: a webhook relay gateway. It authenticates webhooks from a CMS,
+//! stores them durably, answers `202` at once and delivers them to internal
+//! targets with retries.
+//!
+//! # Layout
+//!
+//! The modules follow a webhook's way through the relay:
+//!
+//! - [`config`]: `routes.yaml`, parsed, validated and resolved into settings.
+//! - [`ingress`]: the listener (HTTP/1.1, HTTP/2, TLS), source authentication
+//!   ([`ingress::auth`]) and payload formats ([`ingress::formats`]).
+//! - [`store`]: the [`store::Store`] trait and its sled implementation with
+//!   group commit.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`app`]: wiring for `hookrelay serve`.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod config;
+pub mod ingress;
+pub mod metrics;
+pub mod store;

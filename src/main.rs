@@ -1,0 +1,154 @@
+//! The `hookrelay` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use hookrelay::config::{self, Settings};
+
+#[derive(Parser)]
+#[command(name = "hookrelay", version, about = "A webhook relay gateway")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The configuration file.
+    #[arg(long, env = "HOOKRELAY_CONFIG", default_value = "routes.yaml")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay.
+    Serve(ConfigArg),
+    /// Validate the configuration and print a summary; exit 1 on any error.
+    Check(ConfigArg),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Command::Check(c) => match config::load(&c.config) {
+            Ok(settings) => {
+                print_summary(&settings);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Serve(c) => {
+            let settings = match config::load(&c.config) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(hookrelay::app::serve(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "hookrelay failed");
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn print_summary(s: &Settings) {
+    println!("{}: OK", s.path.display());
+    let tls = if s.server.tls.is_some() {
+        "TLS"
+    } else {
+        "plain HTTP"
+    };
+    println!(
+        "ingress   {} ({tls}), max_body {} bytes, request_timeout {}",
+        s.server.listen,
+        s.server.max_body,
+        human(s.server.request_timeout)
+    );
+    let admin = if s.admin.token.is_some() {
+        "/admin/* enabled"
+    } else {
+        "/admin/* disabled (no token)"
+    };
+    println!("admin     {} ({admin})", s.admin.listen);
+    println!(
+        "storage   {} (cache {} bytes, retention {})",
+        s.storage.path.display(),
+        s.storage.cache_bytes,
+        human(s.storage.retention)
+    );
+    println!("sources   {}", s.sources.len());
+    for src in &s.sources {
+        println!(
+            "  {:<16} POST {:<24} format {:<10} auth {}",
+            src.name,
+            src.path,
+            src.format.name(),
+            src.auth.kind()
+        );
+        if matches!(src.auth, config::Auth::None) {
+            println!("  warning: source {} has auth type none", src.name);
+        }
+        for r in &src.routes {
+            let events: Vec<String> = r.events.iter().map(|e| e.to_string()).collect();
+            println!(
+                "    route {} -> {}",
+                events.join(", "),
+                r.targets.join(", ")
+            );
+        }
+    }
+    println!("targets   {}", s.targets.len());
+    for t in &s.targets {
+        println!(
+            "  {:<16} {} (timeout {}, concurrency {}, max_attempts {})",
+            t.name,
+            t.url,
+            human(t.timeout),
+            t.concurrency,
+            t.retry.max_attempts
+        );
+    }
+}
+
+fn human(d: std::time::Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}

@@ -1,0 +1,171 @@
+//! The Prometheus metrics of DESIGN §6, registered once; every metric name lives here.
+
+use prometheus::{
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric hookrelay exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `source`, `outcome` (accepted, duplicate, unauthorized, forbidden, invalid, too_large, unavailable).
+    pub ingress_requests: IntCounterVec,
+    /// Request arrival to acknowledgement, per `source`.
+    pub ingress_ack_seconds: HistogramVec,
+    /// `target`, `outcome` (delivered, retried, dead).
+    pub deliveries: IntCounterVec,
+    pub delivery_attempt_seconds: HistogramVec,
+    /// Receipt to successful delivery, per `target`.
+    pub delivery_lag_seconds: HistogramVec,
+    pub queue_depth: IntGaugeVec,
+    pub dead_letters: IntGaugeVec,
+    /// 0 closed, 1 half-open, 2 open.
+    pub circuit_state: IntGaugeVec,
+    pub rate_limited: IntCounterVec,
+}
+
+/// The label values of `hookrelay_ingress_requests_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngressOutcome {
+    Accepted,
+    Duplicate,
+    Unauthorized,
+    Forbidden,
+    Invalid,
+    TooLarge,
+    Unavailable,
+}
+
+impl IngressOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngressOutcome::Accepted => "accepted",
+            IngressOutcome::Duplicate => "duplicate",
+            IngressOutcome::Unauthorized => "unauthorized",
+            IngressOutcome::Forbidden => "forbidden",
+            IngressOutcome::Invalid => "invalid",
+            IngressOutcome::TooLarge => "too_large",
+            IngressOutcome::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
+            let g = IntGaugeVec::new(Opts::new(name, help), &["target"])?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram = |name: &str,
+                         help: &str,
+                         label: &str,
+                         buckets: Vec<f64>|
+         -> Result<HistogramVec, prometheus::Error> {
+            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        Ok(Metrics {
+            ingress_requests: counter(
+                "hookrelay_ingress_requests_total",
+                "Webhook requests received, by source and outcome.",
+                &["source", "outcome"],
+            )?,
+            // 100 µs to ~6.5 s.
+            ingress_ack_seconds: histogram(
+                "hookrelay_ingress_ack_seconds",
+                "Time from request to acknowledgement.",
+                "source",
+                exponential_buckets(0.0001, 2.0, 17)?,
+            )?,
+            deliveries: counter(
+                "hookrelay_deliveries_total",
+                "Delivery attempts by target and outcome.",
+                &["target", "outcome"],
+            )?,
+            delivery_attempt_seconds: histogram(
+                "hookrelay_delivery_attempt_seconds",
+                "Duration of one delivery attempt.",
+                "target",
+                exponential_buckets(0.001, 2.0, 16)?,
+            )?,
+            // 1 ms to ~1.5 days.
+            delivery_lag_seconds: histogram(
+                "hookrelay_delivery_lag_seconds",
+                "Time from receipt to successful delivery.",
+                "target",
+                exponential_buckets(0.001, 4.0, 14)?,
+            )?,
+            queue_depth: gauge("hookrelay_queue_depth", "Deliveries waiting, per target.")?,
+            dead_letters: gauge(
+                "hookrelay_dead_letters",
+                "Dead-lettered deliveries, per target.",
+            )?,
+            circuit_state: gauge(
+                "hookrelay_circuit_state",
+                "Circuit breaker: 0 closed, 1 half-open, 2 open.",
+            )?,
+            rate_limited: counter(
+                "hookrelay_rate_limited_total",
+                "Deliveries held back by the target's rate limit.",
+                &["target"],
+            )?,
+            registry,
+        })
+    }
+
+    pub fn ingress(&self, source: &str, outcome: IngressOutcome, seconds: f64) {
+        self.ingress_requests
+            .with_label_values(&[source, outcome.as_str()])
+            .inc();
+        if matches!(
+            outcome,
+            IngressOutcome::Accepted | IngressOutcome::Duplicate
+        ) {
+            self.ingress_ack_seconds
+                .with_label_values(&[source])
+                .observe(seconds);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encoding metrics failed: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_labels_follow_the_contract() {
+        let m = Metrics::new().unwrap();
+        m.ingress("buttercms", IngressOutcome::Accepted, 0.002);
+        m.ingress("buttercms", IngressOutcome::TooLarge, 0.0);
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"hookrelay_ingress_requests_total{outcome="accepted",source="buttercms"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"hookrelay_ingress_requests_total{outcome="too_large",source="buttercms"} 1"#
+        ));
+        assert!(text.contains(r#"hookrelay_ingress_ack_seconds_count{source="buttercms"} 1"#));
+        assert!(text
+            .contains(r#"hookrelay_ingress_ack_seconds_bucket{source="buttercms",le="0.0001"} 0"#));
+    }
+}

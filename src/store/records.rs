@@ -1,0 +1,162 @@
+//! What the store holds: events, their deliveries, and the attempts made.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::ingress::auth::Verified;
+use crate::ingress::formats::Parsed;
+
+/// An event's id: a UUIDv7, so ids sort by arrival time. Sent to targets as `webhook-id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(pub uuid::Uuid);
+
+impl EventId {
+    pub fn new() -> Self {
+        EventId(uuid::Uuid::now_v7())
+    }
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        self.0.as_bytes()
+    }
+    pub fn from_slice(b: &[u8]) -> Option<Self> {
+        uuid::Uuid::from_slice(b).ok().map(EventId)
+    }
+}
+
+impl Default for EventId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "evt_{}", self.0.simple())
+    }
+}
+
+impl FromStr for EventId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let hex = s.strip_prefix("evt_").unwrap_or(s);
+        uuid::Uuid::try_parse(hex)
+            .map(EventId)
+            .map_err(|_| format!("{s:?} is not an event id"))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_millis() as u64
+}
+
+/// A webhook ready to be stored. It can only be made from a [`Verified`]
+/// body, so nothing unauthenticated reaches the store.
+#[derive(Debug)]
+pub struct NewEvent {
+    pub(crate) id: EventId,
+    pub(crate) source: String,
+    pub(crate) event: String,
+    pub(crate) dedup_key: String,
+    pub(crate) dedup_window: Duration,
+    pub(crate) content_type: Option<String>,
+    pub(crate) body: Bytes,
+    pub(crate) targets: Vec<String>,
+    pub(crate) received_ms: u64,
+}
+
+impl NewEvent {
+    pub fn new(
+        source: &crate::config::Source,
+        verified: Verified,
+        parsed: Parsed,
+        content_type: Option<String>,
+        targets: Vec<String>,
+    ) -> Self {
+        NewEvent {
+            id: EventId::new(),
+            source: source.name.clone(),
+            event: parsed.event,
+            dedup_key: parsed.dedup_key,
+            dedup_window: source.dedup_window,
+            content_type,
+            body: verified.into_body(),
+            targets,
+            received_ms: now_ms(),
+        }
+    }
+}
+
+/// What [`crate::store::Store::ingest`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ingested {
+    /// Stored, with this many deliveries.
+    Accepted { id: EventId, targets: usize },
+    /// Seen within the dedup window: the first event's id.
+    Duplicate { id: EventId },
+}
+
+/// An event as stored, without its body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventMeta {
+    pub source: String,
+    pub event: String,
+    pub received_ms: u64,
+    pub content_type: Option<String>,
+    pub targets: Vec<String>,
+}
+
+/// An event with its body, byte for byte as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub id: EventId,
+    pub meta: EventMeta,
+    pub body: Bytes,
+}
+
+/// One event's delivery to one target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub event_id: EventId,
+    pub target: String,
+    pub record: DeliveryRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub state: DeliveryState,
+    pub attempts: Vec<Attempt>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum DeliveryState {
+    /// Waiting to be attempted at or after `due_ms`.
+    Pending {
+        due_ms: u64,
+    },
+    Delivered {
+        at_ms: u64,
+    },
+    Dead {
+        at_ms: u64,
+        reason: String,
+    },
+}
+
+/// One try at delivering.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub at_ms: u64,
+    pub duration_ms: u64,
+    /// The target's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// What went wrong, when it did not answer.
+    pub error: Option<String>,
+}

@@ -169,6 +169,27 @@ impl Store for SledStore {
         }))
     }
 
+    async fn recent_events(
+        &self,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+        // Ids are UUIDv7, so key order is arrival order: walk it backwards.
+        let mut out = Vec::new();
+        for item in self.db.scan_prefix(b"e/").rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item?;
+            let id = EventId::from_slice(&k[2..]).ok_or_else(|| corrupt(&k, "bad event id"))?;
+            let meta: EventMeta = serde_json::from_slice(&v).map_err(|e| corrupt(&k, e))?;
+            if source.is_none_or(|s| s == meta.source) {
+                out.push((id, meta));
+            }
+        }
+        Ok(out)
+    }
+
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError> {
         let Some(meta) = self.get_json::<EventMeta>(&key(b"e/", &[id.as_bytes()]))? else {
             return Ok(Vec::new());

@@ -1,0 +1,104 @@
+//! An acknowledged webhook survives `kill -9`: the real binary is killed right
+//! after its 202s and the store is reopened.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use hookrelay::store::{EventId, SledStore, Store};
+use http::StatusCode;
+
+/// Starts `hookrelay serve` and reads its JSON log until ingress listens.
+fn spawn_relay(config: &std::path::Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["--log-format", "json", "serve", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if let Some(addr) = v["fields"]["listen"].as_str() {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(WAIT)
+        .expect("relay did not start listening");
+    (child, addr)
+}
+
+#[tokio::test]
+async fn acked_webhooks_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &config_text(dir.path(), "", ""));
+    let (mut child, addr) = spawn_relay(&config);
+
+    let sends = (0..40).map(|i| {
+        tokio::spawn(async move {
+            let body = format!(
+                r#"{{"event":"content.published","occurred_at":"2025-05-03T12:00:{i:02}Z","data":{{"type":"posts","id":"p{i}","slug":"s"}}}}"#
+            );
+            let reply = post(addr, "/hooks/cometcms", &[("x-cometcms-signature", &comet_signature(body.as_bytes()))], body).await;
+            assert_eq!(reply.status, StatusCode::ACCEPTED);
+            reply.json()["id"].as_str().unwrap().parse::<EventId>().unwrap()
+        })
+    });
+    let mut acked = Vec::new();
+    for s in sends {
+        acked.push(s.await.unwrap());
+    }
+    child.kill().unwrap(); // SIGKILL: no shutdown code runs.
+    child.wait().unwrap();
+
+    let store = SledStore::open(&dir.path().join("data"), 8 << 20).unwrap();
+    for id in &acked {
+        let event = store.event(*id).await.unwrap();
+        assert!(event.is_some(), "acked event {id} lost after kill -9");
+        assert_eq!(
+            store.deliveries(*id).await.unwrap().len(),
+            1,
+            "delivery of {id} lost"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_relay_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &config_text(dir.path(), "", ""));
+    let (mut child, addr) = spawn_relay(&config);
+    assert_eq!(
+        post_butter(addr, fixture("buttercms-page-published.json"))
+            .await
+            .status,
+        StatusCode::ACCEPTED
+    );
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(code) = child.try_wait().unwrap() {
+            assert!(code.success(), "exit status {code}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "still running after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,16 +1,18 @@
 //! Durable storage of events and their deliveries, behind the [`Store`] trait
 //! so that a networked backend can stand beside the embedded sled one.
 
-mod commit;
+mod layout;
 mod records;
 mod sled_store;
+mod writer;
 
 use async_trait::async_trait;
 
 pub use records::*;
 pub use sled_store::SledStore;
+pub use writer::CommitStats;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("storage I/O failed: {0}")]
     Io(String),
@@ -54,6 +56,6 @@ pub trait Store: Send + Sync + 'static {
     /// The delivery records of one event, one per target.
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError>;
 
-    /// Flushes what is written and refuses further writes.
+    /// Finishes the writes in progress, flushes, and refuses further writes.
     async fn close(&self) -> Result<(), StoreError>;
 }

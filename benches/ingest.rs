@@ -1,0 +1,317 @@
+//! Ingest benchmark: durable acks per second and ack latency of the real relay,
+//! side by side with the same server answering 202 without storing.
+//!
+//! `cargo bench --bench ingest` (env: BENCH_SECS per phase, default 5;
+//! BENCH_CONNS, default 64; BENCH_RATE for the fixed-rate phase, default 2000).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+
+use hookrelay::app::Relay;
+use hookrelay::store::{
+    CommitStats, Delivery, EventId, EventMeta, Ingested, NewEvent, SledStore, Store, StoreError,
+    StoredEvent,
+};
+
+const SECRET: &str = "bench-secret";
+
+/// The baseline: accepts everything, stores nothing.
+struct NoStore;
+
+#[async_trait::async_trait]
+impl Store for NoStore {
+    async fn ingest(&self, _: NewEvent) -> Result<Ingested, StoreError> {
+        Ok(Ingested::Accepted {
+            id: EventId::new(),
+            targets: 2,
+        })
+    }
+    async fn event(&self, _: EventId) -> Result<Option<StoredEvent>, StoreError> {
+        Ok(None)
+    }
+    async fn recent_events(
+        &self,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+        Ok(vec![])
+    }
+    async fn deliveries(&self, _: EventId) -> Result<Vec<Delivery>, StoreError> {
+        Ok(vec![])
+    }
+    async fn close(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn config(dir: &std::path::Path) -> hookrelay::config::Settings {
+    let text = format!(
+        r#"
+server: {{ listen: "127.0.0.1:0" }}
+storage: {{ path: "{}" }}
+sources:
+  - name: buttercms
+    path: /hooks/buttercms
+    format: buttercms
+    auth: {{ type: header, header: X-Webhook-Secret, values: ["{SECRET}"] }}
+targets:
+  - {{ name: search, url: "http://127.0.0.1:9/a" }}
+  - {{ name: cache, url: "http://127.0.0.1:9/b" }}
+routes:
+  - {{ source: buttercms, events: ["page.*"], targets: [search, cache] }}
+"#,
+        dir.join("data").display()
+    );
+    let path = dir.join("routes.yaml");
+    std::fs::write(&path, text).expect("write config");
+    hookrelay::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A distinct ButterCMS page.published body (a new dedup key each time), in
+/// the shape of the vendor's fixture.
+fn body(n: u64) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"data":{{"id":"product-launch-{n}","buttercms_id":{n},"page_type":"landing","editor":"Marketing Team","name":"Product Launch Landing Page","timestamp":"2024-01-15T14:30:00","locale":null,"status":"published","updated":"2024-01-15T14:30:00.123456Z","published":"2024-01-15T14:30:00.123456Z","scheduled":null}},"webhook":{{"event":"page.published","target":"https://yourapp.com/webhooks/buttercms"}}}}"#
+    ))
+}
+
+struct Load {
+    acks: u64,
+    errors: u64,
+    elapsed: Duration,
+    /// Ack latencies in microseconds, sorted.
+    latencies: Vec<u64>,
+}
+
+impl Load {
+    fn quantile(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
+        self.latencies[i] as f64 / 1000.0
+    }
+}
+
+/// Drives `conns` keep-alive connections for `secs`. With `rate`, each
+/// connection sends on a fixed schedule and latency counts from the scheduled
+/// time (no coordinated omission); without, each sends back to back.
+async fn drive(
+    addr: SocketAddr,
+    conns: u64,
+    secs: u64,
+    rate: Option<u64>,
+    counter: Arc<AtomicU64>,
+) -> Load {
+    let deadline = Duration::from_secs(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+                tcp.set_nodelay(true).expect("nodelay");
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                    .await
+                    .expect("handshake");
+                tokio::spawn(conn);
+                let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
+                let offset = interval
+                    .map(|i| i.mul_f64(c as f64 / conns as f64))
+                    .unwrap_or_default();
+                let (mut acks, mut errors, mut lat) = (0u64, 0u64, Vec::new());
+                let mut k = 0u32;
+                loop {
+                    let scheduled = match interval {
+                        Some(i) => {
+                            let at = started + offset + i * k;
+                            tokio::time::sleep_until(at.into()).await;
+                            at
+                        }
+                        None => Instant::now(),
+                    };
+                    if scheduled.duration_since(started) >= deadline {
+                        break;
+                    }
+                    k += 1;
+                    let req = Request::post("/hooks/buttercms")
+                        .header("host", "bench")
+                        .header("content-type", "application/json")
+                        .header("x-webhook-secret", SECRET)
+                        .body(Full::new(body(counter.fetch_add(1, Ordering::Relaxed))))
+                        .expect("request");
+                    match sender.send_request(req).await {
+                        Ok(resp) => {
+                            let ok = resp.status() == http::StatusCode::ACCEPTED;
+                            let _ = resp.into_body().collect().await;
+                            if ok {
+                                acks += 1;
+                                lat.push(scheduled.elapsed().as_micros() as u64);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                (acks, errors, lat)
+            })
+        })
+        .collect();
+    let mut load = Load {
+        acks: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for t in tasks {
+        let (a, e, l) = t.await.expect("load task");
+        load.acks += a;
+        load.errors += e;
+        load.latencies.extend(l);
+    }
+    load.elapsed = started.elapsed();
+    load.latencies.sort_unstable();
+    load
+}
+
+fn row(name: &str, l: &Load) {
+    println!(
+        "{name:<28} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+        l.acks as f64 / l.elapsed.as_secs_f64(),
+        l.quantile(0.50),
+        l.quantile(0.99),
+        l.quantile(0.999),
+        l.latencies
+            .last()
+            .map(|&m| m as f64 / 1000.0)
+            .unwrap_or(f64::NAN),
+        l.errors
+    );
+}
+
+fn snapshot(s: &CommitStats) -> (u64, u64) {
+    (
+        s.flushes.load(Ordering::Relaxed),
+        s.flush_micros.load(Ordering::Relaxed),
+    )
+}
+
+fn flush_row(before: (u64, u64), after: (u64, u64), l: &Load) {
+    let flushes = (after.0 - before.0).max(1);
+    println!(
+        "  group commit: {:.0} flushes/s, {:.2} ms per flush, {:.1} acks per flush",
+        flushes as f64 / l.elapsed.as_secs_f64(),
+        (after.1 - before.1) as f64 / flushes as f64 / 1000.0,
+        l.acks as f64 / flushes as f64
+    );
+}
+
+fn main() {
+    let secs = env_or("BENCH_SECS", 5);
+    let conns = env_or("BENCH_CONNS", 64);
+    let rate = env_or("BENCH_RATE", 2000);
+    // The relay gets its own runtime (2 workers, like `serve` on this machine);
+    // the load generator runs on another, single-threaded.
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let counter = Arc::new(AtomicU64::new(0));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let baseline = server_rt
+        .block_on(Relay::start_with_store(
+            config(dir.path()),
+            Arc::new(NoStore),
+        ))
+        .expect("baseline");
+    let settings = config(dir.path());
+    let sled = Arc::new(
+        SledStore::open(&settings.storage.path, settings.storage.cache_bytes).expect("store"),
+    );
+    let durable = server_rt
+        .block_on(Relay::start_with_store(settings, sled.clone()))
+        .expect("relay");
+
+    println!("ingest benchmark: {conns} connections, {secs}s per phase, buttercms page.published, 2 targets per event");
+    println!(
+        "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7}",
+        "phase", "acks/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
+    );
+    // Warm up both (connections, allocator, sled's first segments).
+    client_rt.block_on(drive(baseline.ingress_addr, 8, 1, None, counter.clone()));
+    client_rt.block_on(drive(durable.ingress_addr, 8, 1, None, counter.clone()));
+    let base_max = client_rt.block_on(drive(
+        baseline.ingress_addr,
+        conns,
+        secs,
+        None,
+        counter.clone(),
+    ));
+    row("baseline (no store), max", &base_max);
+    let before = snapshot(sled.commit_stats());
+    let dur_max = client_rt.block_on(drive(
+        durable.ingress_addr,
+        conns,
+        secs,
+        None,
+        counter.clone(),
+    ));
+    row("durable (sled+fsync), max", &dur_max);
+    flush_row(before, snapshot(sled.commit_stats()), &dur_max);
+    let base_rate = client_rt.block_on(drive(
+        baseline.ingress_addr,
+        conns,
+        secs,
+        Some(rate),
+        counter.clone(),
+    ));
+    row(&format!("baseline, fixed {rate}/s"), &base_rate);
+    let before = snapshot(sled.commit_stats());
+    let dur_rate = client_rt.block_on(drive(
+        durable.ingress_addr,
+        conns,
+        secs,
+        Some(rate),
+        counter.clone(),
+    ));
+    row(&format!("durable, fixed {rate}/s"), &dur_rate);
+    flush_row(before, snapshot(sled.commit_stats()), &dur_rate);
+    println!(
+        "durable/baseline throughput: {:.2}",
+        (dur_max.acks as f64 / dur_max.elapsed.as_secs_f64())
+            / (base_max.acks as f64 / base_max.elapsed.as_secs_f64())
+    );
+    let stored = server_rt
+        .block_on(durable.store.recent_events(None, usize::MAX))
+        .map(|v| v.len())
+        .unwrap_or(0);
+    println!("events in the durable store: {stored}");
+    server_rt.block_on(async {
+        let _ = baseline.stop(Duration::from_secs(5)).await;
+        let _ = durable.stop(Duration::from_secs(5)).await;
+    });
+}

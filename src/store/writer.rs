@@ -1,0 +1,239 @@
+//! The single writer: one thread applies every ingest, a round at a time.
+//! A round takes all the jobs queued while the previous round ran, checks
+//! their dedup keys, applies them as one sled batch, makes that durable with
+//! one flush, then answers each job. Group commit and write batching are one
+//! mechanism: concurrent requests share both the batch and the flush.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::layout;
+use super::{Ingested, NewEvent, StoreError};
+
+/// Jobs a round takes at most; more wait for the next round.
+const MAX_ROUND: usize = 1024;
+/// Jobs queued at most; past this, requests wait to enqueue (backpressure).
+const QUEUE: usize = 8192;
+
+/// Counters of the writer's work, for benchmarks and diagnostics.
+#[derive(Debug, Default)]
+pub struct CommitStats {
+    /// Rounds run, each one batch and one flush.
+    pub flushes: AtomicU64,
+    /// Time spent flushing, in microseconds.
+    pub flush_micros: AtomicU64,
+}
+
+struct Job {
+    event: NewEvent,
+    reply: oneshot::Sender<Result<Ingested, StoreError>>,
+}
+
+pub struct Writer {
+    pub stats: Arc<CommitStats>,
+    queue: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Writer {
+    /// Starts the writer thread. `sync` makes everything written so far durable.
+    pub fn start(
+        db: sled::Db,
+        mut sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
+        let stats = Arc::new(CommitStats::default());
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("hookrelay-writer".into())
+            .spawn(move || {
+                // Ends when every sender is gone and the queue is empty.
+                while let Some(first) = rx.blocking_recv() {
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_ROUND {
+                        match rx.try_recv() {
+                            Ok(job) => jobs.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    round(&db, jobs, &mut sync, &thread_stats);
+                }
+            })?;
+        Ok(Writer {
+            stats,
+            queue: Mutex::new(Some(tx)),
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Stores `event` unless it is a duplicate; returns once durable.
+    pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+        let sender = self
+            .queue
+            .lock()
+            .map_err(|_| StoreError::Closed)?
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (reply, answer) = oneshot::channel();
+        sender
+            .send(Job { event, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Finishes the queued jobs and stops the thread. Later ingests fail with `Closed`.
+    pub fn stop(&self) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(t) = thread {
+            if t.join().is_err() {
+                tracing::error!("the storage writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn round(
+    db: &sled::Db,
+    jobs: Vec<Job>,
+    sync: &mut impl FnMut() -> Result<(), StoreError>,
+    stats: &CommitStats,
+) {
+    let mut batch = sled::Batch::default();
+    // Dedup keys claimed earlier in this round, not yet in sled.
+    let mut claimed: HashMap<Vec<u8>, super::EventId> = HashMap::new();
+    let mut answers = Vec::with_capacity(jobs.len());
+    for Job { event, reply } in jobs {
+        let outcome = layout::plan_ingest(db, &mut batch, &mut claimed, &event);
+        answers.push((reply, outcome));
+    }
+    let started = std::time::Instant::now();
+    let written = db
+        .apply_batch(batch)
+        .map_err(StoreError::from)
+        .and_then(|()| sync());
+    stats.flushes.fetch_add(1, Ordering::Relaxed);
+    stats
+        .flush_micros
+        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    if let Err(e) = &written {
+        tracing::error!(error = %e, jobs = answers.len(), "storage write failed; those webhooks are answered 503");
+    }
+    for (reply, outcome) in answers {
+        let answer = match &written {
+            Ok(()) => outcome,
+            Err(e) => Err(e.clone()),
+        };
+        // The requester may have gone (client hung up): nothing to tell.
+        let _ = reply.send(answer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    fn event(dedup: &str) -> NewEvent {
+        NewEvent {
+            id: super::super::EventId::new(),
+            source: "s".into(),
+            event: "page.published".into(),
+            dedup_key: dedup.into(),
+            dedup_window: Duration::from_secs(600),
+            content_type: None,
+            body: bytes::Bytes::from_static(b"{}"),
+            targets: vec!["a".into(), "b".into()],
+            received_ms: super::super::now_ms(),
+        }
+    }
+
+    fn temp_db() -> (tempfile::TempDir, sled::Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        (dir, db)
+    }
+
+    #[tokio::test]
+    async fn concurrent_ingests_share_rounds_and_each_copy_is_deduplicated() {
+        let (_dir, db) = temp_db();
+        let writer = Arc::new(
+            Writer::start(db.clone(), || {
+                std::thread::sleep(Duration::from_millis(20));
+                Ok(())
+            })
+            .unwrap(),
+        );
+        // 40 distinct events, each sent twice at once.
+        let jobs: Vec<_> = (0..80)
+            .map(|i| {
+                let w = writer.clone();
+                tokio::spawn(async move { w.ingest(event(&format!("k{}", i % 40))).await })
+            })
+            .collect();
+        let (mut accepted, mut duplicates) = (0, 0);
+        for j in jobs {
+            match j.await.unwrap().unwrap() {
+                Ingested::Accepted { targets, .. } => {
+                    assert_eq!(targets, 2);
+                    accepted += 1
+                }
+                Ingested::Duplicate { .. } => duplicates += 1,
+            }
+        }
+        assert_eq!((accepted, duplicates), (40, 40));
+        let rounds = writer.stats.flushes.load(Ordering::Relaxed);
+        assert!(rounds < 80, "80 ingests took {rounds} rounds");
+        assert_eq!(db.scan_prefix(b"e/").count(), 40);
+        assert_eq!(db.scan_prefix(b"q/").count(), 80);
+    }
+
+    #[tokio::test]
+    async fn a_failed_sync_fails_its_round_and_a_later_round_recovers() {
+        let (_dir, db) = temp_db();
+        let fail = Arc::new(AtomicBool::new(true));
+        let f = fail.clone();
+        let writer = Writer::start(db, move || {
+            if f.load(Ordering::SeqCst) {
+                Err(StoreError::Io("No space left on device".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+        assert!(
+            matches!(writer.ingest(event("x")).await, Err(StoreError::Io(m)) if m.contains("No space"))
+        );
+        fail.store(false, Ordering::SeqCst);
+        assert!(matches!(
+            writer.ingest(event("y")).await,
+            Ok(Ingested::Accepted { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn after_stop_ingests_are_refused() {
+        let (_dir, db) = temp_db();
+        let writer = Writer::start(db, || Ok(())).unwrap();
+        writer.ingest(event("x")).await.unwrap();
+        writer.stop();
+        assert!(matches!(
+            writer.ingest(event("y")).await,
+            Err(StoreError::Closed)
+        ));
+    }
+}

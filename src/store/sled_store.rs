@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
@@ -134,7 +135,13 @@ struct DiskSync {
     log: File,
     blobs_dir: PathBuf,
     synced_blobs: HashSet<std::ffi::OsString>,
+    /// When the last listing of `blobs/` began.
+    last_scan: Option<SystemTime>,
 }
+
+/// Directory times come from a coarse clock; a listing is skipped only when
+/// the folder's last change is this much older than the previous listing.
+const MTIME_SLACK: Duration = Duration::from_millis(100);
 
 impl DiskSync {
     fn new(path: &Path, db: sled::Db) -> Result<Self, StoreError> {
@@ -147,6 +154,7 @@ impl DiskSync {
             log,
             blobs_dir: path.join("blobs"),
             synced_blobs: HashSet::new(),
+            last_scan: None,
         })
     }
 
@@ -157,6 +165,16 @@ impl DiskSync {
     }
 
     fn sync_blobs(&mut self) -> Result<(), StoreError> {
+        // Listing the folder every round is costly; its mtime tells whether
+        // anything was added since the last listing began.
+        let changed = std::fs::metadata(&self.blobs_dir)?.modified()?;
+        if self
+            .last_scan
+            .is_some_and(|scan| changed + MTIME_SLACK < scan)
+        {
+            return Ok(());
+        }
+        self.last_scan = Some(SystemTime::now());
         let mut present = HashSet::new();
         let mut new_blob = false;
         for entry in std::fs::read_dir(&self.blobs_dir)? {

@@ -197,3 +197,49 @@ impl DiskSync {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn event(body: Vec<u8>) -> NewEvent {
+        NewEvent {
+            id: EventId::new(),
+            source: "s".into(),
+            event: "page.published".into(),
+            dedup_key: format!("{}", body.len()),
+            dedup_window: Duration::from_secs(600),
+            content_type: Some("application/json".into()),
+            body: bytes::Bytes::from(body),
+            targets: vec!["search".into()],
+            received_ms: now_ms(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_large_body_goes_to_a_synced_blob_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
+        let id = {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let Ingested::Accepted { id, .. } = store.ingest(event(body.clone())).await.unwrap()
+            else {
+                panic!("not accepted")
+            };
+            let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
+            assert!(blobs > 0, "a 300 KiB value should be a sled blob");
+            store.close().await.unwrap();
+            id
+        };
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let stored = store.event(id).await.unwrap().unwrap();
+        assert_eq!(stored.body.as_ref(), body.as_slice());
+        let deliveries = store.deliveries(id).await.unwrap();
+        assert_eq!(deliveries.len(), 1);
+        assert!(matches!(
+            deliveries[0].record.state,
+            DeliveryState::Pending { .. }
+        ));
+    }
+}

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Auth, Settings};
+use crate::dispatch::{DispatchError, Dispatcher};
 use crate::ingress::{self, Ingress, Routes};
 use crate::metrics::Metrics;
 use crate::store::{SledStore, Store, StoreError};
@@ -29,6 +30,8 @@ pub enum StartError {
     },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Dispatch(#[from] DispatchError),
 }
 
 /// A running relay.
@@ -39,6 +42,7 @@ pub struct Relay {
     pub metrics: Metrics,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    dispatcher: Dispatcher,
     /// Keeps the routes channel open; reload sends new routes through it.
     _routes: watch::Sender<Arc<Routes>>,
 }
@@ -74,13 +78,22 @@ impl Relay {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let metrics = Metrics::new()?;
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::start(
+            &settings.targets,
+            store.clone(),
+            metrics.clone(),
+            settings.storage.retention,
+            CancellationToken::new(),
+        )
+        .await?;
         let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new(&settings)));
         let ingress = Arc::new(Ingress {
             routes: routes_rx,
             store: store.clone(),
             metrics: metrics.clone(),
+            wakers: dispatcher.wakers(),
         });
-        let shutdown = CancellationToken::new();
         let tasks = TaskTracker::new();
         tasks.spawn(ingress::serve(
             listener,
@@ -102,12 +115,14 @@ impl Relay {
             metrics,
             shutdown,
             tasks,
+            dispatcher,
             _routes: routes_tx,
         })
     }
 
     /// Stops accepting, lets requests in progress finish (up to `grace`),
-    /// then flushes and closes the store.
+    /// stops delivering (attempts in flight stay pending), then flushes and
+    /// closes the store.
     pub async fn stop(self, grace: Duration) -> Result<(), StoreError> {
         self.shutdown.cancel();
         self.tasks.close();
@@ -120,6 +135,7 @@ impl Relay {
                 "requests still in progress after the grace period; stopping anyway"
             );
         }
+        self.dispatcher.stop(grace).await;
         self.store.close().await
     }
 }

@@ -17,6 +17,7 @@
 
 pub mod app;
 pub mod config;
+pub mod dispatch;
 pub mod ingress;
 pub mod metrics;
 pub mod store;

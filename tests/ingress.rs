@@ -339,6 +339,41 @@ impl Store for FullDisk {
     async fn deliveries(&self, _: EventId) -> Result<Vec<hookrelay::store::Delivery>, StoreError> {
         Ok(vec![])
     }
+    async fn due(
+        &self,
+        _: &str,
+        _: u64,
+        _: usize,
+        _: &std::collections::HashSet<EventId>,
+    ) -> Result<hookrelay::store::DueBatch, StoreError> {
+        Ok(Default::default())
+    }
+    async fn complete(
+        &self,
+        _: &str,
+        _: &hookrelay::store::DueDelivery,
+        _: hookrelay::store::Attempt,
+        _: hookrelay::store::NextStep,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn set_paused(&self, _: &str, _: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn paused_targets(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        Ok(Default::default())
+    }
+    async fn counts(&self, _: &str) -> Result<hookrelay::store::TargetCounts, StoreError> {
+        Ok(Default::default())
+    }
+    async fn purge(
+        &self,
+        _: u64,
+        _: Option<EventId>,
+        _: usize,
+    ) -> Result<(usize, Option<EventId>), StoreError> {
+        Ok((0, None))
+    }
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::auth::{self, AuthFailure};
 use super::formats::{self, FormatError};
 use crate::config::{Settings, Source};
+use crate::dispatch::Wakers;
 use crate::metrics::{IngressOutcome, Metrics};
 use crate::store::{Ingested, NewEvent, Store, StoreError};
 
@@ -46,6 +47,8 @@ pub struct Ingress {
     pub routes: watch::Receiver<Arc<Routes>>,
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
+    /// Rung once an event is durable, so that its targets' workers start at once.
+    pub wakers: Arc<Wakers>,
 }
 
 /// Why a webhook was not stored. The one place that maps a failure to the
@@ -223,18 +226,18 @@ impl Ingress {
         let parsed = formats::parse(&source.format, &parts.headers, verified.body())
             .map_err(Reject::Invalid)?;
         let event = parsed.event.clone();
-        let targets = source
-            .targets_for(&event)
-            .into_iter()
-            .map(String::from)
-            .collect();
+        let targets = source.targets_for(&event);
+        let owned = targets.iter().map(|t| t.to_string()).collect();
         let content_type = parts
             .headers
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(String::from);
-        let new = NewEvent::new(source, verified, parsed, content_type, targets);
+        let new = NewEvent::new(source, verified, parsed, content_type, owned);
         let ingested = self.store.ingest(new).await.map_err(Reject::Unavailable)?;
+        if matches!(ingested, Ingested::Accepted { .. }) {
+            self.wakers.wake(targets);
+        }
         Ok((ingested, event))
     }
 }

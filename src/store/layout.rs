@@ -6,6 +6,8 @@
 //! - `d/{target}\0{id}`: [`DeliveryRecord`] JSON, written from the first attempt
 //!   on; a pending delivery never tried has only its queue entry
 //! - `k/{source}\0{sha256 of dedup key}`: `{id}{expires}`
+//! - `x/{target}\0{id}`: the reason; the dead letters of a target
+//! - `p/{target}`: empty; the target is paused
 //!
 //! Ids are 16 bytes; times are u64 milliseconds, big-endian so keys sort by them.
 
@@ -14,7 +16,10 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use super::{EventId, EventMeta, Ingested, NewEvent, StoreError};
+use super::{
+    Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested,
+    NewEvent, NextStep, StoreError, MAX_ATTEMPTS_KEPT,
+};
 
 const EVENT_V1: u8 = 1;
 
@@ -45,6 +50,19 @@ pub fn queue_key(target: &str, due_ms: u64, id: EventId) -> Vec<u8> {
 
 pub fn delivery_key(target: &str, id: EventId) -> Vec<u8> {
     key(b"d/", &[target.as_bytes(), b"\0", id.as_bytes()])
+}
+
+pub fn dead_key(target: &str, id: EventId) -> Vec<u8> {
+    key(b"x/", &[target.as_bytes(), b"\0", id.as_bytes()])
+}
+
+pub fn pause_key(target: &str) -> Vec<u8> {
+    key(b"p/", &[target.as_bytes()])
+}
+
+/// The prefix of all keys of one kind for one target, e.g. `q/search\0`.
+pub fn target_prefix(kind: &[u8], target: &str) -> Vec<u8> {
+    key(kind, &[target.as_bytes(), b"\0"])
 }
 
 pub fn dedup_key(source: &str, dedup: &str) -> Vec<u8> {
@@ -115,6 +133,7 @@ pub fn plan_ingest(
         received_ms: ev.received_ms,
         content_type: ev.content_type.clone(),
         targets: ev.targets.clone(),
+        dedup: dedup.clone(),
     };
     batch.insert(event_key(ev.id), encode_event(&meta, &ev.body)?);
     for target in &ev.targets {
@@ -132,4 +151,166 @@ pub fn plan_ingest(
         id: ev.id,
         targets: ev.targets.len(),
     })
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))
+}
+
+fn get_record(db: &sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
+    match db.get(key)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| corrupt(key, e)),
+    }
+}
+
+/// Reads the due part of a target's queue.
+pub fn read_due(
+    db: &sled::Db,
+    target: &str,
+    now_ms: u64,
+    limit: usize,
+    skip: &std::collections::HashSet<EventId>,
+) -> Result<DueBatch, StoreError> {
+    let prefix = target_prefix(b"q/", target);
+    let due_end = key(&prefix, &[&now_ms.saturating_add(1).to_be_bytes()]);
+    let mut batch = DueBatch::default();
+    for item in db.range(prefix.clone()..due_end.clone()) {
+        if batch.due.len() >= limit {
+            break;
+        }
+        let (k, _) = item?;
+        let (due_ms, id) = parse_queue_key(&k, prefix.len())?;
+        if skip.contains(&id) {
+            continue;
+        }
+        let attempts =
+            get_record(db, &delivery_key(target, id))?.map_or(0, |r| r.attempts.len() as u32);
+        batch.due.push(DueDelivery {
+            event_id: id,
+            due_ms,
+            attempts,
+        });
+    }
+    if let Some(item) = db.range(due_end..).next() {
+        let (k, _) = item?;
+        if k.starts_with(&prefix) {
+            batch.next_due_ms = Some(parse_queue_key(&k, prefix.len())?.0);
+        }
+    }
+    Ok(batch)
+}
+
+fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreError> {
+    let rest = &k[prefix_len..];
+    match (rest.get(..8), rest.get(8..).and_then(EventId::from_slice)) {
+        (Some(due), Some(id)) if rest.len() == 24 => {
+            Ok((u64::from_be_bytes(due.try_into().unwrap_or_default()), id))
+        }
+        _ => Err(corrupt(k, "bad queue key")),
+    }
+}
+
+/// The batch that records an attempt and moves the delivery on.
+pub fn plan_complete(
+    db: &sled::Db,
+    target: &str,
+    due: &DueDelivery,
+    attempt: Attempt,
+    next: &NextStep,
+    now_ms: u64,
+) -> Result<sled::Batch, StoreError> {
+    let id = due.event_id;
+    let dkey = delivery_key(target, id);
+    let mut record = get_record(db, &dkey)?.unwrap_or(DeliveryRecord {
+        state: DeliveryState::Pending { due_ms: due.due_ms },
+        attempts: Vec::new(),
+    });
+    record.attempts.push(attempt);
+    if record.attempts.len() > MAX_ATTEMPTS_KEPT {
+        let excess = record.attempts.len() - MAX_ATTEMPTS_KEPT;
+        record.attempts.drain(..excess);
+    }
+    let mut batch = sled::Batch::default();
+    let queued = queue_key(target, due.due_ms, id);
+    // Requeued by an operator meanwhile: keep their position, record the attempt only.
+    if db.contains_key(&queued)? {
+        batch.remove(queued);
+        record.state = match next {
+            NextStep::Delivered => DeliveryState::Delivered { at_ms: now_ms },
+            NextStep::RetryAt(at) => {
+                batch.insert(queue_key(target, *at, id), &[]);
+                DeliveryState::Pending { due_ms: *at }
+            }
+            NextStep::Hold => {
+                batch.insert(queue_key(target, now_ms, id), &[]);
+                DeliveryState::Pending { due_ms: now_ms }
+            }
+            NextStep::Dead(reason) => {
+                batch.insert(dead_key(target, id), reason.as_bytes());
+                DeliveryState::Dead {
+                    at_ms: now_ms,
+                    reason: reason.clone(),
+                }
+            }
+        };
+    }
+    batch.insert(dkey, json(&record)?);
+    Ok(batch)
+}
+
+/// The batch that purges up to `limit` events received before `cutoff_ms`
+/// whose deliveries are all finished, scanning after `after`.
+pub fn plan_purge(
+    db: &sled::Db,
+    cutoff_ms: u64,
+    after: Option<EventId>,
+    limit: usize,
+) -> Result<(sled::Batch, usize, Option<EventId>), StoreError> {
+    let start = match after {
+        Some(id) => key(&event_key(id), &[b"\0"]),
+        None => b"e/".to_vec(),
+    };
+    let mut batch = sled::Batch::default();
+    let (mut purged, mut examined, mut last) = (0, 0, None);
+    for item in db.range(start..b"e0".to_vec()) {
+        if examined >= limit {
+            return Ok((batch, purged, last));
+        }
+        let (k, v) = item?;
+        let (meta, _) = decode_event(&k, &v)?;
+        if meta.received_ms >= cutoff_ms {
+            // Ids sort by arrival: everything after this is younger.
+            return Ok((batch, purged, None));
+        }
+        let id = EventId::from_slice(&k[2..]).ok_or_else(|| corrupt(&k, "bad event id"))?;
+        examined += 1;
+        last = Some(id);
+        let mut finished = true;
+        for t in &meta.targets {
+            let done = matches!(
+                get_record(db, &delivery_key(t, id))?.map(|r| r.state),
+                Some(DeliveryState::Delivered { .. } | DeliveryState::Dead { .. })
+            );
+            finished &= done;
+        }
+        if !finished {
+            continue;
+        }
+        for t in &meta.targets {
+            batch.remove(delivery_key(t, id));
+            batch.remove(dead_key(t, id));
+        }
+        // The dedup record goes too, unless a later event took it over.
+        if let Some(found) = db.get(&meta.dedup)? {
+            if found.get(..16) == Some(id.as_bytes().as_slice()) {
+                batch.remove(meta.dedup.clone());
+            }
+        }
+        batch.remove(k);
+        purged += 1;
+    }
+    Ok((batch, purged, None))
 }

@@ -6,6 +6,8 @@ mod records;
 mod sled_store;
 mod writer;
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 
 pub use records::*;
@@ -55,6 +57,48 @@ pub trait Store: Send + Sync + 'static {
 
     /// The delivery records of one event, one per target.
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError>;
+
+    /// Up to `limit` deliveries of `target` due at `now_ms`, oldest first,
+    /// leaving out those in `skip` (in flight).
+    async fn due(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<EventId>,
+    ) -> Result<DueBatch, StoreError>;
+
+    /// Records an attempt at a delivery handed out by [`Store::due`] and moves
+    /// it on. If the delivery was requeued meanwhile (by an operator), the
+    /// attempt is recorded and the new queue position kept.
+    async fn complete(
+        &self,
+        target: &str,
+        due: &DueDelivery,
+        attempt: Attempt,
+        next: NextStep,
+    ) -> Result<(), StoreError>;
+
+    /// Holds or releases a target's queue; survives restarts.
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;
+
+    /// The targets paused by [`Store::set_paused`].
+    async fn paused_targets(&self) -> Result<HashSet<String>, StoreError>;
+
+    /// Queued and dead deliveries of a target. Counts keys: run it sparingly
+    /// on large queues.
+    async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError>;
+
+    /// Removes events received before `cutoff_ms` whose deliveries are all
+    /// delivered or dead, examining at most `limit` events after `after`.
+    /// Returns how many were removed and the last event examined (where the
+    /// next call goes on), `None` when it reached the end.
+    async fn purge(
+        &self,
+        cutoff_ms: u64,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> Result<(usize, Option<EventId>), StoreError>;
 
     /// Finishes the writes in progress, flushes, and refuses further writes.
     async fn close(&self) -> Result<(), StoreError>;

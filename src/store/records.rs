@@ -110,6 +110,9 @@ pub struct EventMeta {
     pub received_ms: u64,
     pub content_type: Option<String>,
     pub targets: Vec<String>,
+    /// The key of its dedup record (`k/...`), removed with the event at purge.
+    #[serde(default)]
+    pub dedup: Vec<u8>,
 }
 
 /// An event with its body, byte for byte as received.
@@ -160,3 +163,43 @@ pub struct Attempt {
     /// What went wrong, when it did not answer.
     pub error: Option<String>,
 }
+
+/// A delivery that is due now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DueDelivery {
+    pub event_id: EventId,
+    /// Its queue position; handed back to [`crate::store::Store::complete`].
+    pub due_ms: u64,
+    /// Attempts made so far.
+    pub attempts: u32,
+}
+
+/// What [`crate::store::Store::due`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DueBatch {
+    pub due: Vec<DueDelivery>,
+    /// When the first delivery not yet due becomes due.
+    pub next_due_ms: Option<u64>,
+}
+
+/// What happens to a delivery after an attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NextStep {
+    Delivered,
+    /// Try again at this time (ms since the epoch).
+    RetryAt(u64),
+    /// Give up: into the dead letters, with the reason.
+    Dead(String),
+    /// Keep it pending, due now, without counting against it (target paused).
+    Hold,
+}
+
+/// How many deliveries of one target wait, and how many are dead.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TargetCounts {
+    pub queued: u64,
+    pub dead: u64,
+}
+
+/// Stored attempts per delivery at most; older ones are dropped first.
+pub const MAX_ATTEMPTS_KEPT: usize = 100;

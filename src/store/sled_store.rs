@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use super::layout::{corrupt, decode_event, delivery_key, event_key};
+use super::layout::{self, corrupt, decode_event, delivery_key, event_key};
 use super::writer::{CommitStats, Writer};
 use super::*;
 
@@ -113,6 +113,91 @@ impl Store for SledStore {
             });
         }
         Ok(out)
+    }
+
+    async fn due(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<EventId>,
+    ) -> Result<DueBatch, StoreError> {
+        layout::read_due(&self.db, target, now_ms, limit, skip)
+    }
+
+    async fn complete(
+        &self,
+        target: &str,
+        due: &DueDelivery,
+        attempt: Attempt,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        let (target, due) = (target.to_string(), due.clone());
+        self.writer
+            .mutate(move |db| {
+                Ok((
+                    layout::plan_complete(db, &target, &due, attempt, &next, now_ms())?,
+                    (),
+                ))
+            })
+            .await
+    }
+
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError> {
+        let key = layout::pause_key(target);
+        self.writer
+            .mutate(move |_| {
+                let mut batch = sled::Batch::default();
+                if paused {
+                    batch.insert(key, &[]);
+                } else {
+                    batch.remove(key);
+                }
+                Ok((batch, ()))
+            })
+            .await
+    }
+
+    async fn paused_targets(&self) -> Result<HashSet<String>, StoreError> {
+        self.db
+            .scan_prefix(b"p/")
+            .keys()
+            .map(|k| {
+                k.map(|k| String::from_utf8_lossy(&k[2..]).into_owned())
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
+    async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError> {
+        let db = self.db.clone();
+        let (queued, dead) = (
+            layout::target_prefix(b"q/", target),
+            layout::target_prefix(b"x/", target),
+        );
+        // Walks every key of the queue: off the async runtime.
+        tokio::task::spawn_blocking(move || {
+            Ok(TargetCounts {
+                queued: db.scan_prefix(queued).keys().count() as u64,
+                dead: db.scan_prefix(dead).keys().count() as u64,
+            })
+        })
+        .await
+        .map_err(|e| StoreError::Io(e.to_string()))?
+    }
+
+    async fn purge(
+        &self,
+        cutoff_ms: u64,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> Result<(usize, Option<EventId>), StoreError> {
+        self.writer
+            .mutate(move |db| {
+                let (batch, purged, last) = layout::plan_purge(db, cutoff_ms, after, limit)?;
+                Ok((batch, (purged, last)))
+            })
+            .await
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -4,6 +4,7 @@
 //! one flush, then answers each job. Group commit and write batching are one
 //! mechanism: concurrent requests share both the batch and the flush.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,15 +23,29 @@ const QUEUE: usize = 8192;
 /// Counters of the writer's work, for benchmarks and diagnostics.
 #[derive(Debug, Default)]
 pub struct CommitStats {
-    /// Rounds run, each one batch and one flush.
+    /// Rounds run, each one flush.
     pub flushes: AtomicU64,
-    /// Time spent flushing, in microseconds.
+    /// Time spent applying and flushing rounds, in microseconds.
     pub flush_micros: AtomicU64,
 }
 
-struct Job {
-    event: NewEvent,
-    reply: oneshot::Sender<Result<Ingested, StoreError>>,
+type Answer = Box<dyn Any + Send>;
+
+/// Reads what it needs and returns the batch to apply, with an answer.
+type Plan = Box<dyn FnOnce(&sled::Db) -> Result<(sled::Batch, Answer), StoreError> + Send>;
+
+enum Job {
+    Ingest {
+        event: NewEvent,
+        reply: oneshot::Sender<Result<Ingested, StoreError>>,
+    },
+    /// A read-modify-write (delivery bookkeeping, purge, pause). Each is
+    /// planned and applied on its own, after the round's ingests, so that it
+    /// reads what the jobs before it wrote.
+    Mutate {
+        plan: Plan,
+        reply: oneshot::Sender<Result<Answer, StoreError>>,
+    },
 }
 
 pub struct Writer {
@@ -70,20 +85,38 @@ impl Writer {
         })
     }
 
-    /// Stores `event` unless it is a duplicate; returns once durable.
-    pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+    async fn submit(&self, job: Job) -> Result<(), StoreError> {
         let sender = self
             .queue
             .lock()
             .map_err(|_| StoreError::Closed)?
             .clone()
             .ok_or(StoreError::Closed)?;
+        sender.send(job).await.map_err(|_| StoreError::Closed)
+    }
+
+    /// Stores `event` unless it is a duplicate; returns once durable.
+    pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
         let (reply, answer) = oneshot::channel();
-        sender
-            .send(Job { event, reply })
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.submit(Job::Ingest { event, reply }).await?;
         answer.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Runs `plan` on the writer thread, applies its batch atomically, and
+    /// returns its answer once durable.
+    pub async fn mutate<T: Send + 'static>(
+        &self,
+        plan: impl FnOnce(&sled::Db) -> Result<(sled::Batch, T), StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let plan: Plan =
+            Box::new(move |db| plan(db).map(|(batch, t)| (batch, Box::new(t) as Answer)));
+        self.submit(Job::Mutate { plan, reply }).await?;
+        let boxed = answer.await.map_err(|_| StoreError::Closed)??;
+        boxed
+            .downcast::<T>()
+            .map(|t| *t)
+            .map_err(|_| StoreError::Io("writer answered with the wrong type".into()))
     }
 
     /// Finishes the queued jobs and stops the thread. Later ingests fail with `Closed`.
@@ -112,33 +145,50 @@ fn round(
     sync: &mut impl FnMut() -> Result<(), StoreError>,
     stats: &CommitStats,
 ) {
+    let started = std::time::Instant::now();
     let mut batch = sled::Batch::default();
     // Dedup keys claimed earlier in this round, not yet in sled.
     let mut claimed: HashMap<Vec<u8>, super::EventId> = HashMap::new();
-    let mut answers = Vec::with_capacity(jobs.len());
-    for Job { event, reply } in jobs {
-        let outcome = layout::plan_ingest(db, &mut batch, &mut claimed, &event);
-        answers.push((reply, outcome));
+    let mut ingests = Vec::new();
+    let mut mutations = Vec::new();
+    for job in jobs {
+        match job {
+            Job::Ingest { event, reply } => {
+                let outcome = layout::plan_ingest(db, &mut batch, &mut claimed, &event);
+                ingests.push((reply, outcome));
+            }
+            Job::Mutate { plan, reply } => mutations.push((plan, reply)),
+        }
     }
-    let started = std::time::Instant::now();
-    let written = db
-        .apply_batch(batch)
-        .map_err(StoreError::from)
-        .and_then(|()| sync());
+    let mut written = db.apply_batch(batch).map_err(StoreError::from);
+    let mut answers = Vec::with_capacity(mutations.len());
+    for (plan, reply) in mutations {
+        let answer = match &written {
+            Err(e) => Err(e.clone()),
+            Ok(()) => plan(db).and_then(|(b, answer)| {
+                db.apply_batch(b).map(|()| answer).map_err(StoreError::from)
+            }),
+        };
+        if let Err(StoreError::Io(e)) = &answer {
+            // A write failure taints the round; a planning error is the job's own.
+            written = Err(StoreError::Io(e.clone()));
+        }
+        answers.push((reply, answer));
+    }
+    let written = written.and_then(|()| sync());
     stats.flushes.fetch_add(1, Ordering::Relaxed);
     stats
         .flush_micros
         .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     if let Err(e) = &written {
-        tracing::error!(error = %e, jobs = answers.len(), "storage write failed; those webhooks are answered 503");
+        tracing::error!(error = %e, jobs = ingests.len() + answers.len(), "storage write failed; those writes are refused");
     }
-    for (reply, outcome) in answers {
-        let answer = match &written {
-            Ok(()) => outcome,
-            Err(e) => Err(e.clone()),
-        };
-        // The requester may have gone (client hung up): nothing to tell.
-        let _ = reply.send(answer);
+    // Requesters may have gone (a client hung up): nothing to tell them.
+    for (reply, outcome) in ingests {
+        let _ = reply.send(written.clone().and(outcome));
+    }
+    for (reply, answer) in answers {
+        let _ = reply.send(written.clone().and(answer));
     }
 }
 

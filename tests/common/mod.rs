@@ -105,7 +105,16 @@ pub async fn start() -> TestRelay {
     start_with("", "").await
 }
 
+/// The relay's log, captured per test and shown when one fails.
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("hookrelay=debug"))
+        .with_test_writer()
+        .try_init();
+}
+
 pub async fn start_with(server_extra: &str, sources_extra: &str) -> TestRelay {
+    init_logs();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(
         dir.path(),
@@ -229,4 +238,213 @@ pub fn comet_signature(body: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("sha256={hex}")
+}
+
+/// What a fake target received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub at: std::time::Instant,
+}
+
+/// One scripted answer of a fake target.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn status(status: u16) -> Self {
+        Answer {
+            status,
+            headers: vec![],
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn header(mut self, name: &'static str, value: &str) -> Self {
+        self.headers.push((name, value.to_string()));
+        self
+    }
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = delay;
+        self
+    }
+}
+
+#[derive(Default)]
+struct Script {
+    queue: std::collections::VecDeque<Answer>,
+    fallback: Option<Answer>,
+}
+
+/// A real HTTP server on 127.0.0.1 standing in for an internal target. It
+/// answers from a script (then 200), and reports every request on a channel.
+pub struct FakeTarget {
+    pub addr: SocketAddr,
+    pub received: tokio::sync::mpsc::UnboundedReceiver<Received>,
+    script: Arc<std::sync::Mutex<Script>>,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    pub max_in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeTarget {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeTarget {
+    pub async fn start() -> FakeTarget {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let script = Arc::new(std::sync::Mutex::new(Script::default()));
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let max_in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (s, inf, max) = (script.clone(), in_flight.clone(), max_in_flight.clone());
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (tx, s, inf, max) = (tx.clone(), s.clone(), inf.clone(), max.clone());
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                            let (tx, s, inf, max) =
+                                (tx.clone(), s.clone(), inf.clone(), max.clone());
+                            async move {
+                                let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                                max.fetch_max(now, Ordering::SeqCst);
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes())
+                                    .unwrap_or_default();
+                                let _ = tx.send(Received {
+                                    headers: parts.headers,
+                                    body,
+                                    at: std::time::Instant::now(),
+                                });
+                                let answer = {
+                                    let mut s = s.lock().unwrap();
+                                    s.queue
+                                        .pop_front()
+                                        .or_else(|| s.fallback.clone())
+                                        .unwrap_or(Answer::status(200))
+                                };
+                                tokio::time::sleep(answer.delay).await;
+                                inf.fetch_sub(1, Ordering::SeqCst);
+                                let mut resp = http::Response::builder().status(answer.status);
+                                for (k, v) in &answer.headers {
+                                    resp = resp.header(*k, v);
+                                }
+                                Ok::<_, std::convert::Infallible>(
+                                    resp.body(Full::new(Bytes::new())).unwrap(),
+                                )
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        FakeTarget {
+            addr,
+            received,
+            script,
+            in_flight,
+            max_in_flight,
+            server,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Answers these first, in order.
+    pub fn script(&self, answers: impl IntoIterator<Item = Answer>) {
+        self.script.lock().unwrap().queue.extend(answers);
+    }
+
+    /// Answers this once the script is used up (instead of 200).
+    pub fn always(&self, answer: Answer) {
+        self.script.lock().unwrap().fallback = Some(answer);
+    }
+
+    /// The next request, waiting at most `WAIT`.
+    pub async fn next(&mut self) -> Received {
+        tokio::time::timeout(WAIT, self.received.recv())
+            .await
+            .expect("no request reached the target")
+            .unwrap()
+    }
+
+    /// Asserts that nothing arrives for `quiet`.
+    pub async fn nothing_for(&mut self, quiet: Duration) {
+        if let Ok(Some(r)) = tokio::time::timeout(quiet, self.received.recv()).await {
+            panic!("unexpected request: {:?}", r.headers);
+        }
+    }
+}
+
+/// A relay with one ButterCMS source (header secret) and the given targets
+/// (YAML list items) and routes.
+pub async fn start_relay(targets: &str, routes: &str) -> TestRelay {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        r#"
+server: {{ listen: "127.0.0.1:0" }}
+storage: {{ path: "{data}", cache: "8MiB" }}
+sources:
+  - name: buttercms
+    path: /hooks/buttercms
+    format: buttercms
+    auth: {{ type: header, header: X-Webhook-Secret, values: ["{BUTTER_SECRET}"] }}
+targets:
+{targets}
+routes:
+{routes}
+"#,
+        data = dir.path().join("data").display()
+    );
+    let path = write_config(dir.path(), &text);
+    let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let relay = Relay::start(settings).await.unwrap();
+    TestRelay {
+        addr: relay.ingress_addr,
+        store: relay.store.clone(),
+        relay,
+        dir,
+    }
+}
+
+/// A distinct ButterCMS page.published body.
+pub fn butter_page(n: usize) -> Vec<u8> {
+    format!(r#"{{"data":{{"id":"page-{n}","timestamp":"2024-01-15T14:30:00","locale":null}},"webhook":{{"event":"page.published","target":"x"}}}}"#).into_bytes()
+}
+
+/// Polls `check` every 20 ms until it holds, at most `WAIT`.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

@@ -1,0 +1,190 @@
+//! The circuit breaker: a small state machine that owns its state.
+//! Closed → open after `failure_threshold` consecutive failures → after
+//! `open_for`, half-open with one probe → closed on its success, open again
+//! on its failure.
+
+use std::time::{Duration, Instant};
+
+use crate::config::BreakerSettings;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl CircuitState {
+    /// The value of `hookrelay_circuit_state`.
+    pub fn gauge(self) -> i64 {
+        match self {
+            CircuitState::Closed => 0,
+            CircuitState::HalfOpen => 1,
+            CircuitState::Open => 2,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::Open => "open",
+            CircuitState::HalfOpen => "half_open",
+        }
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// Half-open; `probing` while the one probe is in flight.
+    HalfOpen {
+        probing: bool,
+    },
+}
+
+/// What the breaker allows now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    /// Send as many as other limits allow.
+    Open,
+    /// Send exactly one, the probe.
+    Probe,
+    /// Send nothing until then (or until the probe in flight reports).
+    Wait(Option<Instant>),
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    settings: BreakerSettings,
+    state: State,
+}
+
+impl Breaker {
+    pub fn new(settings: BreakerSettings) -> Self {
+        Breaker {
+            settings,
+            state: State::Closed { failures: 0 },
+        }
+    }
+
+    pub fn state(&self, now: Instant) -> CircuitState {
+        match self.state {
+            State::Closed { .. } => CircuitState::Closed,
+            State::Open { until } if now < until => CircuitState::Open,
+            State::Open { .. } | State::HalfOpen { .. } => CircuitState::HalfOpen,
+        }
+    }
+
+    pub fn permit(&mut self, now: Instant) -> Permit {
+        match self.state {
+            State::Closed { .. } => Permit::Open,
+            State::Open { until } if now < until => Permit::Wait(Some(until)),
+            State::Open { .. } => {
+                self.state = State::HalfOpen { probing: false };
+                Permit::Probe
+            }
+            State::HalfOpen { probing: false } => Permit::Probe,
+            State::HalfOpen { probing: true } => Permit::Wait(None),
+        }
+    }
+
+    /// An attempt was sent while half-open: it is the probe.
+    pub fn on_dispatch(&mut self) {
+        if let State::HalfOpen { .. } = self.state {
+            self.state = State::HalfOpen { probing: true };
+        }
+    }
+
+    pub fn on_success(&mut self) {
+        self.state = State::Closed { failures: 0 };
+    }
+
+    /// Returns true when this failure opened the circuit.
+    pub fn on_failure(&mut self, now: Instant) -> bool {
+        let open_for: Duration = self.settings.open_for;
+        match self.state {
+            State::Closed { failures } if failures + 1 < self.settings.failure_threshold => {
+                self.state = State::Closed {
+                    failures: failures + 1,
+                };
+                false
+            }
+            // An attempt sent before the circuit opened, failing late, changes nothing.
+            State::Open { .. } => false,
+            _ => {
+                self.state = State::Open {
+                    until: now + open_for,
+                };
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn breaker() -> Breaker {
+        Breaker::new(BreakerSettings {
+            failure_threshold: 3,
+            open_for: Duration::from_secs(30),
+        })
+    }
+
+    #[test]
+    fn opens_after_consecutive_failures_only() {
+        let now = Instant::now();
+        let mut b = breaker();
+        assert!(!b.on_failure(now));
+        assert!(!b.on_failure(now));
+        b.on_success();
+        assert!(!b.on_failure(now));
+        assert!(!b.on_failure(now));
+        assert!(b.on_failure(now), "third consecutive failure opens it");
+        assert_eq!(b.state(now), CircuitState::Open);
+        assert_eq!(
+            b.permit(now + Duration::from_secs(10)),
+            Permit::Wait(Some(now + Duration::from_secs(30)))
+        );
+    }
+
+    #[test]
+    fn half_open_allows_one_probe_and_closes_on_success() {
+        let now = Instant::now();
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.on_failure(now);
+        }
+        let later = now + Duration::from_secs(31);
+        assert_eq!(b.state(later), CircuitState::HalfOpen);
+        assert_eq!(b.permit(later), Permit::Probe);
+        b.on_dispatch();
+        assert_eq!(b.permit(later), Permit::Wait(None), "one probe at a time");
+        b.on_success();
+        assert_eq!(b.state(later), CircuitState::Closed);
+        assert_eq!(b.permit(later), Permit::Open);
+    }
+
+    #[test]
+    fn a_failed_probe_opens_it_again() {
+        let now = Instant::now();
+        let mut b = breaker();
+        for _ in 0..3 {
+            b.on_failure(now);
+        }
+        let later = now + Duration::from_secs(31);
+        assert_eq!(b.permit(later), Permit::Probe);
+        b.on_dispatch();
+        assert!(b.on_failure(later));
+        assert_eq!(
+            b.permit(later + Duration::from_secs(1)),
+            Permit::Wait(Some(later + Duration::from_secs(30)))
+        );
+    }
+}

@@ -1,0 +1,82 @@
+//! Background upkeep: purging finished events after `storage.retention`, and
+//! keeping the queue-depth and dead-letter gauges in step with the store.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store::{now_ms, Store};
+
+/// How often finished events are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Events examined per writer job, so that ingest never waits long behind a purge.
+const PURGE_STEP: usize = 256;
+/// Least time between two counts of a target's queue.
+const COUNT_EVERY: Duration = Duration::from_secs(5);
+
+/// Purges events older than `retention` whose deliveries are all finished.
+pub async fn purge(store: Arc<dyn Store>, retention: Duration, shutdown: CancellationToken) {
+    loop {
+        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+        let (mut purged, mut after) = (0, None);
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            match store.purge(cutoff, after, PURGE_STEP).await {
+                Ok((n, last)) => {
+                    purged += n;
+                    match last {
+                        Some(id) => after = Some(id),
+                        None => break,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "retention purge failed; trying again later");
+                    break;
+                }
+            }
+        }
+        if purged > 0 {
+            tracing::info!(purged, "purged delivered and dead events past retention");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+    }
+}
+
+/// Sets `hookrelay_queue_depth` and `hookrelay_dead_letters` of one target
+/// from the store. Counting a huge queue takes a while, so the pause between
+/// counts grows with it (at most 5 % of the time is spent counting).
+pub async fn gauge_queue(
+    target: String,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let started = Instant::now();
+        match store.counts(&target).await {
+            Ok(c) => {
+                metrics
+                    .queue_depth
+                    .with_label_values(&[&target])
+                    .set(c.queued as i64);
+                metrics
+                    .dead_letters
+                    .with_label_values(&[&target])
+                    .set(c.dead as i64);
+            }
+            Err(e) => tracing::warn!(%target, error = %e, "cannot count the queue"),
+        }
+        let pause = COUNT_EVERY.max(started.elapsed() * 20);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}

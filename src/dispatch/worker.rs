@@ -1,0 +1,335 @@
+//! One target's worker. It owns the target's breaker, rate limiter, pause flag
+//! and in-flight set; reads due deliveries from the store in bounded batches;
+//! and spawns one task per attempt, which records its outcome and reports back.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::breaker::{Breaker, Permit};
+use super::client::{self, HttpClient};
+use super::retry::{next_step, Verdict};
+use crate::config::Target;
+use crate::metrics::Metrics;
+use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store};
+
+/// Due deliveries read from the store at once, at most.
+const BATCH: usize = 64;
+/// Pause after a store read fails before trying again.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// What an attempt task tells its worker.
+struct Report {
+    id: EventId,
+    /// `None` when nothing was sent (store trouble, or shutdown).
+    verdict: Option<Verdict>,
+}
+
+pub struct Worker {
+    target: Arc<Target>,
+    store: Arc<dyn Store>,
+    client: HttpClient,
+    metrics: Metrics,
+    breaker: Breaker,
+    limiter: Option<DefaultDirectRateLimiter>,
+    /// Held by a 410 or an operator; persisted in the store.
+    paused: bool,
+    /// Deliveries being attempted; left out of store reads.
+    in_flight: HashSet<EventId>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    /// Rung by ingress when a new event for this target is stored.
+    wake: Arc<Notify>,
+    /// Set after a store error, so that a failing store is not spun on.
+    store_retry_at: Option<Instant>,
+    shutdown: CancellationToken,
+    attempts: TaskTracker,
+}
+
+impl Worker {
+    pub fn new(
+        target: Arc<Target>,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        paused: bool,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, String> {
+        let client = client::client_for(&target)?;
+        let limiter = target.rate_limit.map(|r| {
+            let per_second = NonZeroU32::new(r.per_second).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(r.burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
+        });
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        Ok(Worker {
+            breaker: Breaker::new(target.circuit_breaker),
+            target,
+            store,
+            client,
+            metrics,
+            limiter,
+            paused,
+            in_flight: HashSet::new(),
+            reports_tx,
+            reports,
+            wake,
+            store_retry_at: None,
+            shutdown,
+            attempts: TaskTracker::new(),
+        })
+    }
+
+    /// Delivers until shutdown, then waits for the attempts in flight, which
+    /// stop at once and leave their deliveries pending.
+    pub async fn run(mut self) {
+        if self.paused {
+            tracing::warn!(target = %self.target.name, "target is paused; its queue is held until it is resumed");
+        }
+        loop {
+            let next = self.dispatch().await;
+            self.metrics
+                .circuit_state
+                .with_label_values(&[&self.target.name])
+                .set(self.breaker.state(Instant::now()).gauge());
+            tokio::select! {
+                _ = self.shutdown.cancelled() => break,
+                Some(report) = self.reports.recv() => self.on_report(report).await,
+                _ = self.wake.notified() => {}
+                _ = sleep_until(next), if next.is_some() => {}
+            }
+        }
+        self.attempts.close();
+        self.attempts.wait().await;
+    }
+
+    /// Starts what may start now; returns when to look again (`None`: when
+    /// woken by a report or a new event).
+    async fn dispatch(&mut self) -> Option<Instant> {
+        if self.paused {
+            return None;
+        }
+        if let Some(at) = self.store_retry_at {
+            if Instant::now() < at {
+                return Some(at);
+            }
+            self.store_retry_at = None;
+        }
+        loop {
+            let free = (self.target.concurrency as usize).saturating_sub(self.in_flight.len());
+            if free == 0 {
+                return None;
+            }
+            let limit = match self.breaker.permit(Instant::now()) {
+                Permit::Open => free.min(BATCH),
+                Permit::Probe => 1,
+                Permit::Wait(until) => return until,
+            };
+            let batch = match self
+                .store
+                .due(&self.target.name, now_ms(), limit, &self.in_flight)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(target = %self.target.name, error = %e, "cannot read the delivery queue");
+                    let at = Instant::now() + STORE_RETRY;
+                    self.store_retry_at = Some(at);
+                    return Some(at);
+                }
+            };
+            let found = batch.due.len();
+            for due in batch.due {
+                if let Some(limiter) = &self.limiter {
+                    if let Err(not_until) = limiter.check() {
+                        self.metrics
+                            .rate_limited
+                            .with_label_values(&[&self.target.name])
+                            .inc();
+                        return Some(
+                            Instant::now()
+                                + not_until.wait_time_from(DefaultClock::default().now()),
+                        );
+                    }
+                }
+                self.breaker.on_dispatch();
+                self.spawn_attempt(due);
+                if limit == 1 && !matches!(self.breaker.permit(Instant::now()), Permit::Open) {
+                    return None; // the probe is out: wait for its report
+                }
+            }
+            if found < limit {
+                let now = now_ms();
+                return batch
+                    .next_due_ms
+                    .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(now)));
+            }
+        }
+    }
+
+    fn spawn_attempt(&mut self, due: DueDelivery) {
+        self.in_flight.insert(due.event_id);
+        let ctx = AttemptCtx {
+            target: self.target.clone(),
+            store: self.store.clone(),
+            client: self.client.clone(),
+            metrics: self.metrics.clone(),
+        };
+        let (reports, shutdown) = (self.reports_tx.clone(), self.shutdown.clone());
+        self.attempts.spawn(async move {
+            let id = due.event_id;
+            let verdict = tokio::select! {
+                v = ctx.attempt(due) => v,
+                _ = shutdown.cancelled() => None,
+            };
+            let _ = reports.send(Report { id, verdict });
+        });
+    }
+
+    async fn on_report(&mut self, report: Report) {
+        self.in_flight.remove(&report.id);
+        let name = &self.target.name;
+        match report.verdict {
+            None => self.store_retry_at = Some(Instant::now() + STORE_RETRY),
+            Some(Verdict::Retry { .. }) => {
+                if self.breaker.on_failure(Instant::now()) {
+                    tracing::warn!(target = %name, open_for = ?self.target.circuit_breaker.open_for, "circuit opened: deliveries wait");
+                }
+            }
+            Some(Verdict::Pause) => {
+                self.breaker.on_success();
+                if !self.paused {
+                    self.paused = true;
+                    tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
+                    if let Err(e) = self.store.set_paused(name, true).await {
+                        tracing::error!(target = %name, error = %e, "cannot persist the pause");
+                    }
+                }
+            }
+            Some(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
+    }
+}
+
+/// What an attempt task needs.
+struct AttemptCtx {
+    target: Arc<Target>,
+    store: Arc<dyn Store>,
+    client: HttpClient,
+    metrics: Metrics,
+}
+
+impl AttemptCtx {
+    /// One attempt, recorded in the store. `None` when nothing was sent.
+    async fn attempt(&self, due: DueDelivery) -> Option<Verdict> {
+        let name = &self.target.name;
+        let number = due.attempts + 1;
+        let event = match self.store.event(due.event_id).await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                let attempt = Attempt {
+                    at_ms: now_ms(),
+                    duration_ms: 0,
+                    status: None,
+                    error: Some("event missing".into()),
+                };
+                self.record(
+                    &due,
+                    number,
+                    attempt,
+                    NextStep::Dead("the event is no longer stored".into()),
+                )
+                .await;
+                return Some(Verdict::Permanent);
+            }
+            Err(e) => {
+                tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot read the event");
+                return None;
+            }
+        };
+        let started_ms = now_ms();
+        let result = match client::build_request(&self.target, &event, number, SystemTime::now()) {
+            Ok(req) => client::send(&self.client, self.target.timeout, req).await,
+            Err(e) => client::AttemptResult {
+                status: None,
+                error: Some(e),
+                verdict: Verdict::Permanent,
+                duration: Duration::ZERO,
+            },
+        };
+        let now = now_ms();
+        let next = next_step(
+            &self.target.retry,
+            &result.verdict,
+            number,
+            event.meta.received_ms,
+            now,
+            fastrand::f64(),
+        );
+        let ms = result.duration.as_secs_f64() * 1000.0;
+        self.metrics
+            .delivery_attempt_seconds
+            .with_label_values(&[name])
+            .observe(result.duration.as_secs_f64());
+        let outcome = match &next {
+            NextStep::Delivered => {
+                let lag = now.saturating_sub(event.meta.received_ms) as f64 / 1000.0;
+                self.metrics
+                    .delivery_lag_seconds
+                    .with_label_values(&[name])
+                    .observe(lag);
+                "delivered"
+            }
+            NextStep::RetryAt(_) | NextStep::Hold => "retried",
+            NextStep::Dead(_) => "dead",
+        };
+        self.metrics
+            .deliveries
+            .with_label_values(&[name, outcome])
+            .inc();
+        let error = result.error.as_deref().unwrap_or("");
+        match &next {
+            NextStep::Dead(reason) => {
+                tracing::warn!(target = %name, id = %due.event_id, attempt = number, status = result.status, error, ms, reason = %reason, "delivery dead-lettered")
+            }
+            NextStep::RetryAt(at) => {
+                tracing::info!(target = %name, id = %due.event_id, attempt = number, status = result.status, error, ms, retry_in_ms = at.saturating_sub(now), "delivery failed; will retry")
+            }
+            _ => {
+                tracing::info!(target = %name, id = %due.event_id, attempt = number, status = result.status, ms, outcome, "delivery attempted")
+            }
+        }
+        let attempt = Attempt {
+            at_ms: started_ms,
+            duration_ms: result.duration.as_millis() as u64,
+            status: result.status,
+            error: result.error,
+        };
+        self.record(&due, number, attempt, next).await;
+        Some(result.verdict)
+    }
+
+    async fn record(&self, due: &DueDelivery, number: u32, attempt: Attempt, next: NextStep) {
+        if let Err(e) = self
+            .store
+            .complete(&self.target.name, due, attempt, next)
+            .await
+        {
+            // The delivery stays queued where it was and is tried again.
+            tracing::error!(target = %self.target.name, id = %due.event_id, attempt = number, error = %e, "cannot record the attempt");
+        }
+    }
+}

@@ -16,8 +16,7 @@ use hyper_util::rt::TokioIo;
 
 use hookrelay::app::Relay;
 use hookrelay::store::{
-    CommitStats, Delivery, EventId, EventMeta, Ingested, NewEvent, SledStore, Store, StoreError,
-    StoredEvent,
+    CommitStats, Delivery, EventId, EventMeta, Ingested, NewEvent, SledStore, Store, StoreError, StoredEvent,
 };
 
 const SECRET: &str = "bench-secret";
@@ -28,19 +27,12 @@ struct NoStore;
 #[async_trait::async_trait]
 impl Store for NoStore {
     async fn ingest(&self, _: NewEvent) -> Result<Ingested, StoreError> {
-        Ok(Ingested::Accepted {
-            id: EventId::new(),
-            targets: 2,
-        })
+        Ok(Ingested::Accepted { id: EventId::new(), targets: 2 })
     }
     async fn event(&self, _: EventId) -> Result<Option<StoredEvent>, StoreError> {
         Ok(None)
     }
-    async fn recent_events(
-        &self,
-        _: Option<&str>,
-        _: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+    async fn recent_events(&self, _: Option<&str>, _: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
         Ok(vec![])
     }
     async fn deliveries(&self, _: EventId) -> Result<Vec<Delivery>, StoreError> {
@@ -73,12 +65,7 @@ impl Store for NoStore {
     async fn counts(&self, _: &str) -> Result<hookrelay::store::TargetCounts, StoreError> {
         Ok(Default::default())
     }
-    async fn purge(
-        &self,
-        _: u64,
-        _: Option<EventId>,
-        _: usize,
-    ) -> Result<(usize, Option<EventId>), StoreError> {
+    async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
         Ok((0, None))
     }
     async fn close(&self) -> Result<(), StoreError> {
@@ -87,10 +74,7 @@ impl Store for NoStore {
 }
 
 fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn config(dir: &std::path::Path) -> hookrelay::config::Settings {
@@ -145,13 +129,7 @@ impl Load {
 /// Drives `conns` keep-alive connections for `secs`. With `rate`, each
 /// connection sends on a fixed schedule and latency counts from the scheduled
 /// time (no coordinated omission); without, each sends back to back.
-async fn drive(
-    addr: SocketAddr,
-    conns: u64,
-    secs: u64,
-    rate: Option<u64>,
-    counter: Arc<AtomicU64>,
-) -> Load {
+async fn drive(addr: SocketAddr, conns: u64, secs: u64, rate: Option<u64>, counter: Arc<AtomicU64>) -> Load {
     let deadline = Duration::from_secs(secs);
     let started = Instant::now();
     let tasks: Vec<_> = (0..conns)
@@ -160,14 +138,11 @@ async fn drive(
             tokio::spawn(async move {
                 let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
                 tcp.set_nodelay(true).expect("nodelay");
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .expect("handshake");
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
                 tokio::spawn(conn);
                 let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
-                let offset = interval
-                    .map(|i| i.mul_f64(c as f64 / conns as f64))
-                    .unwrap_or_default();
+                let offset = interval.map(|i| i.mul_f64(c as f64 / conns as f64)).unwrap_or_default();
                 let (mut acks, mut errors, mut lat) = (0u64, 0u64, Vec::new());
                 let mut k = 0u32;
                 loop {
@@ -210,12 +185,7 @@ async fn drive(
             })
         })
         .collect();
-    let mut load = Load {
-        acks: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latencies: Vec::new(),
-    };
+    let mut load = Load { acks: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
     for t in tasks {
         let (a, e, l) = t.await.expect("load task");
         load.acks += a;
@@ -234,19 +204,13 @@ fn row(name: &str, l: &Load) {
         l.quantile(0.50),
         l.quantile(0.99),
         l.quantile(0.999),
-        l.latencies
-            .last()
-            .map(|&m| m as f64 / 1000.0)
-            .unwrap_or(f64::NAN),
+        l.latencies.last().map(|&m| m as f64 / 1000.0).unwrap_or(f64::NAN),
         l.errors
     );
 }
 
 fn snapshot(s: &CommitStats) -> (u64, u64) {
-    (
-        s.flushes.load(Ordering::Relaxed),
-        s.flush_micros.load(Ordering::Relaxed),
-    )
+    (s.flushes.load(Ordering::Relaxed), s.flush_micros.load(Ordering::Relaxed))
 }
 
 fn flush_row(before: (u64, u64), after: (u64, u64), l: &Load) {
@@ -265,31 +229,17 @@ fn main() {
     let rate = env_or("BENCH_RATE", 2000);
     // The relay gets its own runtime (2 workers, like `serve` on this machine);
     // the load generator runs on another, single-threaded.
-    let server_rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let client_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let server_rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    let client_rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let counter = Arc::new(AtomicU64::new(0));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let baseline = server_rt
-        .block_on(Relay::start_with_store(
-            config(dir.path()),
-            Arc::new(NoStore),
-        ))
-        .expect("baseline");
+    let baseline =
+        server_rt.block_on(Relay::start_with_store(config(dir.path()), Arc::new(NoStore))).expect("baseline");
     let settings = config(dir.path());
-    let sled = Arc::new(
-        SledStore::open(&settings.storage.path, settings.storage.cache_bytes).expect("store"),
-    );
-    let durable = server_rt
-        .block_on(Relay::start_with_store(settings, sled.clone()))
-        .expect("relay");
+    let sled = Arc::new(SledStore::open(&settings.storage.path, settings.storage.cache_bytes).expect("store"));
+    let durable = server_rt.block_on(Relay::start_with_store(settings, sled.clone())).expect("relay");
 
     println!("ingest benchmark: {conns} connections, {secs}s per phase, buttercms page.published, 2 targets per event");
     println!(
@@ -301,51 +251,23 @@ fn main() {
     client_rt.block_on(drive(durable.ingress_addr, 8, 1, None, counter.clone()));
     // Fixed rate first, on a fresh store: a saturating phase before it would
     // leave sled with a write backlog that is not the steady state at this rate.
-    let base_rate = client_rt.block_on(drive(
-        baseline.ingress_addr,
-        conns,
-        secs,
-        Some(rate),
-        counter.clone(),
-    ));
+    let base_rate = client_rt.block_on(drive(baseline.ingress_addr, conns, secs, Some(rate), counter.clone()));
     row(&format!("baseline, fixed {rate}/s"), &base_rate);
     let before = snapshot(sled.commit_stats());
-    let dur_rate = client_rt.block_on(drive(
-        durable.ingress_addr,
-        conns,
-        secs,
-        Some(rate),
-        counter.clone(),
-    ));
+    let dur_rate = client_rt.block_on(drive(durable.ingress_addr, conns, secs, Some(rate), counter.clone()));
     row(&format!("durable, fixed {rate}/s"), &dur_rate);
     flush_row(before, snapshot(sled.commit_stats()), &dur_rate);
-    let base_max = client_rt.block_on(drive(
-        baseline.ingress_addr,
-        conns,
-        secs,
-        None,
-        counter.clone(),
-    ));
+    let base_max = client_rt.block_on(drive(baseline.ingress_addr, conns, secs, None, counter.clone()));
     row("baseline (no store), max", &base_max);
     let before = snapshot(sled.commit_stats());
-    let dur_max = client_rt.block_on(drive(
-        durable.ingress_addr,
-        conns,
-        secs,
-        None,
-        counter.clone(),
-    ));
+    let dur_max = client_rt.block_on(drive(durable.ingress_addr, conns, secs, None, counter.clone()));
     row("durable (sled+fsync), max", &dur_max);
     flush_row(before, snapshot(sled.commit_stats()), &dur_max);
     println!(
         "durable/baseline throughput: {:.2}",
-        (dur_max.acks as f64 / dur_max.elapsed.as_secs_f64())
-            / (base_max.acks as f64 / base_max.elapsed.as_secs_f64())
+        (dur_max.acks as f64 / dur_max.elapsed.as_secs_f64()) / (base_max.acks as f64 / base_max.elapsed.as_secs_f64())
     );
-    let stored = server_rt
-        .block_on(durable.store.recent_events(None, usize::MAX))
-        .map(|v| v.len())
-        .unwrap_or(0);
+    let stored = server_rt.block_on(durable.store.recent_events(None, usize::MAX)).map(|v| v.len()).unwrap_or(0);
     println!("events in the durable store: {stored}");
     server_rt.block_on(async {
         let _ = baseline.stop(Duration::from_secs(5)).await;

@@ -24,10 +24,7 @@ pub enum StartError {
     #[error("{0}")]
     Store(#[from] StoreError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
@@ -59,24 +56,13 @@ impl Relay {
     }
 
     /// Starts serving with a store of the caller's choosing.
-    pub async fn start_with_store(
-        settings: Settings,
-        store: Arc<dyn Store>,
-    ) -> Result<Relay, StartError> {
-        for s in settings
-            .sources
-            .iter()
-            .filter(|s| matches!(s.auth, Auth::None))
-        {
+    pub async fn start_with_store(settings: Settings, store: Arc<dyn Store>) -> Result<Relay, StartError> {
+        for s in settings.sources.iter().filter(|s| matches!(s.auth, Auth::None)) {
             tracing::warn!(source = %s.name, "source has auth type none: anyone who can reach {} can post to it", s.path);
         }
         let addr = settings.server.listen;
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })?;
-        let ingress_addr = listener
-            .local_addr()
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source })?;
+        let ingress_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         let metrics = Metrics::new()?;
         let shutdown = CancellationToken::new();
         let dispatcher = Dispatcher::start(
@@ -109,15 +95,7 @@ impl Relay {
             targets = settings.targets.len(),
             "hookrelay ingress listening"
         );
-        Ok(Relay {
-            ingress_addr,
-            store,
-            metrics,
-            shutdown,
-            tasks,
-            dispatcher,
-            _routes: routes_tx,
-        })
+        Ok(Relay { ingress_addr, store, metrics, shutdown, tasks, dispatcher, _routes: routes_tx })
     }
 
     /// Stops accepting, lets requests in progress finish (up to `grace`),
@@ -126,14 +104,8 @@ impl Relay {
     pub async fn stop(self, grace: Duration) -> Result<(), StoreError> {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?grace,
-                "requests still in progress after the grace period; stopping anyway"
-            );
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
+            tracing::warn!(?grace, "requests still in progress after the grace period; stopping anyway");
         }
         self.dispatcher.stop(grace).await;
         self.store.close().await
@@ -152,10 +124,7 @@ pub async fn serve(settings: Settings) -> Result<(), StartError> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -81,9 +81,7 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -92,22 +90,14 @@ fn init_logging(format: LogFormat) {
 
 fn print_summary(s: &Settings) {
     println!("{}: OK", s.path.display());
-    let tls = if s.server.tls.is_some() {
-        "TLS"
-    } else {
-        "plain HTTP"
-    };
+    let tls = if s.server.tls.is_some() { "TLS" } else { "plain HTTP" };
     println!(
         "ingress   {} ({tls}), max_body {} bytes, request_timeout {}",
         s.server.listen,
         s.server.max_body,
         human(s.server.request_timeout)
     );
-    let admin = if s.admin.token.is_some() {
-        "/admin/* enabled"
-    } else {
-        "/admin/* disabled (no token)"
-    };
+    let admin = if s.admin.token.is_some() { "/admin/* enabled" } else { "/admin/* disabled (no token)" };
     println!("admin     {} ({admin})", s.admin.listen);
     println!(
         "storage   {} (cache {} bytes, retention {})",
@@ -117,23 +107,13 @@ fn print_summary(s: &Settings) {
     );
     println!("sources   {}", s.sources.len());
     for src in &s.sources {
-        println!(
-            "  {:<16} POST {:<24} format {:<10} auth {}",
-            src.name,
-            src.path,
-            src.format.name(),
-            src.auth.kind()
-        );
+        println!("  {:<16} POST {:<24} format {:<10} auth {}", src.name, src.path, src.format.name(), src.auth.kind());
         if matches!(src.auth, config::Auth::None) {
             println!("  warning: source {} has auth type none", src.name);
         }
         for r in &src.routes {
             let events: Vec<String> = r.events.iter().map(|e| e.to_string()).collect();
-            println!(
-                "    route {} -> {}",
-                events.join(", "),
-                r.targets.join(", ")
-            );
+            println!("    route {} -> {}", events.join(", "), r.targets.join(", "));
         }
     }
     println!("targets   {}", s.targets.len());

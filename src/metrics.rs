@@ -1,8 +1,7 @@
 //! The Prometheus metrics of DESIGN §6, registered once; every metric name lives here.
 
 use prometheus::{
-    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric hookrelay exports.
@@ -54,26 +53,22 @@ impl IngressOutcome {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
         let gauge = |name: &str, help: &str| -> Result<IntGaugeVec, prometheus::Error> {
             let g = IntGaugeVec::new(Opts::new(name, help), &["target"])?;
             registry.register(Box::new(g.clone()))?;
             Ok(g)
         };
-        let histogram = |name: &str,
-                         help: &str,
-                         label: &str,
-                         buckets: Vec<f64>|
-         -> Result<HistogramVec, prometheus::Error> {
-            let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])?;
-            registry.register(Box::new(h.clone()))?;
-            Ok(h)
-        };
+        let histogram =
+            |name: &str, help: &str, label: &str, buckets: Vec<f64>| -> Result<HistogramVec, prometheus::Error> {
+                let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[label])?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
         Ok(Metrics {
             ingress_requests: counter(
                 "hookrelay_ingress_requests_total",
@@ -106,14 +101,8 @@ impl Metrics {
                 exponential_buckets(0.001, 4.0, 14)?,
             )?,
             queue_depth: gauge("hookrelay_queue_depth", "Deliveries waiting, per target.")?,
-            dead_letters: gauge(
-                "hookrelay_dead_letters",
-                "Dead-lettered deliveries, per target.",
-            )?,
-            circuit_state: gauge(
-                "hookrelay_circuit_state",
-                "Circuit breaker: 0 closed, 1 half-open, 2 open.",
-            )?,
+            dead_letters: gauge("hookrelay_dead_letters", "Dead-lettered deliveries, per target.")?,
+            circuit_state: gauge("hookrelay_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.")?,
             rate_limited: counter(
                 "hookrelay_rate_limited_total",
                 "Deliveries held back by the target's rate limit.",
@@ -124,16 +113,9 @@ impl Metrics {
     }
 
     pub fn ingress(&self, source: &str, outcome: IngressOutcome, seconds: f64) {
-        self.ingress_requests
-            .with_label_values(&[source, outcome.as_str()])
-            .inc();
-        if matches!(
-            outcome,
-            IngressOutcome::Accepted | IngressOutcome::Duplicate
-        ) {
-            self.ingress_ack_seconds
-                .with_label_values(&[source])
-                .observe(seconds);
+        self.ingress_requests.with_label_values(&[source, outcome.as_str()]).inc();
+        if matches!(outcome, IngressOutcome::Accepted | IngressOutcome::Duplicate) {
+            self.ingress_ack_seconds.with_label_values(&[source]).observe(seconds);
         }
     }
 
@@ -156,16 +138,11 @@ mod tests {
         m.ingress("buttercms", IngressOutcome::TooLarge, 0.0);
         let text = m.render();
         assert!(
-            text.contains(
-                r#"hookrelay_ingress_requests_total{outcome="accepted",source="buttercms"} 1"#
-            ),
+            text.contains(r#"hookrelay_ingress_requests_total{outcome="accepted",source="buttercms"} 1"#),
             "{text}"
         );
-        assert!(text.contains(
-            r#"hookrelay_ingress_requests_total{outcome="too_large",source="buttercms"} 1"#
-        ));
+        assert!(text.contains(r#"hookrelay_ingress_requests_total{outcome="too_large",source="buttercms"} 1"#));
         assert!(text.contains(r#"hookrelay_ingress_ack_seconds_count{source="buttercms"} 1"#));
-        assert!(text
-            .contains(r#"hookrelay_ingress_ack_seconds_bucket{source="buttercms",le="0.0001"} 0"#));
+        assert!(text.contains(r#"hookrelay_ingress_ack_seconds_bucket{source="buttercms",le="0.0001"} 0"#));
     }
 }

@@ -28,16 +28,11 @@ async fn accepted_webhook_is_stored_with_one_pending_delivery_per_target() {
     assert_eq!(stored.body.as_ref(), body.as_slice(), "body byte for byte");
     assert_eq!(stored.meta.event, "page.published");
     assert_eq!(stored.meta.source, "buttercms");
-    assert_eq!(
-        stored.meta.content_type.as_deref(),
-        Some("application/json")
-    );
+    assert_eq!(stored.meta.content_type.as_deref(), Some("application/json"));
     let deliveries = t.store.deliveries(id).await.unwrap();
     let targets: Vec<&str> = deliveries.iter().map(|d| d.target.as_str()).collect();
     assert_eq!(targets, ["search", "cache"]);
-    assert!(deliveries
-        .iter()
-        .all(|d| matches!(d.record.state, DeliveryState::Pending { .. })));
+    assert!(deliveries.iter().all(|d| matches!(d.record.state, DeliveryState::Pending { .. })));
 }
 
 #[tokio::test]
@@ -73,15 +68,7 @@ async fn concurrent_copies_of_one_webhook_store_one_event() {
     let sends = (0..8).map(|_| {
         let (body, sig) = (body.clone(), sig.clone());
         let addr = t.addr;
-        tokio::spawn(async move {
-            post(
-                addr,
-                "/hooks/cometcms",
-                &[("x-cometcms-signature", &sig)],
-                body,
-            )
-            .await
-        })
+        tokio::spawn(async move { post(addr, "/hooks/cometcms", &[("x-cometcms-signature", &sig)], body).await })
     });
     let mut ids = Vec::new();
     let mut accepted = 0;
@@ -91,10 +78,7 @@ async fn concurrent_copies_of_one_webhook_store_one_event() {
         ids.push(id_of(&r));
     }
     assert_eq!(accepted, 1);
-    assert!(
-        ids.windows(2).all(|w| w[0] == w[1]),
-        "all answers name the first id: {ids:?}"
-    );
+    assert!(ids.windows(2).all(|w| w[0] == w[1]), "all answers name the first id: {ids:?}");
     assert_eq!(t.store.recent_events(None, 10).await.unwrap().len(), 1);
 }
 
@@ -102,24 +86,12 @@ async fn concurrent_copies_of_one_webhook_store_one_event() {
 async fn cometcms_hmac_is_verified() {
     let t = start().await;
     let body = fixture("cometcms-content-published.json");
-    let ok = post(
-        t.addr,
-        "/hooks/cometcms",
-        &[("x-cometcms-signature", &comet_signature(&body))],
-        body.clone(),
-    )
-    .await;
+    let ok = post(t.addr, "/hooks/cometcms", &[("x-cometcms-signature", &comet_signature(&body))], body.clone()).await;
     assert_eq!(ok.status, StatusCode::ACCEPTED);
     assert_eq!(ok.json()["targets"], 1);
     // The signature of another body does not verify this one.
     let other = comet_signature(&fixture("cometcms-content-deleted.json"));
-    let bad = post(
-        t.addr,
-        "/hooks/cometcms",
-        &[("x-cometcms-signature", &other)],
-        body,
-    )
-    .await;
+    let bad = post(t.addr, "/hooks/cometcms", &[("x-cometcms-signature", &other)], body).await;
     assert_eq!(bad.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -127,18 +99,10 @@ async fn cometcms_hmac_is_verified() {
 async fn standard_webhooks_source_accepts_a_signed_message() {
     let t = start().await;
     let body = br#"{"type":"invoice.paid","amount":12}"#.to_vec();
-    let ts = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     let key = hookrelay::config::standard_webhooks_secret(WHSEC).unwrap();
-    let sig =
-        hookrelay::ingress::auth::standard_webhooks_signature(key.expose(), "msg_42", ts, &body);
-    let headers = [
-        ("webhook-id", "msg_42"),
-        ("webhook-timestamp", &ts.to_string()),
-        ("webhook-signature", &sig),
-    ];
+    let sig = hookrelay::ingress::auth::standard_webhooks_signature(key.expose(), "msg_42", ts, &body);
+    let headers = [("webhook-id", "msg_42"), ("webhook-timestamp", &ts.to_string()), ("webhook-signature", &sig)];
     let reply = post(t.addr, "/hooks/generic", &headers, body.clone()).await;
     assert_eq!(reply.status, StatusCode::ACCEPTED, "{:?}", reply.body);
     let stored = t.store.event(id_of(&reply)).await.unwrap().unwrap();
@@ -158,13 +122,7 @@ async fn wrong_or_missing_secret_is_401_and_nothing_is_stored() {
         assert_eq!(reply.json(), serde_json::json!({ "error": "unauthorized" }));
     }
     // Bad credentials are refused before the body is judged.
-    let reply = post(
-        t.addr,
-        "/hooks/buttercms",
-        &[("x-webhook-secret", "wrong")],
-        "not json",
-    )
-    .await;
+    let reply = post(t.addr, "/hooks/buttercms", &[("x-webhook-secret", "wrong")], "not json").await;
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
     assert!(t.store.recent_events(None, 10).await.unwrap().is_empty());
 }
@@ -177,11 +135,7 @@ async fn bad_json_and_wrong_envelope_are_400_with_a_reason() {
     assert!(reply.json()["error"].as_str().unwrap().contains("not JSON"));
     let reply = post_butter(t.addr, fixture("cometcms-content-published.json")).await;
     assert_eq!(reply.status, StatusCode::BAD_REQUEST);
-    assert!(
-        reply.json()["error"].as_str().unwrap().contains("webhook"),
-        "{:?}",
-        reply.body
-    );
+    assert!(reply.json()["error"].as_str().unwrap().contains("webhook"), "{:?}", reply.body);
     assert!(t.store.recent_events(None, 10).await.unwrap().is_empty());
 }
 
@@ -193,13 +147,7 @@ async fn client_outside_allow_ips_is_403() {
     allow_ips: ["10.0.0.0/8", "2001:db8::/32"]
     auth: { type: none }"#;
     let t = start_with("", extra).await;
-    let reply = post(
-        t.addr,
-        "/hooks/locked",
-        &[],
-        fixture("buttercms-page-published.json"),
-    )
-    .await;
+    let reply = post(t.addr, "/hooks/locked", &[], fixture("buttercms-page-published.json")).await;
     assert_eq!(reply.status, StatusCode::FORBIDDEN);
     assert_eq!(reply.json(), serde_json::json!({ "error": "forbidden" }));
 }
@@ -207,10 +155,7 @@ async fn client_outside_allow_ips_is_403() {
 #[tokio::test]
 async fn unknown_path_is_404_and_other_methods_405() {
     let t = start().await;
-    assert_eq!(
-        post_butter(t.addr, "{}").await.status,
-        StatusCode::BAD_REQUEST
-    );
+    assert_eq!(post_butter(t.addr, "{}").await.status, StatusCode::BAD_REQUEST);
     let reply = post(t.addr, "/hooks/nothing-here", &[], "{}").await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND);
     let mut get = request("/hooks/buttercms", &[], "");
@@ -242,11 +187,7 @@ async fn declared_oversize_body_is_413_without_reading_it() {
     let started = std::time::Instant::now();
     let answer = raw_exchange(t.addr, &head, b"{\"data\":{}").await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
-    assert!(
-        started.elapsed() < Duration::from_secs(2),
-        "answered only after {:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(2), "answered only after {:?}", started.elapsed());
 }
 
 #[tokio::test]
@@ -279,25 +220,16 @@ async fn slow_headers_are_cut_off() {
     let started = std::time::Instant::now();
     // Never finishes its head; the server must hang up by itself.
     let answer = raw_exchange(t.addr, "POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\n", b"").await;
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "still open after {:?}: {answer}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(10), "still open after {:?}: {answer}", started.elapsed());
 }
 
 #[tokio::test]
 async fn oversized_headers_are_refused() {
     let t = start().await;
     let big = "a".repeat(100 * 1024);
-    let head = format!(
-        "POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\n"
-    );
+    let head = format!("POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-big: {big}\r\ncontent-length: 2\r\n\r\n");
     let answer = raw_exchange(t.addr, &head, b"{}").await;
-    assert!(
-        answer.is_empty() || answer.starts_with("HTTP/1.1 431"),
-        "{answer}"
-    );
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
 }
 
 #[tokio::test]
@@ -306,11 +238,7 @@ async fn http2_prior_knowledge_is_served() {
     let tcp = TcpStream::connect(t.addr).await.unwrap();
     let reply = send_on(
         hyper_util::rt::TokioIo::new(tcp),
-        request(
-            "/hooks/buttercms",
-            &[("x-webhook-secret", BUTTER_SECRET)],
-            fixture("buttercms-page-delete.json"),
-        ),
+        request("/hooks/buttercms", &[("x-webhook-secret", BUTTER_SECRET)], fixture("buttercms-page-delete.json")),
         true,
     )
     .await;
@@ -366,12 +294,7 @@ impl Store for FullDisk {
     async fn counts(&self, _: &str) -> Result<hookrelay::store::TargetCounts, StoreError> {
         Ok(Default::default())
     }
-    async fn purge(
-        &self,
-        _: u64,
-        _: Option<EventId>,
-        _: usize,
-    ) -> Result<(usize, Option<EventId>), StoreError> {
+    async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
         Ok((0, None))
     }
     async fn close(&self) -> Result<(), StoreError> {
@@ -384,16 +307,11 @@ async fn storage_failure_is_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &config_text(dir.path(), "", ""));
     let settings = hookrelay::config::load(&path).unwrap();
-    let relay = hookrelay::app::Relay::start_with_store(settings, std::sync::Arc::new(FullDisk))
-        .await
-        .unwrap();
+    let relay = hookrelay::app::Relay::start_with_store(settings, std::sync::Arc::new(FullDisk)).await.unwrap();
     let reply = post_butter(relay.ingress_addr, fixture("buttercms-page-published.json")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.headers["retry-after"], "5");
-    assert_eq!(
-        reply.json(),
-        serde_json::json!({ "error": "storage unavailable" })
-    );
+    assert_eq!(reply.json(), serde_json::json!({ "error": "storage unavailable" }));
     relay.stop(Duration::from_secs(5)).await.unwrap();
 }
 
@@ -413,9 +331,7 @@ async fn outcomes_are_counted_in_metrics() {
     post(t.addr, "/hooks/buttercms", &[], "{}").await;
     let text = t.relay.metrics.render();
     for outcome in ["accepted", "duplicate", "unauthorized"] {
-        let line = format!(
-            "hookrelay_ingress_requests_total{{outcome=\"{outcome}\",source=\"buttercms\"}} 1"
-        );
+        let line = format!("hookrelay_ingress_requests_total{{outcome=\"{outcome}\",source=\"buttercms\"}} 1");
         assert!(text.contains(&line), "missing {line} in\n{text}");
     }
 }

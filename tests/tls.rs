@@ -30,11 +30,7 @@ async fn start_tls() -> Tls {
     let relay = start_with(&tls, "").await;
     let mut roots = rustls::RootCertStore::empty();
     roots.add(cert.cert.der().clone()).unwrap();
-    Tls {
-        relay,
-        roots,
-        _certs: dir,
-    }
+    Tls { relay, roots, _certs: dir }
 }
 
 fn client(
@@ -42,33 +38,22 @@ fn client(
     alpn: &[&[u8]],
     version: &'static rustls::SupportedProtocolVersion,
 ) -> tokio_rustls::TlsConnector {
-    let mut config =
-        rustls::ClientConfig::builder_with_provider(hookrelay::ingress::tls::provider())
-            .with_protocol_versions(&[version])
-            .unwrap()
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
+    let mut config = rustls::ClientConfig::builder_with_provider(hookrelay::ingress::tls::provider())
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots.clone())
+        .with_no_client_auth();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-async fn post_tls(
-    t: &Tls,
-    alpn: &[&[u8]],
-    version: &'static rustls::SupportedProtocolVersion,
-) -> Reply {
+async fn post_tls(t: &Tls, alpn: &[&[u8]], version: &'static rustls::SupportedProtocolVersion) -> Reply {
     let tcp = TcpStream::connect(t.relay.addr).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let stream = client(&t.roots, alpn, version)
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let stream = client(&t.roots, alpn, version).connect(name, tcp).await.unwrap();
     let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
-    let req = request(
-        "/hooks/buttercms",
-        &[("x-webhook-secret", BUTTER_SECRET)],
-        fixture("buttercms-page-published.json"),
-    );
+    let req =
+        request("/hooks/buttercms", &[("x-webhook-secret", BUTTER_SECRET)], fixture("buttercms-page-published.json"));
     send_on(TokioIo::new(stream), req, h2).await
 }
 
@@ -86,13 +71,7 @@ async fn https_with_http1_over_tls12() {
     let reply = post_tls(&t, &[b"http/1.1"], &rustls::version::TLS12).await;
     assert_eq!(reply.version, Version::HTTP_11);
     assert_eq!(reply.status, StatusCode::ACCEPTED);
-    assert!(t
-        .relay
-        .store
-        .event(reply.json()["id"].as_str().unwrap().parse().unwrap())
-        .await
-        .unwrap()
-        .is_some());
+    assert!(t.relay.store.event(reply.json()["id"].as_str().unwrap().parse().unwrap()).await.unwrap().is_some());
 }
 
 #[tokio::test]
@@ -104,9 +83,5 @@ async fn plaintext_on_the_tls_port_gets_no_http_answer() {
     tcp.write_all(head.as_bytes()).await.unwrap();
     let mut answer = Vec::new();
     let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer)).await;
-    assert!(
-        !answer.starts_with(b"HTTP/"),
-        "{:?}",
-        String::from_utf8_lossy(&answer)
-    );
+    assert!(!answer.starts_with(b"HTTP/"), "{:?}", String::from_utf8_lossy(&answer));
 }

@@ -5,10 +5,7 @@ use serde_yaml::Value;
 /// Replaces `${VAR}` / `${VAR:-default}` in every string value of `value`,
 /// reading variables through `lookup`. `$${` stands for a literal `${`.
 /// Returns every problem found, each with the key path where it was found.
-pub fn interpolate_tree(
-    value: &mut Value,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Vec<(String, String)> {
+pub fn interpolate_tree(value: &mut Value, lookup: &dyn Fn(&str) -> Option<String>) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     walk(value, String::new(), lookup, &mut problems);
     problems
@@ -37,11 +34,7 @@ fn walk(
                     Value::String(k) => k.clone(),
                     other => format!("{other:?}"),
                 };
-                let child = if path.is_empty() {
-                    key
-                } else {
-                    format!("{path}.{key}")
-                };
+                let child = if path.is_empty() { key } else { format!("{path}.{key}") };
                 walk(item, child, lookup, problems);
             }
         }
@@ -51,10 +44,7 @@ fn walk(
 }
 
 /// Substitutes one string. `Ok(None)` when it holds no `${`.
-pub fn interpolate(
-    input: &str,
-    lookup: &dyn Fn(&str) -> Option<String>,
-) -> Result<Option<String>, String> {
+pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<Option<String>, String> {
     if !input.contains("${") {
         return Ok(None);
     }
@@ -70,9 +60,7 @@ pub fn interpolate(
         }
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
+        let end = after.find('}').ok_or_else(|| format!("unterminated `${{` in {input:?}"))?;
         let expr = &after[..end];
         let (name, default) = match expr.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
@@ -82,16 +70,11 @@ pub fn interpolate(
             return Err(format!("`${{{expr}}}` is not a valid variable reference"));
         }
         // Shell semantics: the default applies when the variable is unset or empty.
-        match (
-            lookup(name).filter(|v| !v.is_empty() || default.is_none()),
-            default,
-        ) {
+        match (lookup(name).filter(|v| !v.is_empty() || default.is_none()), default) {
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
             (None, None) => {
-                return Err(format!(
-                "environment variable {name} is not set (use ${{{name}:-default}} for a default)"
-            ))
+                return Err(format!("environment variable {name} is not set (use ${{{name}:-default}} for a default)"))
             }
         }
         rest = &after[end + 1..];
@@ -124,10 +107,7 @@ mod tests {
         assert_eq!(interpolate("${NOPE:-x:y}", &env).unwrap().unwrap(), "x:y");
         assert_eq!(interpolate("${EMPTY:-d}", &env).unwrap().unwrap(), "d");
         assert_eq!(interpolate("${EMPTY}", &env).unwrap().unwrap(), "");
-        assert_eq!(
-            interpolate("${SET}${SET}", &env).unwrap().unwrap(),
-            "valuevalue"
-        );
+        assert_eq!(interpolate("${SET}${SET}", &env).unwrap().unwrap(), "valuevalue");
         assert_eq!(interpolate("plain $ text", &env).unwrap(), None);
     }
 
@@ -146,8 +126,7 @@ mod tests {
 
     #[test]
     fn tree_errors_carry_the_key_path() {
-        let mut v: Value =
-            serde_yaml::from_str("targets:\n  - headers: { K: \"${NOPE}\" }\n").unwrap();
+        let mut v: Value = serde_yaml::from_str("targets:\n  - headers: { K: \"${NOPE}\" }\n").unwrap();
         let problems = interpolate_tree(&mut v, &env);
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].0, "targets[0].headers.K");

@@ -35,15 +35,9 @@ impl fmt::Display for Problem {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{}: {}", path.display(), problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("\n  "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<Problem>,
-    },
+    Invalid { path: PathBuf, problems: Vec<Problem> },
 }
 
 impl ConfigError {
@@ -59,52 +53,28 @@ impl ConfigError {
 /// Reads, checks and resolves the configuration file at `path`, taking
 /// `${VAR}` values from the process environment.
 pub fn load(path: &Path) -> Result<Settings, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
     load_str(&text, path, &|name| std::env::var(name).ok())
 }
 
 /// [`load`] for text already read; `path` places relative file names and
 /// names the file in errors.
-pub fn load_str(
-    text: &str,
-    path: &Path,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Settings, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        problems,
-    };
-    let mut tree: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
-        invalid(vec![Problem {
-            key: String::new(),
-            message: format!("invalid YAML: {e}"),
-        }])
-    })?;
+pub fn load_str(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, ConfigError> {
+    let invalid = |problems| ConfigError::Invalid { path: path.to_path_buf(), problems };
+    let mut tree: serde_yaml::Value = serde_yaml::from_str(text)
+        .map_err(|e| invalid(vec![Problem { key: String::new(), message: format!("invalid YAML: {e}") }]))?;
     if tree.is_null() {
-        return Err(invalid(vec![Problem {
-            key: String::new(),
-            message: "the file is empty".into(),
-        }]));
+        return Err(invalid(vec![Problem { key: String::new(), message: "the file is empty".into() }]));
     }
     let problems = interpolate::interpolate_tree(&mut tree, env);
     if !problems.is_empty() {
-        return Err(invalid(
-            problems
-                .into_iter()
-                .map(|(key, message)| Problem { key, message })
-                .collect(),
-        ));
+        return Err(invalid(problems.into_iter().map(|(key, message)| Problem { key, message }).collect()));
     }
     let raw: raw::RawConfig = serde_path_to_error::deserialize(tree).map_err(|e| {
         let key = e.path().to_string();
         let key = if key == "." { String::new() } else { key };
-        invalid(vec![Problem {
-            key,
-            message: e.into_inner().to_string(),
-        }])
+        invalid(vec![Problem { key, message: e.into_inner().to_string() }])
     })?;
     resolve::resolve(raw, path).map_err(invalid)
 }

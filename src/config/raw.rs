@@ -184,15 +184,11 @@ where
         None | Some(serde_yaml::Value::Null) => return Ok(None),
         Some(serde_yaml::Value::Number(n)) => n.to_string(),
         Some(serde_yaml::Value::String(s)) => s.trim().to_string(),
-        Some(other) => {
-            return Err(serde::de::Error::custom(format!(
-                "expected a whole number, got {other:?}"
-            )))
-        }
+        Some(other) => return Err(serde::de::Error::custom(format!("expected a whole number, got {other:?}"))),
     };
-    text.parse().map(Some).map_err(|_| {
-        serde::de::Error::custom(format!("expected a positive whole number, got {text:?}"))
-    })
+    text.parse()
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("expected a positive whole number, got {text:?}")))
 }
 
 fn required_number<'de, D, T>(de: D) -> Result<T, D::Error>

@@ -25,10 +25,7 @@ struct Problems(Vec<Problem>);
 
 impl Problems {
     fn push(&mut self, key: impl Into<String>, message: impl Into<String>) {
-        self.0.push(Problem {
-            key: key.into(),
-            message: message.into(),
-        });
+        self.0.push(Problem { key: key.into(), message: message.into() });
     }
 
     /// The value, or `None` with the error recorded under `key`.
@@ -50,12 +47,7 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
 
     let server = server(&raw.server, &base, &mut p);
     let admin = AdminSettings {
-        listen: socket_addr(
-            &mut p,
-            "admin.listen",
-            raw.admin.listen.as_deref(),
-            DEFAULT_ADMIN_LISTEN,
-        ),
+        listen: socket_addr(&mut p, "admin.listen", raw.admin.listen.as_deref(), DEFAULT_ADMIN_LISTEN),
         token: raw.admin.token.as_deref().map(|t| {
             if t.len() < 16 {
                 p.push("admin.token", "must be at least 16 characters");
@@ -82,44 +74,22 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
         .enumerate()
         .filter_map(|(i, t)| target(t, &format!("targets[{i}]"), &base, &mut p).map(Arc::new))
         .collect();
-    unique(
-        &mut p,
-        "targets",
-        raw.targets.iter().map(|t| t.name.as_str()),
-        "name",
-    );
+    unique(&mut p, "targets", raw.targets.iter().map(|t| t.name.as_str()), "name");
 
-    let mut sources: Vec<Source> = raw
-        .sources
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| source(s, &format!("sources[{i}]"), &mut p))
-        .collect();
+    let mut sources: Vec<Source> =
+        raw.sources.iter().enumerate().filter_map(|(i, s)| source(s, &format!("sources[{i}]"), &mut p)).collect();
     if raw.sources.is_empty() {
         p.push("sources", "at least one source is required");
     }
-    unique(
-        &mut p,
-        "sources",
-        raw.sources.iter().map(|s| s.name.as_str()),
-        "name",
-    );
-    unique(
-        &mut p,
-        "sources",
-        raw.sources.iter().map(|s| s.path.as_str()),
-        "path",
-    );
+    unique(&mut p, "sources", raw.sources.iter().map(|s| s.name.as_str()), "name");
+    unique(&mut p, "sources", raw.sources.iter().map(|s| s.path.as_str()), "path");
 
     for (i, r) in raw.routes.iter().enumerate() {
         let key = format!("routes[{i}]");
         let rule = route(r, &key, &raw.targets, &mut p);
         match sources.iter_mut().find(|s| s.name == r.source) {
             Some(s) => s.routes.push(rule),
-            None => p.push(
-                format!("{key}.source"),
-                format!("no source is named {:?}", r.source),
-            ),
+            None => p.push(format!("{key}.source"), format!("no source is named {:?}", r.source)),
         }
     }
 
@@ -139,10 +109,7 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
 fn server(raw: &RawServer, base: &Path, p: &mut Problems) -> ServerSettings {
     let tls = raw.tls.as_ref().and_then(|tls| {
         let (cert, key) = (base.join(&tls.cert), base.join(&tls.key));
-        p.take(
-            "server.tls",
-            crate::ingress::tls::server_config(&cert, &key),
-        )
+        p.take("server.tls", crate::ingress::tls::server_config(&cert, &key))
     });
     let max_body = match raw.max_body.as_deref() {
         None => 1 << 20,
@@ -168,26 +135,16 @@ fn server(raw: &RawServer, base: &Path, p: &mut Problems) -> ServerSettings {
 
 fn socket_addr(p: &mut Problems, key: &str, raw: Option<&str>, default: &str) -> SocketAddr {
     let s = raw.unwrap_or(default);
-    p.take(
-        key,
-        s.parse()
-            .map_err(|_| format!("{s:?} is not an address like \"0.0.0.0:8443\" or \"[::]:8443\"")),
-    )
-    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+    p.take(key, s.parse().map_err(|_| format!("{s:?} is not an address like \"0.0.0.0:8443\" or \"[::]:8443\"")))
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Names appear in metric labels, admin URLs and store keys: keep them plain.
 fn check_name(p: &mut Problems, key: String, name: &str) {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    let ok =
+        !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok {
-        p.push(
-            key,
-            format!("{name:?} is not a valid name: use 1 to 64 letters, digits, '-', '_' or '.'"),
-        );
+        p.push(key, format!("{name:?} is not a valid name: use 1 to 64 letters, digits, '-', '_' or '.'"));
     }
 }
 
@@ -195,19 +152,13 @@ fn unique<'a>(p: &mut Problems, list: &str, items: impl Iterator<Item = &'a str>
     let mut seen = HashSet::new();
     for (i, item) in items.enumerate() {
         if !seen.insert(item) {
-            p.push(
-                format!("{list}[{i}].{field}"),
-                format!("{item:?} is used twice"),
-            );
+            p.push(format!("{list}[{i}].{field}"), format!("{item:?} is used twice"));
         }
     }
 }
 
 fn header_name(p: &mut Problems, key: String, raw: &str) -> Option<HeaderName> {
-    p.take(
-        key,
-        HeaderName::try_from(raw).map_err(|_| format!("{raw:?} is not a valid header name")),
-    )
+    p.take(key, HeaderName::try_from(raw).map_err(|_| format!("{raw:?} is not a valid header name")))
 }
 
 fn secrets(p: &mut Problems, key: String, raw: &[String]) -> Vec<Secret> {
@@ -234,64 +185,41 @@ pub fn standard_webhooks_secret(raw: &str) -> Result<Secret, String> {
 fn source(raw: &RawSource, key: &str, p: &mut Problems) -> Option<Source> {
     check_name(p, format!("{key}.name"), &raw.name);
     if !raw.path.starts_with('/') || raw.path.contains(['?', '#', ' ']) {
-        p.push(
-            format!("{key}.path"),
-            format!(
-                "{:?} must start with '/' and hold no '?', '#' or space",
-                raw.path
-            ),
-        );
+        p.push(format!("{key}.path"), format!("{:?} must start with '/' and hold no '?', '#' or space", raw.path));
     }
-    let format =
-        match (raw.format, &raw.event_pointer, &raw.event_header) {
-            (RawFormat::Generic, Some(ptr), None) => {
-                if !(ptr.is_empty() || ptr.starts_with('/')) {
-                    p.push(
-                        format!("{key}.event_pointer"),
-                        format!("{ptr:?} is not a JSON pointer (like \"/type\")"),
-                    );
-                }
-                Format::Generic(EventLocator::Pointer(ptr.clone()))
+    let format = match (raw.format, &raw.event_pointer, &raw.event_header) {
+        (RawFormat::Generic, Some(ptr), None) => {
+            if !(ptr.is_empty() || ptr.starts_with('/')) {
+                p.push(format!("{key}.event_pointer"), format!("{ptr:?} is not a JSON pointer (like \"/type\")"));
             }
-            (RawFormat::Generic, None, Some(h)) => Format::Generic(EventLocator::Header(
-                header_name(p, format!("{key}.event_header"), h)?,
-            )),
-            (RawFormat::Generic, _, _) => {
-                p.push(
-                    key.to_string(),
-                    "format generic needs exactly one of event_pointer or event_header",
-                );
-                return None;
+            Format::Generic(EventLocator::Pointer(ptr.clone()))
+        }
+        (RawFormat::Generic, None, Some(h)) => {
+            Format::Generic(EventLocator::Header(header_name(p, format!("{key}.event_header"), h)?))
+        }
+        (RawFormat::Generic, _, _) => {
+            p.push(key.to_string(), "format generic needs exactly one of event_pointer or event_header");
+            return None;
+        }
+        (other, ptr, hdr) => {
+            if ptr.is_some() || hdr.is_some() {
+                p.push(key.to_string(), "event_pointer and event_header are only for format generic");
             }
-            (other, ptr, hdr) => {
-                if ptr.is_some() || hdr.is_some() {
-                    p.push(
-                        key.to_string(),
-                        "event_pointer and event_header are only for format generic",
-                    );
-                }
-                if other == RawFormat::Buttercms {
-                    Format::ButterCms
-                } else {
-                    Format::CometCms
-                }
+            if other == RawFormat::Buttercms {
+                Format::ButterCms
+            } else {
+                Format::CometCms
             }
-        };
+        }
+    };
     let allow_ips = raw.allow_ips.as_ref().map(|list| {
-        list.iter()
-            .enumerate()
-            .filter_map(|(i, s)| p.take(format!("{key}.allow_ips[{i}]"), parse_net(s)))
-            .collect()
+        list.iter().enumerate().filter_map(|(i, s)| p.take(format!("{key}.allow_ips[{i}]"), parse_net(s))).collect()
     });
     Some(Source {
         name: raw.name.clone(),
         path: raw.path.clone(),
         format,
-        dedup_window: p.duration(
-            format!("{key}.dedup_window"),
-            raw.dedup_window.as_deref(),
-            Duration::from_secs(600),
-        ),
+        dedup_window: p.duration(format!("{key}.dedup_window"), raw.dedup_window.as_deref(), Duration::from_secs(600)),
         allow_ips,
         auth: auth(&raw.auth, &format!("{key}.auth"), p)?,
         routes: Vec::new(),
@@ -312,13 +240,7 @@ fn auth(raw: &RawAuth, key: &str, p: &mut Problems) -> Option<Auth> {
             header: header_name(p, format!("{key}.header"), header)?,
             values: secrets(p, format!("{key}.values"), values),
         },
-        RawAuth::Hmac {
-            header,
-            algorithm,
-            encoding,
-            prefix,
-            secrets: raw_secrets,
-        } => Auth::Hmac {
+        RawAuth::Hmac { header, algorithm, encoding, prefix, secrets: raw_secrets } => Auth::Hmac {
             header: header_name(p, format!("{key}.header"), header)?,
             algorithm: match algorithm {
                 RawHmacAlgorithm::Sha1 => HmacAlgorithm::Sha1,
@@ -332,42 +254,22 @@ fn auth(raw: &RawAuth, key: &str, p: &mut Problems) -> Option<Auth> {
             prefix: prefix.clone().unwrap_or_default(),
             secrets: secrets(p, format!("{key}.secrets"), raw_secrets),
         },
-        RawAuth::StandardWebhooks {
-            secrets: raw_secrets,
-            tolerance,
-        } => {
+        RawAuth::StandardWebhooks { secrets: raw_secrets, tolerance } => {
             if raw_secrets.is_empty() {
                 p.push(format!("{key}.secrets"), "at least one secret is required");
             }
             let secrets = raw_secrets
                 .iter()
                 .enumerate()
-                .filter_map(|(i, s)| {
-                    p.take(format!("{key}.secrets[{i}]"), standard_webhooks_secret(s))
-                })
+                .filter_map(|(i, s)| p.take(format!("{key}.secrets[{i}]"), standard_webhooks_secret(s)))
                 .collect();
-            let tolerance = p.duration(
-                format!("{key}.tolerance"),
-                tolerance.as_deref(),
-                Duration::from_secs(300),
-            );
+            let tolerance = p.duration(format!("{key}.tolerance"), tolerance.as_deref(), Duration::from_secs(300));
             Auth::StandardWebhooks { secrets, tolerance }
         }
-        RawAuth::Basic {
-            username,
-            password,
-            passwords,
-        } => {
-            let all: Vec<String> = password
-                .iter()
-                .chain(passwords.iter().flatten())
-                .cloned()
-                .collect();
+        RawAuth::Basic { username, password, passwords } => {
+            let all: Vec<String> = password.iter().chain(passwords.iter().flatten()).cloned().collect();
             if username.is_empty() || username.contains(':') {
-                p.push(
-                    format!("{key}.username"),
-                    "must be non-empty and hold no ':'",
-                );
+                p.push(format!("{key}.username"), "must be non-empty and hold no ':'");
             }
             Auth::Basic {
                 username: Secret::new(username.as_bytes()),
@@ -394,12 +296,7 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
     let url: Option<Uri> = p.take(format!("{key}.url"), parse_target_url(&raw.url));
     let ca_certs = match &raw.ca_file {
         None => Vec::new(),
-        Some(f) => p
-            .take(
-                format!("{key}.ca_file"),
-                crate::ingress::tls::load_certs(&base.join(f)),
-            )
-            .unwrap_or_default(),
+        Some(f) => p.take(format!("{key}.ca_file"), crate::ingress::tls::load_certs(&base.join(f))).unwrap_or_default(),
     };
     let mut headers = Vec::new();
     for (name, value) in &raw.headers {
@@ -407,19 +304,13 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         let Some(hname) = header_name(p, hkey.clone(), name) else {
             continue;
         };
-        if RESERVED_HEADERS.contains(&hname.as_str()) || hname.as_str().starts_with("x-hookrelay-")
-        {
-            p.push(
-                hkey,
-                format!("{name} is set by hookrelay and cannot be configured"),
-            );
+        if RESERVED_HEADERS.contains(&hname.as_str()) || hname.as_str().starts_with("x-hookrelay-") {
+            p.push(hkey, format!("{name} is set by hookrelay and cannot be configured"));
             continue;
         }
-        if let Some(v) = p.take(
-            hkey,
-            HeaderValue::try_from(value.as_str())
-                .map_err(|_| "not a valid header value".to_string()),
-        ) {
+        if let Some(v) =
+            p.take(hkey, HeaderValue::try_from(value.as_str()).map_err(|_| "not a valid header value".to_string()))
+        {
             headers.push((hname, v));
         }
     }
@@ -430,15 +321,9 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
     let rate_limit = raw.rate_limit.as_ref().map(|r| {
         let burst = r.burst.unwrap_or(r.per_second);
         if r.per_second == 0 || burst == 0 {
-            p.push(
-                format!("{key}.rate_limit"),
-                "per_second and burst must be at least 1",
-            );
+            p.push(format!("{key}.rate_limit"), "per_second and burst must be at least 1");
         }
-        RateLimit {
-            per_second: r.per_second,
-            burst,
-        }
+        RateLimit { per_second: r.per_second, burst }
     });
     let rk = format!("{key}.retry");
     let retry = RetryPolicy {
@@ -453,20 +338,13 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
             raw.retry.max_backoff.as_deref(),
             Duration::from_secs(600),
         ),
-        max_age: p.duration(
-            format!("{rk}.max_age"),
-            raw.retry.max_age.as_deref(),
-            Duration::from_secs(86_400),
-        ),
+        max_age: p.duration(format!("{rk}.max_age"), raw.retry.max_age.as_deref(), Duration::from_secs(86_400)),
     };
     if retry.max_attempts == 0 {
         p.push(format!("{rk}.max_attempts"), "must be at least 1");
     }
     if retry.initial_backoff.is_zero() || retry.initial_backoff > retry.max_backoff {
-        p.push(
-            format!("{rk}.max_backoff"),
-            "initial_backoff must be above 0 and at most max_backoff",
-        );
+        p.push(format!("{rk}.max_backoff"), "initial_backoff must be above 0 and at most max_backoff");
     }
     let bk = format!("{key}.circuit_breaker");
     let circuit_breaker = BreakerSettings {
@@ -484,11 +362,7 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         .signing_secret
         .as_deref()
         .and_then(|s| p.take(format!("{key}.signing_secret"), standard_webhooks_secret(s)));
-    let timeout = p.duration(
-        format!("{key}.timeout"),
-        raw.timeout.as_deref(),
-        Duration::from_secs(5),
-    );
+    let timeout = p.duration(format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(5));
     Some(Target {
         name: raw.name.clone(),
         url: url?,
@@ -504,23 +378,16 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
 }
 
 fn parse_target_url(raw: &str) -> Result<Uri, String> {
-    let uri: Uri = raw
-        .parse()
-        .map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    let uri: Uri = raw.parse().map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
     match (uri.scheme_str(), uri.host()) {
         (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(uri),
-        _ => Err(format!(
-            "{raw:?} must be an absolute http:// or https:// URL"
-        )),
+        _ => Err(format!("{raw:?} must be an absolute http:// or https:// URL")),
     }
 }
 
 fn route(raw: &RawRoute, key: &str, targets: &[RawTarget], p: &mut Problems) -> RouteRule {
     if raw.events.is_empty() {
-        p.push(
-            format!("{key}.events"),
-            "at least one event pattern is required",
-        );
+        p.push(format!("{key}.events"), "at least one event pattern is required");
     }
     if raw.targets.is_empty() {
         p.push(format!("{key}.targets"), "at least one target is required");
@@ -533,14 +400,8 @@ fn route(raw: &RawRoute, key: &str, targets: &[RawTarget], p: &mut Problems) -> 
         .collect();
     for (i, t) in raw.targets.iter().enumerate() {
         if !targets.iter().any(|rt| &rt.name == t) {
-            p.push(
-                format!("{key}.targets[{i}]"),
-                format!("no target is named {t:?}"),
-            );
+            p.push(format!("{key}.targets[{i}]"), format!("no target is named {t:?}"));
         }
     }
-    RouteRule {
-        events,
-        targets: raw.targets.clone(),
-    }
+    RouteRule { events, targets: raw.targets.clone() }
 }

@@ -82,9 +82,7 @@ impl Source {
 
     pub fn is_ip_allowed(&self, ip: std::net::IpAddr) -> bool {
         let ip = ip.to_canonical();
-        self.allow_ips
-            .as_ref()
-            .is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
+        self.allow_ips.as_ref().is_none_or(|nets| nets.iter().any(|n| n.contains(&ip)))
     }
 }
 
@@ -230,9 +228,7 @@ impl EventPattern {
             None => (s, EventPattern::Exact(s.to_string())),
         };
         if body.is_empty() || body.contains('*') || body.chars().any(|c| c.is_whitespace()) {
-            return Err(format!(
-                "invalid event pattern {s:?}: use an exact name, `prefix.*` or `*`"
-            ));
+            return Err(format!("invalid event pattern {s:?}: use an exact name, `prefix.*` or `*`"));
         }
         Ok(pattern)
     }
@@ -301,20 +297,14 @@ mod tests {
         assert!(e.matches("post.published"));
         assert!(!e.matches("post.published2"));
         for bad in ["", "page*", "*.published", ".*", "a b"] {
-            assert!(
-                EventPattern::parse(bad).is_err(),
-                "{bad:?} should be rejected"
-            );
+            assert!(EventPattern::parse(bad).is_err(), "{bad:?} should be rejected");
         }
     }
 
     #[test]
     fn targets_for_unions_routes_in_order_without_repeats() {
         let rule = |events: &[&str], targets: &[&str]| RouteRule {
-            events: events
-                .iter()
-                .map(|e| EventPattern::parse(e).unwrap())
-                .collect(),
+            events: events.iter().map(|e| EventPattern::parse(e).unwrap()).collect(),
             targets: targets.iter().map(|t| t.to_string()).collect(),
         };
         let source = Source {
@@ -322,20 +312,11 @@ mod tests {
             path: "/s".into(),
             format: Format::ButterCms,
             dedup_window: Duration::from_secs(1),
-            allow_ips: Some(vec![
-                "10.0.0.0/8".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ]),
+            allow_ips: Some(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()]),
             auth: Auth::None,
-            routes: vec![
-                rule(&["page.*"], &["search", "cache"]),
-                rule(&["*"], &["cache", "audit"]),
-            ],
+            routes: vec![rule(&["page.*"], &["search", "cache"]), rule(&["*"], &["cache", "audit"])],
         };
-        assert_eq!(
-            source.targets_for("page.published"),
-            ["search", "cache", "audit"]
-        );
+        assert_eq!(source.targets_for("page.published"), ["search", "cache", "audit"]);
         assert_eq!(source.targets_for("post.published"), ["cache", "audit"]);
         assert!(source.is_ip_allowed("10.1.2.3".parse().unwrap()));
         assert!(source.is_ip_allowed("::ffff:10.1.2.3".parse().unwrap()));

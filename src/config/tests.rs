@@ -26,9 +26,7 @@ fn problems(text: &str) -> Vec<String> {
 fn assert_problem(text: &str, key: &str, words: &str) {
     let found = problems(text);
     assert!(
-        found
-            .iter()
-            .any(|p| p.starts_with(&format!("{key}: ")) && p.contains(words)),
+        found.iter().any(|p| p.starts_with(&format!("{key}: ")) && p.contains(words)),
         "expected `{key}: …{words}…` among {found:#?}"
     );
 }
@@ -129,17 +127,8 @@ routes:
     let search = &s.targets[0];
     assert_eq!(search.concurrency, 4);
     assert_eq!(search.headers[0].1, "k-123");
-    assert_eq!(
-        search.rate_limit,
-        Some(RateLimit {
-            per_second: 20,
-            burst: 40
-        })
-    );
-    assert_eq!(
-        search.retry.max_backoff,
-        std::time::Duration::from_secs(600)
-    );
+    assert_eq!(search.rate_limit, Some(RateLimit { per_second: 20, burst: 40 }));
+    assert_eq!(search.retry.max_backoff, std::time::Duration::from_secs(600));
     assert_eq!(s.targets[1].concurrency, 8, "default concurrency");
     assert_eq!(s.targets[1].retry.max_attempts, 12, "default max_attempts");
     // Relative paths are relative to the config file's folder.
@@ -147,14 +136,9 @@ routes:
     let butter = &s.sources[0];
     assert_eq!(butter.targets_for("page.published"), ["search", "cache"]);
     assert!(butter.targets_for("collectionitem.published").is_empty());
-    assert!(
-        matches!(&butter.auth, Auth::Header { values, .. } if values[0].expose() == b"b-secret")
-    );
+    assert!(matches!(&butter.auth, Auth::Header { values, .. } if values[0].expose() == b"b-secret"));
     assert!(matches!(&s.sources[3].auth, Auth::Basic { passwords, .. } if passwords.len() == 2));
-    assert_eq!(
-        s.admin.token.as_ref().unwrap().expose(),
-        b"0123456789abcdef"
-    );
+    assert_eq!(s.admin.token.as_ref().unwrap().expose(), b"0123456789abcdef");
 }
 
 #[test]
@@ -166,11 +150,7 @@ fn unknown_keys_are_rejected_with_their_path() {
     assert_problem(&text, "targets[0].retries", "unknown field `retries`");
     let text = MINIMAL.replace("values: [", "value: \"x\", values: [");
     assert_problem(&text, "sources[0].auth", "unknown field `value`");
-    assert_problem(
-        &format!("{MINIMAL}\nextra: 1\n"),
-        "extra",
-        "unknown field `extra`",
-    );
+    assert_problem(&format!("{MINIMAL}\nextra: 1\n"), "extra", "unknown field `extra`");
 }
 
 #[test]
@@ -178,106 +158,36 @@ fn bad_values_name_their_key_path() {
     let t = |from: &str, to: &str| MINIMAL.replace(from, to);
     let url = "    url: \"http://127.0.0.1:9101/reindex\"";
     assert_problem(
-        &t(
-            url,
-            &format!("{url}\n    retry: {{ max_backoff: \"soon\" }}"),
-        ),
+        &t(url, &format!("{url}\n    retry: {{ max_backoff: \"soon\" }}")),
         "targets[0].retry.max_backoff",
         "invalid duration",
     );
-    assert_problem(
-        &t(url, "    url: \"ftp://x/y\""),
-        "targets[0].url",
-        "http://",
-    );
-    assert_problem(
-        &t(url, "    url: \"not a url\""),
-        "targets[0].url",
-        "not a URL",
-    );
-    assert_problem(
-        &t(url, &format!("{url}\n    concurrency: 0")),
-        "targets[0].concurrency",
-        "at least 1",
-    );
-    assert_problem(
-        &t(url, &format!("{url}\n    concurrency: -3")),
-        "targets[0].concurrency",
-        "positive whole number",
-    );
+    assert_problem(&t(url, "    url: \"ftp://x/y\""), "targets[0].url", "http://");
+    assert_problem(&t(url, "    url: \"not a url\""), "targets[0].url", "not a URL");
+    assert_problem(&t(url, &format!("{url}\n    concurrency: 0")), "targets[0].concurrency", "at least 1");
+    assert_problem(&t(url, &format!("{url}\n    concurrency: -3")), "targets[0].concurrency", "positive whole number");
     assert_problem(
         &t(url, &format!("{url}\n    headers: {{ webhook-id: x }}")),
         "targets[0].headers.webhook-id",
         "set by hookrelay",
     );
+    assert_problem(&t(url, &format!("{url}\n    signing_secret: \"whsec_!!\"")), "targets[0].signing_secret", "whsec_");
     assert_problem(
-        &t(url, &format!("{url}\n    signing_secret: \"whsec_!!\"")),
-        "targets[0].signing_secret",
-        "whsec_",
-    );
-    assert_problem(
-        &t(
-            url,
-            &format!("{url}\n    retry: {{ initial_backoff: 1m, max_backoff: 1s }}"),
-        ),
+        &t(url, &format!("{url}\n    retry: {{ initial_backoff: 1m, max_backoff: 1s }}")),
         "targets[0].retry.max_backoff",
         "at most max_backoff",
     );
-    assert_problem(
-        &t(url, &format!("{url}\n    ca_file: missing.pem")),
-        "targets[0].ca_file",
-        "missing.pem",
-    );
-    assert_problem(
-        &t("path: /hooks/buttercms", "path: hooks"),
-        "sources[0].path",
-        "must start with '/'",
-    );
-    assert_problem(
-        &t("format: buttercms", "format: wordpress"),
-        "sources[0].format",
-        "unknown variant `wordpress`",
-    );
-    assert_problem(
-        &t("name: buttercms", "name: \"butter cms\""),
-        "sources[0].name",
-        "not a valid name",
-    );
-    assert_problem(
-        &format!("server: {{ max_body: lots }}\n{MINIMAL}"),
-        "server.max_body",
-        "invalid size",
-    );
-    assert_problem(
-        &format!("server: {{ listen: \"localhost\" }}\n{MINIMAL}"),
-        "server.listen",
-        "not an address",
-    );
-    assert_problem(
-        &format!("storage: {{ cache: 12XB }}\n{MINIMAL}"),
-        "storage.cache",
-        "invalid size",
-    );
-    assert_problem(
-        &format!("admin: {{ token: short }}\n{MINIMAL}"),
-        "admin.token",
-        "at least 16",
-    );
-    assert_problem(
-        &t("events: [\"page.*\"]", "events: [\"page*\"]"),
-        "routes[0].events[0]",
-        "invalid event pattern",
-    );
-    assert_problem(
-        &t("values: [\"${BUTTER_SECRET}\"]", "values: []"),
-        "sources[0].auth.values",
-        "at least one",
-    );
-    assert_problem(
-        &t("type: header,", "type: oauth,"),
-        "sources[0].auth.type",
-        "unknown variant `oauth`",
-    );
+    assert_problem(&t(url, &format!("{url}\n    ca_file: missing.pem")), "targets[0].ca_file", "missing.pem");
+    assert_problem(&t("path: /hooks/buttercms", "path: hooks"), "sources[0].path", "must start with '/'");
+    assert_problem(&t("format: buttercms", "format: wordpress"), "sources[0].format", "unknown variant `wordpress`");
+    assert_problem(&t("name: buttercms", "name: \"butter cms\""), "sources[0].name", "not a valid name");
+    assert_problem(&format!("server: {{ max_body: lots }}\n{MINIMAL}"), "server.max_body", "invalid size");
+    assert_problem(&format!("server: {{ listen: \"localhost\" }}\n{MINIMAL}"), "server.listen", "not an address");
+    assert_problem(&format!("storage: {{ cache: 12XB }}\n{MINIMAL}"), "storage.cache", "invalid size");
+    assert_problem(&format!("admin: {{ token: short }}\n{MINIMAL}"), "admin.token", "at least 16");
+    assert_problem(&t("events: [\"page.*\"]", "events: [\"page*\"]"), "routes[0].events[0]", "invalid event pattern");
+    assert_problem(&t("values: [\"${BUTTER_SECRET}\"]", "values: []"), "sources[0].auth.values", "at least one");
+    assert_problem(&t("type: header,", "type: oauth,"), "sources[0].auth.type", "unknown variant `oauth`");
 }
 
 #[test]
@@ -286,15 +196,8 @@ fn allow_ips_entries_are_checked() {
         "    format: buttercms",
         "    format: buttercms\n    allow_ips: [\"10.0.0.0/8\", \"192.0.2.7\", \"10.0.0.0/99\"]",
     );
-    assert_problem(
-        &text,
-        "sources[0].allow_ips[2]",
-        "not an IP address or CIDR",
-    );
-    let ok = MINIMAL.replace(
-        "    format: buttercms",
-        "    format: buttercms\n    allow_ips: [\"192.0.2.7\", \"::1\"]",
-    );
+    assert_problem(&text, "sources[0].allow_ips[2]", "not an IP address or CIDR");
+    let ok = MINIMAL.replace("    format: buttercms", "    format: buttercms\n    allow_ips: [\"192.0.2.7\", \"::1\"]");
     let s = load(&ok).unwrap();
     assert!(s.sources[0].is_ip_allowed("192.0.2.7".parse().unwrap()));
     assert!(!s.sources[0].is_ip_allowed("192.0.2.8".parse().unwrap()));
@@ -312,45 +215,27 @@ fn cross_references_and_uniqueness_are_checked() {
         "routes[0].source",
         "no source is named",
     );
-    let twice = MINIMAL.replace(
-        "targets:\n  - name: search",
-        "targets:\n  - name: search\n    url: \"http://a/\"\n  - name: search",
-    );
+    let twice = MINIMAL
+        .replace("targets:\n  - name: search", "targets:\n  - name: search\n    url: \"http://a/\"\n  - name: search");
     assert_problem(&twice, "targets[1].name", "used twice");
     let two_sources = MINIMAL.replace(
         "sources:\n",
         "sources:\n  - name: other\n    path: /hooks/buttercms\n    format: cometcms\n    auth: { type: none }\n",
     );
-    assert_problem(
-        &two_sources,
-        "sources[1].path",
-        "\"/hooks/buttercms\" is used twice",
-    );
+    assert_problem(&two_sources, "sources[1].path", "\"/hooks/buttercms\" is used twice");
 }
 
 #[test]
 fn generic_needs_exactly_one_event_locator() {
     let generic = MINIMAL.replace("format: buttercms", "format: generic");
-    assert_problem(
-        &generic,
-        "sources[0]",
-        "exactly one of event_pointer or event_header",
-    );
-    let both = generic.replace(
-        "format: generic",
-        "format: generic\n    event_pointer: /type\n    event_header: X-Event",
-    );
+    assert_problem(&generic, "sources[0]", "exactly one of event_pointer or event_header");
+    let both =
+        generic.replace("format: generic", "format: generic\n    event_pointer: /type\n    event_header: X-Event");
     assert_problem(&both, "sources[0]", "exactly one");
-    let misplaced = MINIMAL.replace(
-        "format: buttercms",
-        "format: buttercms\n    event_pointer: /type",
-    );
+    let misplaced = MINIMAL.replace("format: buttercms", "format: buttercms\n    event_pointer: /type");
     assert_problem(&misplaced, "sources[0]", "only for format generic");
     assert_problem(
-        &generic.replace(
-            "format: generic",
-            "format: generic\n    event_pointer: type",
-        ),
+        &generic.replace("format: generic", "format: generic\n    event_pointer: type"),
         "sources[0].event_pointer",
         "JSON pointer",
     );
@@ -368,10 +253,7 @@ fn missing_environment_variable_is_named() {
 #[test]
 fn every_problem_is_reported_at_once() {
     let text = MINIMAL
-        .replace(
-            "url: \"http://127.0.0.1:9101/reindex\"",
-            "url: \"nope\"\n    timeout: forever",
-        )
+        .replace("url: \"http://127.0.0.1:9101/reindex\"", "url: \"nope\"\n    timeout: forever")
         .replace("events: [\"page.*\"]", "events: []");
     let found = problems(&text);
     assert!(found.len() >= 3, "{found:#?}");

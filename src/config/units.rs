@@ -8,11 +8,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    humantime::parse_duration(s).map_err(|e| {
-        format!(
-            "invalid duration {s:?} ({e}); use e.g. \"500ms\", \"5s\", \"10m\", \"24h\", \"7d\""
-        )
-    })
+    humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"5s\", \"10m\", \"24h\", \"7d\""))
 }
 
 /// Parses a size: a plain byte count, or a number with `B`, `KiB`, `MiB`, `GiB`
@@ -33,8 +30,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "GB" => 1_000_000_000,
         _ => return Err(bad()),
     };
-    n.checked_mul(factor)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+    n.checked_mul(factor).ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 #[cfg(test)]
@@ -47,10 +43,7 @@ mod tests {
         assert_eq!(parse_duration("5s").unwrap(), Duration::from_secs(5));
         assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
-        assert_eq!(
-            parse_duration("7d").unwrap(),
-            Duration::from_secs(7 * 86_400)
-        );
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("5").is_err());

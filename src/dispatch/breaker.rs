@@ -66,10 +66,7 @@ pub struct Breaker {
 
 impl Breaker {
     pub fn new(settings: BreakerSettings) -> Self {
-        Breaker {
-            settings,
-            state: State::Closed { failures: 0 },
-        }
+        Breaker { settings, state: State::Closed { failures: 0 } }
     }
 
     pub fn state(&self, now: Instant) -> CircuitState {
@@ -100,6 +97,13 @@ impl Breaker {
         }
     }
 
+    /// The probe in flight was abandoned without an answer: allow another.
+    pub fn on_abandoned(&mut self) {
+        if let State::HalfOpen { probing: true } = self.state {
+            self.state = State::HalfOpen { probing: false };
+        }
+    }
+
     pub fn on_success(&mut self) {
         self.state = State::Closed { failures: 0 };
     }
@@ -109,17 +113,13 @@ impl Breaker {
         let open_for: Duration = self.settings.open_for;
         match self.state {
             State::Closed { failures } if failures + 1 < self.settings.failure_threshold => {
-                self.state = State::Closed {
-                    failures: failures + 1,
-                };
+                self.state = State::Closed { failures: failures + 1 };
                 false
             }
             // An attempt sent before the circuit opened, failing late, changes nothing.
             State::Open { .. } => false,
             _ => {
-                self.state = State::Open {
-                    until: now + open_for,
-                };
+                self.state = State::Open { until: now + open_for };
                 true
             }
         }
@@ -131,10 +131,7 @@ mod tests {
     use super::*;
 
     fn breaker() -> Breaker {
-        Breaker::new(BreakerSettings {
-            failure_threshold: 3,
-            open_for: Duration::from_secs(30),
-        })
+        Breaker::new(BreakerSettings { failure_threshold: 3, open_for: Duration::from_secs(30) })
     }
 
     #[test]
@@ -148,10 +145,7 @@ mod tests {
         assert!(!b.on_failure(now));
         assert!(b.on_failure(now), "third consecutive failure opens it");
         assert_eq!(b.state(now), CircuitState::Open);
-        assert_eq!(
-            b.permit(now + Duration::from_secs(10)),
-            Permit::Wait(Some(now + Duration::from_secs(30)))
-        );
+        assert_eq!(b.permit(now + Duration::from_secs(10)), Permit::Wait(Some(now + Duration::from_secs(30))));
     }
 
     #[test]
@@ -166,6 +160,9 @@ mod tests {
         assert_eq!(b.permit(later), Permit::Probe);
         b.on_dispatch();
         assert_eq!(b.permit(later), Permit::Wait(None), "one probe at a time");
+        b.on_abandoned();
+        assert_eq!(b.permit(later), Permit::Probe, "an abandoned probe frees the slot");
+        b.on_dispatch();
         b.on_success();
         assert_eq!(b.state(later), CircuitState::Closed);
         assert_eq!(b.permit(later), Permit::Open);
@@ -182,9 +179,6 @@ mod tests {
         assert_eq!(b.permit(later), Permit::Probe);
         b.on_dispatch();
         assert!(b.on_failure(later));
-        assert_eq!(
-            b.permit(later + Duration::from_secs(1)),
-            Permit::Wait(Some(later + Duration::from_secs(30)))
-        );
+        assert_eq!(b.permit(later + Duration::from_secs(1)), Permit::Wait(Some(later + Duration::from_secs(30))));
     }
 }

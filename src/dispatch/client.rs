@@ -49,9 +49,7 @@ pub fn client_for(target: &Target) -> Result<HttpClient, String> {
     } else {
         let mut roots = rustls::RootCertStore::empty();
         for cert in &target.ca_certs {
-            roots
-                .add(cert.clone())
-                .map_err(|e| format!("target {}: bad CA certificate: {e}", target.name))?;
+            roots.add(cert.clone()).map_err(|e| format!("target {}: bad CA certificate: {e}", target.name))?;
         }
         Arc::new(roots)
     };
@@ -70,9 +68,7 @@ pub fn client_for(target: &Target) -> Result<HttpClient, String> {
         .enable_http1()
         .enable_http2()
         .wrap_connector(http);
-    Ok(Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(https))
+    Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https))
 }
 
 /// The forwarded request. `attempt` counts from 1.
@@ -84,11 +80,7 @@ pub fn build_request(
 ) -> Result<Request<Full<Bytes>>, String> {
     let id = event.id.to_string();
     let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let content_type = event
-        .meta
-        .content_type
-        .as_deref()
-        .unwrap_or("application/json");
+    let content_type = event.meta.content_type.as_deref().unwrap_or("application/json");
     let mut req = Request::post(target.url.clone())
         .header(CONTENT_TYPE, content_type)
         .header(USER_AGENT, concat!("hookrelay/", env!("CARGO_PKG_VERSION")))
@@ -102,10 +94,7 @@ pub fn build_request(
     let headers = req.headers_mut();
     if let Some(secret) = &target.signing_secret {
         let signature = standard_webhooks_signature(secret.expose(), &id, timestamp, &event.body);
-        headers.insert(
-            "webhook-signature",
-            HeaderValue::try_from(signature).map_err(|e| e.to_string())?,
-        );
+        headers.insert("webhook-signature", HeaderValue::try_from(signature).map_err(|e| e.to_string())?);
     }
     for (name, value) in &target.headers {
         headers.insert(name.clone(), value.clone());
@@ -123,17 +112,10 @@ pub struct AttemptResult {
 }
 
 /// Sends `req` and classifies the answer; never fails, every problem is a verdict.
-pub async fn send(
-    client: &HttpClient,
-    timeout: Duration,
-    req: Request<Full<Bytes>>,
-) -> AttemptResult {
+pub async fn send(client: &HttpClient, timeout: Duration, req: Request<Full<Bytes>>) -> AttemptResult {
     let started = Instant::now();
     let exchange = async {
-        let resp = client
-            .request(req)
-            .await
-            .map_err(|e| connection_error(&e))?;
+        let resp = client.request(req).await.map_err(|e| connection_error(&e))?;
         let status = resp.status().as_u16();
         let retry_after = resp
             .headers()
@@ -149,19 +131,11 @@ pub async fn send(
         Ok(Err(e)) => (None, Some(e), Verdict::Retry { after: None }),
         Err(_) => (
             None,
-            Some(format!(
-                "timed out after {}",
-                humantime::format_duration(timeout)
-            )),
+            Some(format!("timed out after {}", humantime::format_duration(timeout))),
             Verdict::Retry { after: None },
         ),
     };
-    AttemptResult {
-        status,
-        error,
-        verdict,
-        duration: started.elapsed(),
-    }
+    AttemptResult { status, error, verdict, duration: started.elapsed() }
 }
 
 /// The innermost cause names the problem ("Connection refused"); hyper's outer layers do not.

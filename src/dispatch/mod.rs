@@ -75,10 +75,7 @@ impl Dispatcher {
                 wake.clone(),
                 shutdown.child_token(),
             )
-            .map_err(|message| DispatchError::Target {
-                target: target.name.clone(),
-                message,
-            })?;
+            .map_err(|message| DispatchError::Target { target: target.name.clone(), message })?;
             tasks.spawn(worker.run());
             tasks.spawn(upkeep::gauge_queue(
                 target.name.clone(),
@@ -89,11 +86,7 @@ impl Dispatcher {
             wakers.insert(target.name.clone(), wake);
         }
         tasks.spawn(upkeep::purge(store, retention, shutdown.child_token()));
-        Ok(Dispatcher {
-            wakers: Arc::new(Wakers(wakers)),
-            tasks,
-            shutdown,
-        })
+        Ok(Dispatcher { wakers: Arc::new(Wakers(wakers)), tasks, shutdown })
     }
 
     pub fn wakers(&self) -> Arc<Wakers> {
@@ -104,10 +97,7 @@ impl Dispatcher {
     pub async fn stop(&self, grace: Duration) {
         self.shutdown.cancel();
         self.tasks.close();
-        if tokio::time::timeout(grace, self.tasks.wait())
-            .await
-            .is_err()
-        {
+        if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!("delivery workers still running after the grace period");
         }
     }

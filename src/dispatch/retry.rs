@@ -53,10 +53,7 @@ pub fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Dura
 /// number in [0, 1).
 pub fn backoff(policy: &RetryPolicy, attempt: u32, unit: f64) -> Duration {
     let exp = attempt.saturating_sub(1).min(32);
-    let cap = policy
-        .initial_backoff
-        .saturating_mul(1u32 << exp.min(31))
-        .min(policy.max_backoff);
+    let cap = policy.initial_backoff.saturating_mul(1u32 << exp.min(31)).min(policy.max_backoff);
     cap.mul_f64(unit.clamp(0.0, 1.0))
 }
 
@@ -112,18 +109,9 @@ mod tests {
         assert_eq!(classify(200, None), Verdict::Success);
         assert_eq!(classify(204, None), Verdict::Success);
         for s in [408, 500, 502, 504] {
-            assert_eq!(
-                classify(s, Some(Duration::from_secs(9))),
-                Verdict::Retry { after: None },
-                "{s}"
-            );
+            assert_eq!(classify(s, Some(Duration::from_secs(9))), Verdict::Retry { after: None }, "{s}");
         }
-        assert_eq!(
-            classify(429, Some(Duration::from_secs(9))),
-            Verdict::Retry {
-                after: Some(Duration::from_secs(9))
-            }
-        );
+        assert_eq!(classify(429, Some(Duration::from_secs(9))), Verdict::Retry { after: Some(Duration::from_secs(9)) });
         assert_eq!(classify(503, None), Verdict::Retry { after: None });
         assert_eq!(classify(410, None), Verdict::Pause);
         for s in [400, 401, 403, 404, 413, 422, 301] {
@@ -134,18 +122,9 @@ mod tests {
     #[test]
     fn retry_after_takes_seconds_or_a_date() {
         let now = httpdate::parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
-        assert_eq!(
-            parse_retry_after("120", now),
-            Some(Duration::from_secs(120))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now), Some(Duration::from_secs(30)));
+        assert_eq!(parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon", now), None);
     }
 
@@ -163,40 +142,19 @@ mod tests {
     fn next_step_ends_in_dead_letters_at_max_attempts_and_max_age() {
         let p = policy();
         let retry = Verdict::Retry { after: None };
-        assert_eq!(
-            next_step(&p, &retry, 2, 0, 1_000, 0.5),
-            NextStep::RetryAt(2_000)
-        );
-        assert!(
-            matches!(next_step(&p, &retry, 5, 0, 1_000, 0.5), NextStep::Dead(r) if r.contains("max_attempts"))
-        );
-        assert!(
-            matches!(next_step(&p, &retry, 2, 0, 3_600_000, 0.5), NextStep::Dead(r) if r.contains("max_age"))
-        );
-        assert!(matches!(
-            next_step(&p, &Verdict::Permanent, 1, 0, 1, 0.5),
-            NextStep::Dead(_)
-        ));
-        assert_eq!(
-            next_step(&p, &Verdict::Success, 9, 0, 1, 0.5),
-            NextStep::Delivered
-        );
+        assert_eq!(next_step(&p, &retry, 2, 0, 1_000, 0.5), NextStep::RetryAt(2_000));
+        assert!(matches!(next_step(&p, &retry, 5, 0, 1_000, 0.5), NextStep::Dead(r) if r.contains("max_attempts")));
+        assert!(matches!(next_step(&p, &retry, 2, 0, 3_600_000, 0.5), NextStep::Dead(r) if r.contains("max_age")));
+        assert!(matches!(next_step(&p, &Verdict::Permanent, 1, 0, 1, 0.5), NextStep::Dead(_)));
+        assert_eq!(next_step(&p, &Verdict::Success, 9, 0, 1, 0.5), NextStep::Delivered);
         assert_eq!(next_step(&p, &Verdict::Pause, 1, 0, 1, 0.5), NextStep::Hold);
     }
 
     #[test]
     fn retry_after_is_honoured_but_capped_at_max_backoff() {
         let p = policy();
-        let after = |s| Verdict::Retry {
-            after: Some(Duration::from_secs(s)),
-        };
-        assert_eq!(
-            next_step(&p, &after(30), 1, 0, 1_000, 0.0),
-            NextStep::RetryAt(31_000)
-        );
-        assert_eq!(
-            next_step(&p, &after(3_000), 1, 0, 1_000, 0.0),
-            NextStep::RetryAt(61_000)
-        );
+        let after = |s| Verdict::Retry { after: Some(Duration::from_secs(s)) };
+        assert_eq!(next_step(&p, &after(30), 1, 0, 1_000, 0.0), NextStep::RetryAt(31_000));
+        assert_eq!(next_step(&p, &after(3_000), 1, 0, 1_000, 0.0), NextStep::RetryAt(61_000));
     }
 }

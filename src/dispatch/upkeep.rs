@@ -52,24 +52,13 @@ pub async fn purge(store: Arc<dyn Store>, retention: Duration, shutdown: Cancell
 /// Sets `hookrelay_queue_depth` and `hookrelay_dead_letters` of one target
 /// from the store. Counting a huge queue takes a while, so the pause between
 /// counts grows with it (at most 5 % of the time is spent counting).
-pub async fn gauge_queue(
-    target: String,
-    store: Arc<dyn Store>,
-    metrics: Metrics,
-    shutdown: CancellationToken,
-) {
+pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics, shutdown: CancellationToken) {
     loop {
         let started = Instant::now();
         match store.counts(&target).await {
             Ok(c) => {
-                metrics
-                    .queue_depth
-                    .with_label_values(&[&target])
-                    .set(c.queued as i64);
-                metrics
-                    .dead_letters
-                    .with_label_values(&[&target])
-                    .set(c.dead as i64);
+                metrics.queue_depth.with_label_values(&[&target]).set(c.queued as i64);
+                metrics.dead_letters.with_label_values(&[&target]).set(c.dead as i64);
             }
             Err(e) => tracing::warn!(%target, error = %e, "cannot count the queue"),
         }

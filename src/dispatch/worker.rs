@@ -132,11 +132,7 @@ impl Worker {
                 Permit::Probe => 1,
                 Permit::Wait(until) => return until,
             };
-            let batch = match self
-                .store
-                .due(&self.target.name, now_ms(), limit, &self.in_flight)
-                .await
-            {
+            let batch = match self.store.due(&self.target.name, now_ms(), limit, &self.in_flight).await {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!(target = %self.target.name, error = %e, "cannot read the delivery queue");
@@ -149,14 +145,8 @@ impl Worker {
             for due in batch.due {
                 if let Some(limiter) = &self.limiter {
                     if let Err(not_until) = limiter.check() {
-                        self.metrics
-                            .rate_limited
-                            .with_label_values(&[&self.target.name])
-                            .inc();
-                        return Some(
-                            Instant::now()
-                                + not_until.wait_time_from(DefaultClock::default().now()),
-                        );
+                        self.metrics.rate_limited.with_label_values(&[&self.target.name]).inc();
+                        return Some(Instant::now() + not_until.wait_time_from(DefaultClock::default().now()));
                     }
                 }
                 self.breaker.on_dispatch();
@@ -167,9 +157,7 @@ impl Worker {
             }
             if found < limit {
                 let now = now_ms();
-                return batch
-                    .next_due_ms
-                    .map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(now)));
+                return batch.next_due_ms.map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(now)));
             }
         }
     }
@@ -197,7 +185,10 @@ impl Worker {
         self.in_flight.remove(&report.id);
         let name = &self.target.name;
         match report.verdict {
-            None => self.store_retry_at = Some(Instant::now() + STORE_RETRY),
+            None => {
+                self.breaker.on_abandoned();
+                self.store_retry_at = Some(Instant::now() + STORE_RETRY);
+            }
             Some(Verdict::Retry { .. }) => {
                 if self.breaker.on_failure(Instant::now()) {
                     tracing::warn!(target = %name, open_for = ?self.target.circuit_breaker.open_for, "circuit opened: deliveries wait");
@@ -240,19 +231,9 @@ impl AttemptCtx {
         let event = match self.store.event(due.event_id).await {
             Ok(Some(event)) => event,
             Ok(None) => {
-                let attempt = Attempt {
-                    at_ms: now_ms(),
-                    duration_ms: 0,
-                    status: None,
-                    error: Some("event missing".into()),
-                };
-                self.record(
-                    &due,
-                    number,
-                    attempt,
-                    NextStep::Dead("the event is no longer stored".into()),
-                )
-                .await;
+                let attempt =
+                    Attempt { at_ms: now_ms(), duration_ms: 0, status: None, error: Some("event missing".into()) };
+                self.record(&due, number, attempt, NextStep::Dead("the event is no longer stored".into())).await;
                 return Some(Verdict::Permanent);
             }
             Err(e) => {
@@ -271,35 +252,19 @@ impl AttemptCtx {
             },
         };
         let now = now_ms();
-        let next = next_step(
-            &self.target.retry,
-            &result.verdict,
-            number,
-            event.meta.received_ms,
-            now,
-            fastrand::f64(),
-        );
+        let next = next_step(&self.target.retry, &result.verdict, number, event.meta.received_ms, now, fastrand::f64());
         let ms = result.duration.as_secs_f64() * 1000.0;
-        self.metrics
-            .delivery_attempt_seconds
-            .with_label_values(&[name])
-            .observe(result.duration.as_secs_f64());
+        self.metrics.delivery_attempt_seconds.with_label_values(&[name]).observe(result.duration.as_secs_f64());
         let outcome = match &next {
             NextStep::Delivered => {
                 let lag = now.saturating_sub(event.meta.received_ms) as f64 / 1000.0;
-                self.metrics
-                    .delivery_lag_seconds
-                    .with_label_values(&[name])
-                    .observe(lag);
+                self.metrics.delivery_lag_seconds.with_label_values(&[name]).observe(lag);
                 "delivered"
             }
             NextStep::RetryAt(_) | NextStep::Hold => "retried",
             NextStep::Dead(_) => "dead",
         };
-        self.metrics
-            .deliveries
-            .with_label_values(&[name, outcome])
-            .inc();
+        self.metrics.deliveries.with_label_values(&[name, outcome]).inc();
         let error = result.error.as_deref().unwrap_or("");
         match &next {
             NextStep::Dead(reason) => {
@@ -323,11 +288,7 @@ impl AttemptCtx {
     }
 
     async fn record(&self, due: &DueDelivery, number: u32, attempt: Attempt, next: NextStep) {
-        if let Err(e) = self
-            .store
-            .complete(&self.target.name, due, attempt, next)
-            .await
-        {
+        if let Err(e) = self.store.complete(&self.target.name, due, attempt, next).await {
             // The delivery stays queued where it was and is tried again.
             tracing::error!(target = %self.target.name, id = %due.event_id, attempt = number, error = %e, "cannot record the attempt");
         }

@@ -42,12 +42,7 @@ pub enum AuthFailure {
 }
 
 /// Checks a request against its source's auth settings.
-pub fn verify(
-    auth: &Auth,
-    headers: &HeaderMap,
-    body: Bytes,
-    now: SystemTime,
-) -> Result<Verified, AuthFailure> {
+pub fn verify(auth: &Auth, headers: &HeaderMap, body: Bytes, now: SystemTime) -> Result<Verified, AuthFailure> {
     match auth {
         Auth::None => {}
         Auth::Header { header, values } => {
@@ -56,55 +51,28 @@ pub fn verify(
                 return Err(AuthFailure::Mismatch("header value"));
             }
         }
-        Auth::Hmac {
-            header,
-            algorithm,
-            encoding,
-            prefix,
-            secrets,
-        } => {
+        Auth::Hmac { header, algorithm, encoding, prefix, secrets } => {
             let raw = header_str(headers, header.as_str())?;
-            let malformed = |why| AuthFailure::Malformed {
-                header: header.to_string(),
-                why,
-            };
-            let encoded = raw
-                .trim()
-                .strip_prefix(prefix.as_str())
-                .ok_or_else(|| malformed("prefix missing"))?;
+            let malformed = |why| AuthFailure::Malformed { header: header.to_string(), why };
+            let encoded = raw.trim().strip_prefix(prefix.as_str()).ok_or_else(|| malformed("prefix missing"))?;
             let given = match encoding {
                 Encoding::Hex => decode_hex(encoded).ok_or_else(|| malformed("not hex"))?,
                 Encoding::Base64 => B64.decode(encoded).map_err(|_| malformed("not base64"))?,
             };
-            let matched = secrets.iter().fold(Choice::from(0), |acc, s| {
-                acc | hmac(*algorithm, s.expose(), &[&body]).ct_eq(&given)
-            });
+            let matched = secrets
+                .iter()
+                .fold(Choice::from(0), |acc, s| acc | hmac(*algorithm, s.expose(), &[&body]).ct_eq(&given));
             if !bool::from(matched) {
                 return Err(AuthFailure::Mismatch("HMAC signature"));
             }
         }
-        Auth::StandardWebhooks { secrets, tolerance } => {
-            standard_webhooks(secrets, *tolerance, headers, &body, now)?
-        }
-        Auth::Basic {
-            username,
-            passwords,
-        } => {
+        Auth::StandardWebhooks { secrets, tolerance } => standard_webhooks(secrets, *tolerance, headers, &body, now)?,
+        Auth::Basic { username, passwords } => {
             let raw = header_str(headers, AUTHORIZATION.as_str())?;
-            let malformed = |why| AuthFailure::Malformed {
-                header: "authorization".into(),
-                why,
-            };
-            let encoded = raw
-                .strip_prefix("Basic ")
-                .ok_or_else(|| malformed("not Basic"))?;
-            let decoded = B64
-                .decode(encoded.trim())
-                .map_err(|_| malformed("not base64"))?;
-            let colon = decoded
-                .iter()
-                .position(|&b| b == b':')
-                .ok_or_else(|| malformed("no ':'"))?;
+            let malformed = |why| AuthFailure::Malformed { header: "authorization".into(), why };
+            let encoded = raw.strip_prefix("Basic ").ok_or_else(|| malformed("not Basic"))?;
+            let decoded = B64.decode(encoded.trim()).map_err(|_| malformed("not base64"))?;
+            let colon = decoded.iter().position(|&b| b == b':').ok_or_else(|| malformed("no ':'"))?;
             let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
             let ok = username.expose().ct_eq(user) & Choice::from(any_equal(passwords, pass) as u8);
             if !bool::from(ok) {
@@ -127,34 +95,24 @@ fn standard_webhooks(
     let id = header_str(headers, "webhook-id")?;
     let ts_raw = header_str(headers, "webhook-timestamp")?;
     let sigs = header_str(headers, "webhook-signature")?;
-    let ts: i64 = ts_raw.trim().parse().map_err(|_| AuthFailure::Malformed {
-        header: "webhook-timestamp".into(),
-        why: "not unix seconds",
-    })?;
+    let ts: i64 = ts_raw
+        .trim()
+        .parse()
+        .map_err(|_| AuthFailure::Malformed { header: "webhook-timestamp".into(), why: "not unix seconds" })?;
     let now_s = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let skew = ts.saturating_sub(now_s);
     if skew.unsigned_abs() > tolerance.as_secs() {
         return Err(AuthFailure::StaleTimestamp(skew));
     }
-    let given: Vec<Vec<u8>> = sigs
-        .split(' ')
-        .filter_map(|s| s.strip_prefix("v1,"))
-        .filter_map(|b64| B64.decode(b64).ok())
-        .collect();
+    let given: Vec<Vec<u8>> =
+        sigs.split(' ').filter_map(|s| s.strip_prefix("v1,")).filter_map(|b64| B64.decode(b64).ok()).collect();
     if given.is_empty() {
-        return Err(AuthFailure::Malformed {
-            header: "webhook-signature".into(),
-            why: "no v1 signature",
-        });
+        return Err(AuthFailure::Malformed { header: "webhook-signature".into(), why: "no v1 signature" });
     }
     let signed_prefix = format!("{id}.{ts_raw}.");
     let mut matched = Choice::from(0);
     for secret in secrets {
-        let expected = hmac(
-            HmacAlgorithm::Sha256,
-            secret.expose(),
-            &[signed_prefix.as_bytes(), body],
-        );
+        let expected = hmac(HmacAlgorithm::Sha256, secret.expose(), &[signed_prefix.as_bytes(), body]);
         for g in &given {
             matched |= expected.ct_eq(g);
         }
@@ -169,22 +127,14 @@ fn standard_webhooks(
 /// Standard Webhooks' `webhook-signature` value for a message: `v1,<base64>`.
 pub fn standard_webhooks_signature(secret: &[u8], id: &str, timestamp: i64, body: &[u8]) -> String {
     let prefix = format!("{id}.{timestamp}.");
-    format!(
-        "v1,{}",
-        B64.encode(hmac(
-            HmacAlgorithm::Sha256,
-            secret,
-            &[prefix.as_bytes(), body]
-        ))
-    )
+    format!("v1,{}", B64.encode(hmac(HmacAlgorithm::Sha256, secret, &[prefix.as_bytes(), body])))
 }
 
 /// HMAC of the concatenated `parts`.
 pub fn hmac(algorithm: HmacAlgorithm, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     fn run<M: Mac + hmac::digest::KeyInit>(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
         // HMAC takes keys of any length, so this cannot fail.
-        let mut mac =
-            <M as hmac::digest::KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+        let mut mac = <M as hmac::digest::KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
         for p in parts {
             mac.update(p);
         }
@@ -199,37 +149,23 @@ pub fn hmac(algorithm: HmacAlgorithm, key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
 
 /// True when `given` equals any of `secrets`; every secret is compared, in constant time.
 fn any_equal(secrets: &[Secret], given: &[u8]) -> bool {
-    secrets
-        .iter()
-        .fold(Choice::from(0), |acc, s| acc | s.expose().ct_eq(given))
-        .into()
+    secrets.iter().fold(Choice::from(0), |acc, s| acc | s.expose().ct_eq(given)).into()
 }
 
 fn header_bytes<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a [u8], AuthFailure> {
-    headers
-        .get(name)
-        .map(|v| v.as_bytes())
-        .ok_or_else(|| AuthFailure::Missing(name.to_string()))
+    headers.get(name).map(|v| v.as_bytes()).ok_or_else(|| AuthFailure::Missing(name.to_string()))
 }
 
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AuthFailure> {
-    std::str::from_utf8(header_bytes(headers, name)?).map_err(|_| AuthFailure::Malformed {
-        header: name.to_string(),
-        why: "not UTF-8",
-    })
+    std::str::from_utf8(header_bytes(headers, name)?)
+        .map_err(|_| AuthFailure::Malformed { header: name.to_string(), why: "not UTF-8" })
 }
 
 pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            s.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-        })
-        .collect()
+    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
 }
 
 pub fn encode_hex(bytes: &[u8]) -> String {

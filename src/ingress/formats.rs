@@ -29,8 +29,7 @@ pub enum FormatError {
 const MAX_EVENT_LEN: usize = 200;
 
 pub fn parse(format: &Format, headers: &HeaderMap, body: &[u8]) -> Result<Parsed, FormatError> {
-    let json: Value =
-        serde_json::from_slice(body).map_err(|e| FormatError::NotJson(e.to_string()))?;
+    let json: Value = serde_json::from_slice(body).map_err(|e| FormatError::NotJson(e.to_string()))?;
     match format {
         Format::ButterCms => buttercms(&json, body),
         Format::CometCms => cometcms(&json),
@@ -52,17 +51,8 @@ fn buttercms(json: &Value, body: &[u8]) -> Result<Parsed, FormatError> {
         (_, Some(u)) if !u.is_null() => u.clone(),
         _ => Value::String(body_hash(body)),
     };
-    let key = Value::Array(vec![
-        event.clone().into(),
-        field("id"),
-        field("itemid"),
-        field("locale"),
-        when,
-    ]);
-    Ok(Parsed {
-        event,
-        dedup_key: key.to_string(),
-    })
+    let key = Value::Array(vec![event.clone().into(), field("id"), field("itemid"), field("locale"), when]);
+    Ok(Parsed { event, dedup_key: key.to_string() })
 }
 
 /// `{"event":"content.published","occurred_at":"...","data":{"type","id","slug"}}`.
@@ -73,35 +63,18 @@ fn cometcms(json: &Value) -> Result<Parsed, FormatError> {
     let data = object(json, "data")?;
     let kind = string(data.get("type"), "data.type")?;
     let id = string(data.get("id"), "data.id")?;
-    let key = Value::Array(vec![
-        event.clone().into(),
-        kind.into(),
-        id.into(),
-        occurred_at.into(),
-    ]);
-    Ok(Parsed {
-        event,
-        dedup_key: key.to_string(),
-    })
+    let key = Value::Array(vec![event.clone().into(), kind.into(), id.into(), occurred_at.into()]);
+    Ok(Parsed { event, dedup_key: key.to_string() })
 }
 
 /// Any JSON: the event from a JSON pointer or a header; dedup on `webhook-id`
 /// when present, else a hash of the body.
-fn generic(
-    locator: &EventLocator,
-    json: &Value,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Parsed, FormatError> {
+fn generic(locator: &EventLocator, json: &Value, headers: &HeaderMap, body: &[u8]) -> Result<Parsed, FormatError> {
     let event = match locator {
         EventLocator::Pointer(ptr) => event_name(json.pointer(ptr), ptr)?,
         EventLocator::Header(name) => {
-            let v = headers
-                .get(name)
-                .ok_or_else(|| FormatError::Envelope(format!("header {name} is missing")))?;
-            let s = v
-                .to_str()
-                .map_err(|_| FormatError::Envelope(format!("header {name} is not text")))?;
+            let v = headers.get(name).ok_or_else(|| FormatError::Envelope(format!("header {name} is missing")))?;
+            let s = v.to_str().map_err(|_| FormatError::Envelope(format!("header {name} is not text")))?;
             event_name(Some(&Value::String(s.to_string())), name.as_str())?
         }
     };
@@ -112,10 +85,7 @@ fn generic(
     Ok(Parsed { event, dedup_key })
 }
 
-fn object<'a>(
-    json: &'a Value,
-    key: &str,
-) -> Result<&'a serde_json::Map<String, Value>, FormatError> {
+fn object<'a>(json: &'a Value, key: &str) -> Result<&'a serde_json::Map<String, Value>, FormatError> {
     match json.get(key) {
         Some(Value::Object(m)) => Ok(m),
         Some(_) => Err(FormatError::Envelope(format!("`{key}` must be an object"))),

@@ -31,11 +31,7 @@ pub struct Routes {
 impl Routes {
     pub fn new(settings: &Settings) -> Self {
         Routes {
-            by_path: settings
-                .sources
-                .iter()
-                .map(|s| (s.path.clone(), s.clone()))
-                .collect(),
+            by_path: settings.sources.iter().map(|s| (s.path.clone(), s.clone())).collect(),
             max_body: settings.server.max_body,
             request_timeout: settings.server.request_timeout,
         }
@@ -78,28 +74,20 @@ impl Reject {
     fn response(&self, version: Version) -> Response<Full<Bytes>> {
         let (status, message) = match self {
             Reject::Forbidden => (StatusCode::FORBIDDEN, "forbidden".to_string()),
-            Reject::TooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload too large".to_string(),
-            ),
+            Reject::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload too large".to_string()),
             Reject::Timeout => (StatusCode::REQUEST_TIMEOUT, "request timeout".to_string()),
             Reject::BodyRead(_) => (StatusCode::BAD_REQUEST, "cannot read the body".to_string()),
             Reject::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized".to_string()),
             Reject::Invalid(e) => (StatusCode::BAD_REQUEST, e.to_string()),
-            Reject::Unavailable(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "storage unavailable".to_string(),
-            ),
+            Reject::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable".to_string()),
         };
         let mut r = json(status, serde_json::json!({ "error": message }));
         // An unread body may still be on the wire: HTTP/1 cannot reuse the connection.
         if matches!(self, Reject::TooLarge | Reject::Timeout) && version < Version::HTTP_2 {
-            r.headers_mut()
-                .insert(CONNECTION, http::HeaderValue::from_static("close"));
+            r.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
         }
         if matches!(self, Reject::Unavailable(_)) {
-            r.headers_mut()
-                .insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
+            r.headers_mut().insert(RETRY_AFTER, http::HeaderValue::from_static("5"));
         }
         r
     }
@@ -132,10 +120,7 @@ impl Reject {
 fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
+    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
     r
 }
 
@@ -145,18 +130,11 @@ impl Ingress {
         let started = Instant::now();
         let routes = self.routes.borrow().clone();
         let Some(source) = routes.by_path.get(req.uri().path()).cloned() else {
-            return json(
-                StatusCode::NOT_FOUND,
-                serde_json::json!({ "error": "not found" }),
-            );
+            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" }));
         };
         if req.method() != Method::POST {
-            let mut r = json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                serde_json::json!({ "error": "method not allowed" }),
-            );
-            r.headers_mut()
-                .insert(ALLOW, http::HeaderValue::from_static("POST"));
+            let mut r = json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({ "error": "method not allowed" }));
+            r.headers_mut().insert(ALLOW, http::HeaderValue::from_static("POST"));
             return r;
         }
         let version = req.version();
@@ -169,18 +147,12 @@ impl Ingress {
                     Ingested::Accepted { id, targets } => (
                         IngressOutcome::Accepted,
                         id,
-                        json(
-                            StatusCode::ACCEPTED,
-                            serde_json::json!({ "id": id.to_string(), "targets": targets }),
-                        ),
+                        json(StatusCode::ACCEPTED, serde_json::json!({ "id": id.to_string(), "targets": targets })),
                     ),
                     Ingested::Duplicate { id } => (
                         IngressOutcome::Duplicate,
                         id,
-                        json(
-                            StatusCode::OK,
-                            serde_json::json!({ "id": id.to_string(), "duplicate": true }),
-                        ),
+                        json(StatusCode::OK, serde_json::json!({ "id": id.to_string(), "duplicate": true })),
                     ),
                 };
                 self.metrics.ingress(&source.name, outcome, elapsed);
@@ -188,8 +160,7 @@ impl Ingress {
                 response
             }
             Err(reject) => {
-                self.metrics
-                    .ingress(&source.name, reject.outcome(), elapsed);
+                self.metrics.ingress(&source.name, reject.outcome(), elapsed);
                 reject.log(&source.name, peer, ms);
                 reject.response(version)
             }
@@ -212,27 +183,21 @@ impl Ingress {
         }
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(routes.max_body).unwrap_or(usize::MAX);
-        let body =
-            tokio::time::timeout(routes.request_timeout, Limited::new(body, limit).collect())
-                .await
-                .map_err(|_| Reject::Timeout)?
-                .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
-                    Some(_) => Reject::TooLarge,
-                    None => Reject::BodyRead(e.to_string()),
-                })?
-                .to_bytes();
-        let verified = auth::verify(&source.auth, &parts.headers, body, SystemTime::now())
-            .map_err(Reject::Unauthorized)?;
-        let parsed = formats::parse(&source.format, &parts.headers, verified.body())
-            .map_err(Reject::Invalid)?;
+        let body = tokio::time::timeout(routes.request_timeout, Limited::new(body, limit).collect())
+            .await
+            .map_err(|_| Reject::Timeout)?
+            .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
+                Some(_) => Reject::TooLarge,
+                None => Reject::BodyRead(e.to_string()),
+            })?
+            .to_bytes();
+        let verified =
+            auth::verify(&source.auth, &parts.headers, body, SystemTime::now()).map_err(Reject::Unauthorized)?;
+        let parsed = formats::parse(&source.format, &parts.headers, verified.body()).map_err(Reject::Invalid)?;
         let event = parsed.event.clone();
         let targets = source.targets_for(&event);
         let owned = targets.iter().map(|t| t.to_string()).collect();
-        let content_type = parts
-            .headers
-            .get(CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .map(String::from);
+        let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
         let new = NewEvent::new(source, verified, parsed, content_type, owned);
         let ingested = self.store.ingest(new).await.map_err(Reject::Unavailable)?;
         if matches!(ingested, Ingested::Accepted { .. }) {

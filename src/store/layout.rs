@@ -17,8 +17,8 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::{
-    Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested,
-    NewEvent, NextStep, StoreError, MAX_ATTEMPTS_KEPT,
+    Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested, NewEvent, NextStep,
+    StoreError, MAX_ATTEMPTS_KEPT,
 };
 
 const EVENT_V1: u8 = 1;
@@ -37,15 +37,7 @@ pub fn event_key(id: EventId) -> Vec<u8> {
 }
 
 pub fn queue_key(target: &str, due_ms: u64, id: EventId) -> Vec<u8> {
-    key(
-        b"q/",
-        &[
-            target.as_bytes(),
-            b"\0",
-            &due_ms.to_be_bytes(),
-            id.as_bytes(),
-        ],
-    )
+    key(b"q/", &[target.as_bytes(), b"\0", &due_ms.to_be_bytes(), id.as_bytes()])
 }
 
 pub fn delivery_key(target: &str, id: EventId) -> Vec<u8> {
@@ -66,23 +58,16 @@ pub fn target_prefix(kind: &[u8], target: &str) -> Vec<u8> {
 }
 
 pub fn dedup_key(source: &str, dedup: &str) -> Vec<u8> {
-    key(
-        b"k/",
-        &[source.as_bytes(), b"\0", &Sha256::digest(dedup.as_bytes())],
-    )
+    key(b"k/", &[source.as_bytes(), b"\0", &Sha256::digest(dedup.as_bytes())])
 }
 
 pub fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        detail: e.to_string(),
-    }
+    StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), detail: e.to_string() }
 }
 
 pub fn encode_event(meta: &EventMeta, body: &[u8]) -> Result<Vec<u8>, StoreError> {
     let json = serde_json::to_vec(meta).map_err(|e| StoreError::Io(e.to_string()))?;
-    let len =
-        u32::try_from(json.len()).map_err(|_| StoreError::Io("event metadata too large".into()))?;
+    let len = u32::try_from(json.len()).map_err(|_| StoreError::Io("event metadata too large".into()))?;
     let mut v = Vec::with_capacity(5 + json.len() + body.len());
     v.push(EVENT_V1);
     v.extend_from_slice(&len.to_be_bytes());
@@ -97,9 +82,7 @@ pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreErr
         return Err(bad("unknown event record version"));
     }
     let len = u32::from_be_bytes([v[1], v[2], v[3], v[4]]) as usize;
-    let json = v
-        .get(5..5 + len)
-        .ok_or_else(|| bad("truncated event record"))?;
+    let json = v.get(5..5 + len).ok_or_else(|| bad("truncated event record"))?;
     let meta = serde_json::from_slice(json).map_err(|e| corrupt(key, e))?;
     Ok((meta, Bytes::copy_from_slice(&v[5 + len..])))
 }
@@ -117,10 +100,8 @@ pub fn plan_ingest(
         return Ok(Ingested::Duplicate { id: *id });
     }
     if let Some(found) = db.get(&dedup)? {
-        if let (Some(id), Some(expires)) = (
-            EventId::from_slice(found.get(..16).unwrap_or_default()),
-            found.get(16..24),
-        ) {
+        if let (Some(id), Some(expires)) = (EventId::from_slice(found.get(..16).unwrap_or_default()), found.get(16..24))
+        {
             let expires = u64::from_be_bytes(expires.try_into().unwrap_or_default());
             if expires > ev.received_ms {
                 return Ok(Ingested::Duplicate { id });
@@ -139,18 +120,10 @@ pub fn plan_ingest(
     for target in &ev.targets {
         batch.insert(queue_key(target, ev.received_ms, ev.id), &[]);
     }
-    let expires = ev
-        .received_ms
-        .saturating_add(ev.dedup_window.as_millis() as u64);
-    batch.insert(
-        dedup.clone(),
-        key(ev.id.as_bytes(), &[&expires.to_be_bytes()]),
-    );
+    let expires = ev.received_ms.saturating_add(ev.dedup_window.as_millis() as u64);
+    batch.insert(dedup.clone(), key(ev.id.as_bytes(), &[&expires.to_be_bytes()]));
     claimed.insert(dedup, ev.id);
-    Ok(Ingested::Accepted {
-        id: ev.id,
-        targets: ev.targets.len(),
-    })
+    Ok(Ingested::Accepted { id: ev.id, targets: ev.targets.len() })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -160,9 +133,7 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 fn get_record(db: &sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
     match db.get(key)? {
         None => Ok(None),
-        Some(v) => serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| corrupt(key, e)),
+        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| corrupt(key, e)),
     }
 }
 
@@ -186,13 +157,8 @@ pub fn read_due(
         if skip.contains(&id) {
             continue;
         }
-        let attempts =
-            get_record(db, &delivery_key(target, id))?.map_or(0, |r| r.attempts.len() as u32);
-        batch.due.push(DueDelivery {
-            event_id: id,
-            due_ms,
-            attempts,
-        });
+        let attempts = get_record(db, &delivery_key(target, id))?.map_or(0, |r| r.attempts.len() as u32);
+        batch.due.push(DueDelivery { event_id: id, due_ms, attempts });
     }
     if let Some(item) = db.range(due_end..).next() {
         let (k, _) = item?;
@@ -206,9 +172,7 @@ pub fn read_due(
 fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreError> {
     let rest = &k[prefix_len..];
     match (rest.get(..8), rest.get(8..).and_then(EventId::from_slice)) {
-        (Some(due), Some(id)) if rest.len() == 24 => {
-            Ok((u64::from_be_bytes(due.try_into().unwrap_or_default()), id))
-        }
+        (Some(due), Some(id)) if rest.len() == 24 => Ok((u64::from_be_bytes(due.try_into().unwrap_or_default()), id)),
         _ => Err(corrupt(k, "bad queue key")),
     }
 }
@@ -224,10 +188,8 @@ pub fn plan_complete(
 ) -> Result<sled::Batch, StoreError> {
     let id = due.event_id;
     let dkey = delivery_key(target, id);
-    let mut record = get_record(db, &dkey)?.unwrap_or(DeliveryRecord {
-        state: DeliveryState::Pending { due_ms: due.due_ms },
-        attempts: Vec::new(),
-    });
+    let mut record = get_record(db, &dkey)?
+        .unwrap_or(DeliveryRecord { state: DeliveryState::Pending { due_ms: due.due_ms }, attempts: Vec::new() });
     record.attempts.push(attempt);
     if record.attempts.len() > MAX_ATTEMPTS_KEPT {
         let excess = record.attempts.len() - MAX_ATTEMPTS_KEPT;
@@ -250,10 +212,7 @@ pub fn plan_complete(
             }
             NextStep::Dead(reason) => {
                 batch.insert(dead_key(target, id), reason.as_bytes());
-                DeliveryState::Dead {
-                    at_ms: now_ms,
-                    reason: reason.clone(),
-                }
+                DeliveryState::Dead { at_ms: now_ms, reason: reason.clone() }
             }
         };
     }

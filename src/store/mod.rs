@@ -49,11 +49,7 @@ pub trait Store: Send + Sync + 'static {
     async fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError>;
 
     /// The newest events first, of one source or of all, at most `limit`.
-    async fn recent_events(
-        &self,
-        source: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError>;
+    async fn recent_events(&self, source: Option<&str>, limit: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError>;
 
     /// The delivery records of one event, one per target.
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError>;

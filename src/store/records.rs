@@ -42,18 +42,13 @@ impl FromStr for EventId {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         let hex = s.strip_prefix("evt_").unwrap_or(s);
-        uuid::Uuid::try_parse(hex)
-            .map(EventId)
-            .map_err(|_| format!("{s:?} is not an event id"))
+        uuid::Uuid::try_parse(hex).map(EventId).map_err(|_| format!("{s:?} is not an event id"))
     }
 }
 
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or(Duration::ZERO)
-        .as_millis() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64
 }
 
 /// A webhook ready to be stored. It can only be made from a [`Verified`]

@@ -24,9 +24,7 @@ impl SledStore {
             .path(path)
             .cache_capacity(cache_bytes)
             .open()
-            .map_err(|e| {
-                StoreError::Io(format!("cannot open storage at {}: {e}", path.display()))
-            })?;
+            .map_err(|e| StoreError::Io(format!("cannot open storage at {}: {e}", path.display())))?;
         let mut syncer = DiskSync::new(path, db.clone())?;
         let writer = Writer::start(db.clone(), move || syncer.sync())?;
         Ok(SledStore { db, writer })
@@ -37,24 +35,16 @@ impl SledStore {
         &self.writer.stats
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(
-        &self,
-        key: &[u8],
-    ) -> Result<Option<T>, StoreError> {
+    fn get_json<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
         match self.db.get(key)? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| corrupt(key, e)),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| corrupt(key, e)),
         }
     }
 
     fn get_event(&self, id: EventId) -> Result<Option<(EventMeta, bytes::Bytes)>, StoreError> {
         let key = event_key(id);
-        self.db
-            .get(&key)?
-            .map(|v| decode_event(&key, &v))
-            .transpose()
+        self.db.get(&key)?.map(|v| decode_event(&key, &v)).transpose()
     }
 }
 
@@ -65,16 +55,10 @@ impl Store for SledStore {
     }
 
     async fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError> {
-        Ok(self
-            .get_event(id)?
-            .map(|(meta, body)| StoredEvent { id, meta, body }))
+        Ok(self.get_event(id)?.map(|(meta, body)| StoredEvent { id, meta, body }))
     }
 
-    async fn recent_events(
-        &self,
-        source: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+    async fn recent_events(&self, source: Option<&str>, limit: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
         // Ids are UUIDv7, so key order is arrival order: walk it backwards.
         let mut out = Vec::new();
         for item in self.db.scan_prefix(b"e/").rev() {
@@ -98,19 +82,11 @@ impl Store for SledStore {
         let mut out = Vec::with_capacity(meta.targets.len());
         for target in meta.targets {
             // No record yet: pending since receipt, never tried.
-            let record = self
-                .get_json::<DeliveryRecord>(&delivery_key(&target, id))?
-                .unwrap_or(DeliveryRecord {
-                    state: DeliveryState::Pending {
-                        due_ms: meta.received_ms,
-                    },
-                    attempts: Vec::new(),
-                });
-            out.push(Delivery {
-                event_id: id,
-                target,
-                record,
+            let record = self.get_json::<DeliveryRecord>(&delivery_key(&target, id))?.unwrap_or(DeliveryRecord {
+                state: DeliveryState::Pending { due_ms: meta.received_ms },
+                attempts: Vec::new(),
             });
+            out.push(Delivery { event_id: id, target, record });
         }
         Ok(out)
     }
@@ -134,12 +110,7 @@ impl Store for SledStore {
     ) -> Result<(), StoreError> {
         let (target, due) = (target.to_string(), due.clone());
         self.writer
-            .mutate(move |db| {
-                Ok((
-                    layout::plan_complete(db, &target, &due, attempt, &next, now_ms())?,
-                    (),
-                ))
-            })
+            .mutate(move |db| Ok((layout::plan_complete(db, &target, &due, attempt, &next, now_ms())?, ())))
             .await
     }
 
@@ -162,19 +133,13 @@ impl Store for SledStore {
         self.db
             .scan_prefix(b"p/")
             .keys()
-            .map(|k| {
-                k.map(|k| String::from_utf8_lossy(&k[2..]).into_owned())
-                    .map_err(StoreError::from)
-            })
+            .map(|k| k.map(|k| String::from_utf8_lossy(&k[2..]).into_owned()).map_err(StoreError::from))
             .collect()
     }
 
     async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError> {
         let db = self.db.clone();
-        let (queued, dead) = (
-            layout::target_prefix(b"q/", target),
-            layout::target_prefix(b"x/", target),
-        );
+        let (queued, dead) = (layout::target_prefix(b"q/", target), layout::target_prefix(b"x/", target));
         // Walks every key of the queue: off the async runtime.
         tokio::task::spawn_blocking(move || {
             Ok(TargetCounts {
@@ -203,9 +168,7 @@ impl Store for SledStore {
     async fn close(&self) -> Result<(), StoreError> {
         self.writer.stop();
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| StoreError::Io(e.to_string()))??;
+        tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Io(e.to_string()))??;
         Ok(())
     }
 }
@@ -234,13 +197,7 @@ impl DiskSync {
         let log = File::open(path.join("db"))?;
         // sled may just have created its files: make their names durable too.
         File::open(path)?.sync_all()?;
-        Ok(DiskSync {
-            db,
-            log,
-            blobs_dir: path.join("blobs"),
-            synced_blobs: HashSet::new(),
-            last_scan: None,
-        })
+        Ok(DiskSync { db, log, blobs_dir: path.join("blobs"), synced_blobs: HashSet::new(), last_scan: None })
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
@@ -253,10 +210,7 @@ impl DiskSync {
         // Listing the folder every round is costly; its mtime tells whether
         // anything was added since the last listing began.
         let changed = std::fs::metadata(&self.blobs_dir)?.modified()?;
-        if self
-            .last_scan
-            .is_some_and(|scan| changed + MTIME_SLACK < scan)
-        {
+        if self.last_scan.is_some_and(|scan| changed + MTIME_SLACK < scan) {
             return Ok(());
         }
         self.last_scan = Some(SystemTime::now());
@@ -289,17 +243,88 @@ mod tests {
     use std::time::Duration;
 
     fn event(body: Vec<u8>) -> NewEvent {
+        event_to(body, &["search"])
+    }
+
+    fn event_to(body: Vec<u8>, targets: &[&str]) -> NewEvent {
         NewEvent {
             id: EventId::new(),
             source: "s".into(),
             event: "page.published".into(),
-            dedup_key: format!("{}", body.len()),
+            dedup_key: String::from_utf8_lossy(&body).into_owned(),
             dedup_window: Duration::from_secs(600),
             content_type: Some("application/json".into()),
             body: bytes::Bytes::from(body),
-            targets: vec!["search".into()],
+            targets: targets.iter().map(|t| t.to_string()).collect(),
             received_ms: now_ms(),
         }
+    }
+
+    async fn accepted(store: &SledStore, ev: NewEvent) -> EventId {
+        match store.ingest(ev).await.unwrap() {
+            Ingested::Accepted { id, .. } => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Takes the due delivery of `id` to `target` and finishes it with `next`.
+    async fn finish(store: &SledStore, target: &str, id: EventId, next: NextStep) {
+        let batch = store.due(target, now_ms() + 1, 100, &HashSet::new()).await.unwrap();
+        let due = batch.due.into_iter().find(|d| d.event_id == id).expect("due");
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+        store.complete(target, &due, attempt, next).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn purge_removes_finished_events_and_keeps_pending_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let finished = accepted(&store, event_to(b"1".to_vec(), &["a", "b"])).await;
+        let half = accepted(&store, event_to(b"2".to_vec(), &["a", "b"])).await;
+        let unrouted = accepted(&store, event_to(b"3".to_vec(), &[])).await;
+        finish(&store, "a", finished, NextStep::Delivered).await;
+        finish(&store, "b", finished, NextStep::Dead("no".into())).await;
+        finish(&store, "a", half, NextStep::Delivered).await;
+        assert_eq!(store.counts("b").await.unwrap(), TargetCounts { queued: 1, dead: 1 });
+
+        // Nothing is old enough yet.
+        assert_eq!(store.purge(0, None, 100).await.unwrap(), (0, None));
+        let (purged, cursor) = store.purge(now_ms() + 60_000, None, 100).await.unwrap();
+        assert_eq!((purged, cursor), (2, None));
+        assert!(store.event(finished).await.unwrap().is_none());
+        assert!(store.event(unrouted).await.unwrap().is_none());
+        assert!(store.event(half).await.unwrap().is_some(), "a pending delivery keeps its event");
+        assert_eq!(store.counts("b").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
+        // The dedup record went with the event: the same webhook is new again.
+        assert!(matches!(store.ingest(event_to(b"1".to_vec(), &["a"])).await.unwrap(), Ingested::Accepted { .. }));
+    }
+
+    #[tokio::test]
+    async fn purge_goes_on_from_its_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        for n in 0..5 {
+            accepted(&store, event_to(vec![b'0' + n], &[])).await;
+        }
+        let cutoff = now_ms() + 60_000;
+        let (n, cursor) = store.purge(cutoff, None, 3).await.unwrap();
+        assert_eq!(n, 3);
+        assert_eq!(store.purge(cutoff, cursor, 3).await.unwrap(), (2, None));
+        assert!(store.recent_events(None, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_requeued_delivery_keeps_its_new_position_when_a_late_attempt_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let id = accepted(&store, event(b"x".to_vec())).await;
+        let stale = DueDelivery { event_id: id, due_ms: 1, attempts: 0 };
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+        store.complete("search", &stale, attempt, NextStep::Delivered).await.unwrap();
+        let d = &store.deliveries(id).await.unwrap()[0];
+        assert!(matches!(d.record.state, DeliveryState::Pending { .. }), "{:?}", d.record.state);
+        assert_eq!(d.record.attempts.len(), 1);
+        assert_eq!(store.counts("search").await.unwrap().queued, 1);
     }
 
     #[tokio::test]
@@ -308,8 +333,7 @@ mod tests {
         let body: Vec<u8> = (0..300 * 1024).map(|i| (i % 251) as u8).collect();
         let id = {
             let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-            let Ingested::Accepted { id, .. } = store.ingest(event(body.clone())).await.unwrap()
-            else {
+            let Ingested::Accepted { id, .. } = store.ingest(event(body.clone())).await.unwrap() else {
                 panic!("not accepted")
             };
             let blobs = std::fs::read_dir(dir.path().join("blobs")).unwrap().count();
@@ -322,9 +346,6 @@ mod tests {
         assert_eq!(stored.body.as_ref(), body.as_slice());
         let deliveries = store.deliveries(id).await.unwrap();
         assert_eq!(deliveries.len(), 1);
-        assert!(matches!(
-            deliveries[0].record.state,
-            DeliveryState::Pending { .. }
-        ));
+        assert!(matches!(deliveries[0].record.state, DeliveryState::Pending { .. }));
     }
 }

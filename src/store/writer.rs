@@ -63,35 +63,24 @@ impl Writer {
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
-        let thread = std::thread::Builder::new()
-            .name("hookrelay-writer".into())
-            .spawn(move || {
-                // Ends when every sender is gone and the queue is empty.
-                while let Some(first) = rx.blocking_recv() {
-                    let mut jobs = vec![first];
-                    while jobs.len() < MAX_ROUND {
-                        match rx.try_recv() {
-                            Ok(job) => jobs.push(job),
-                            Err(_) => break,
-                        }
+        let thread = std::thread::Builder::new().name("hookrelay-writer".into()).spawn(move || {
+            // Ends when every sender is gone and the queue is empty.
+            while let Some(first) = rx.blocking_recv() {
+                let mut jobs = vec![first];
+                while jobs.len() < MAX_ROUND {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
                     }
-                    round(&db, jobs, &mut sync, &thread_stats);
                 }
-            })?;
-        Ok(Writer {
-            stats,
-            queue: Mutex::new(Some(tx)),
-            thread: Mutex::new(Some(thread)),
-        })
+                round(&db, jobs, &mut sync, &thread_stats);
+            }
+        })?;
+        Ok(Writer { stats, queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
     async fn submit(&self, job: Job) -> Result<(), StoreError> {
-        let sender = self
-            .queue
-            .lock()
-            .map_err(|_| StoreError::Closed)?
-            .clone()
-            .ok_or(StoreError::Closed)?;
+        let sender = self.queue.lock().map_err(|_| StoreError::Closed)?.clone().ok_or(StoreError::Closed)?;
         sender.send(job).await.map_err(|_| StoreError::Closed)
     }
 
@@ -109,14 +98,10 @@ impl Writer {
         plan: impl FnOnce(&sled::Db) -> Result<(sled::Batch, T), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let plan: Plan =
-            Box::new(move |db| plan(db).map(|(batch, t)| (batch, Box::new(t) as Answer)));
+        let plan: Plan = Box::new(move |db| plan(db).map(|(batch, t)| (batch, Box::new(t) as Answer)));
         self.submit(Job::Mutate { plan, reply }).await?;
         let boxed = answer.await.map_err(|_| StoreError::Closed)??;
-        boxed
-            .downcast::<T>()
-            .map(|t| *t)
-            .map_err(|_| StoreError::Io("writer answered with the wrong type".into()))
+        boxed.downcast::<T>().map(|t| *t).map_err(|_| StoreError::Io("writer answered with the wrong type".into()))
     }
 
     /// Finishes the queued jobs and stops the thread. Later ingests fail with `Closed`.
@@ -139,12 +124,7 @@ impl Drop for Writer {
     }
 }
 
-fn round(
-    db: &sled::Db,
-    jobs: Vec<Job>,
-    sync: &mut impl FnMut() -> Result<(), StoreError>,
-    stats: &CommitStats,
-) {
+fn round(db: &sled::Db, jobs: Vec<Job>, sync: &mut impl FnMut() -> Result<(), StoreError>, stats: &CommitStats) {
     let started = std::time::Instant::now();
     let mut batch = sled::Batch::default();
     // Dedup keys claimed earlier in this round, not yet in sled.
@@ -165,9 +145,7 @@ fn round(
     for (plan, reply) in mutations {
         let answer = match &written {
             Err(e) => Err(e.clone()),
-            Ok(()) => plan(db).and_then(|(b, answer)| {
-                db.apply_batch(b).map(|()| answer).map_err(StoreError::from)
-            }),
+            Ok(()) => plan(db).and_then(|(b, answer)| db.apply_batch(b).map(|()| answer).map_err(StoreError::from)),
         };
         if let Err(StoreError::Io(e)) = &answer {
             // A write failure taints the round; a planning error is the job's own.
@@ -177,9 +155,7 @@ fn round(
     }
     let written = written.and_then(|()| sync());
     stats.flushes.fetch_add(1, Ordering::Relaxed);
-    stats
-        .flush_micros
-        .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     if let Err(e) = &written {
         tracing::error!(error = %e, jobs = ingests.len() + answers.len(), "storage write failed; those writes are refused");
     }
@@ -265,14 +241,9 @@ mod tests {
             }
         })
         .unwrap();
-        assert!(
-            matches!(writer.ingest(event("x")).await, Err(StoreError::Io(m)) if m.contains("No space"))
-        );
+        assert!(matches!(writer.ingest(event("x")).await, Err(StoreError::Io(m)) if m.contains("No space")));
         fail.store(false, Ordering::SeqCst);
-        assert!(matches!(
-            writer.ingest(event("y")).await,
-            Ok(Ingested::Accepted { .. })
-        ));
+        assert!(matches!(writer.ingest(event("y")).await, Ok(Ingested::Accepted { .. })));
     }
 
     #[tokio::test]
@@ -281,9 +252,6 @@ mod tests {
         let writer = Writer::start(db, || Ok(())).unwrap();
         writer.ingest(event("x")).await.unwrap();
         writer.stop();
-        assert!(matches!(
-            writer.ingest(event("y")).await,
-            Err(StoreError::Closed)
-        ));
+        assert!(matches!(writer.ingest(event("y")).await, Err(StoreError::Closed)));
     }
 }

@@ -25,12 +25,8 @@ pub const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 pub const WAIT: Duration = Duration::from_secs(20);
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(name),
-    )
-    .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
+    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name))
+        .unwrap_or_else(|e| panic!("fixture {name}: {e}"))
 }
 
 /// A config with buttercms (header secret), cometcms (HMAC) and generic
@@ -116,18 +112,10 @@ pub fn init_logs() {
 pub async fn start_with(server_extra: &str, sources_extra: &str) -> TestRelay {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(
-        dir.path(),
-        &config_text(dir.path(), server_extra, sources_extra),
-    );
+    let path = write_config(dir.path(), &config_text(dir.path(), server_extra, sources_extra));
     let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let relay = Relay::start(settings).await.unwrap();
-    TestRelay {
-        addr: relay.ingress_addr,
-        store: relay.store.clone(),
-        relay,
-        dir,
-    }
+    TestRelay { addr: relay.ingress_addr, store: relay.store.clone(), relay, dir }
 }
 
 #[derive(Debug)]
@@ -140,19 +128,12 @@ pub struct Reply {
 
 impl Reply {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", self.body))
     }
 }
 
-pub fn request(
-    path: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Request<Full<Bytes>> {
-    let mut b = Request::post(path)
-        .header("content-type", "application/json")
-        .header("host", "localhost");
+pub fn request(path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    let mut b = Request::post(path).header("content-type", "application/json").header("host", "localhost");
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
@@ -161,10 +142,7 @@ pub fn request(
 
 /// Sends one request over a fresh HTTP/1.1 connection.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Reply {
-    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
-        .await
-        .unwrap()
-        .unwrap();
+    let tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.unwrap().unwrap();
     send_on(TokioIo::new(tcp), req, false).await
 }
 
@@ -175,17 +153,11 @@ where
 {
     let fut = async move {
         let resp = if h2 {
-            let (mut sender, conn) =
-                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                    .await
-                    .unwrap();
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
             tokio::spawn(conn);
             let (mut parts, body) = req.into_parts();
             parts.uri = format!("http://localhost{}", parts.uri).parse().unwrap();
-            sender
-                .send_request(Request::from_parts(parts, body))
-                .await
-                .unwrap()
+            sender.send_request(Request::from_parts(parts, body)).await.unwrap()
         } else {
             let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
             tokio::spawn(conn);
@@ -193,36 +165,18 @@ where
         };
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        Reply {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-            version: parts.version,
-        }
+        Reply { status: parts.status, headers: parts.headers, body, version: parts.version }
     };
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .expect("request timed out")
+    tokio::time::timeout(WAIT, fut).await.expect("request timed out")
 }
 
-pub async fn post(
-    addr: SocketAddr,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Bytes>,
-) -> Reply {
+pub async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
     send(addr, request(path, headers, body)).await
 }
 
 /// A ButterCMS webhook with the right secret.
 pub async fn post_butter(addr: SocketAddr, body: impl Into<Bytes>) -> Reply {
-    post(
-        addr,
-        "/hooks/buttercms",
-        &[("x-webhook-secret", BUTTER_SECRET)],
-        body,
-    )
-    .await
+    post(addr, "/hooks/buttercms", &[("x-webhook-secret", BUTTER_SECRET)], body).await
 }
 
 /// CometCMS's documented signature, computed with the hmac crate directly
@@ -231,12 +185,7 @@ pub fn comet_signature(body: &[u8]) -> String {
     use hmac::Mac;
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(COMET_SECRET.as_bytes()).unwrap();
     mac.update(body);
-    let hex: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let hex: String = mac.finalize().into_bytes().iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256={hex}")
 }
 
@@ -258,11 +207,7 @@ pub struct Answer {
 
 impl Answer {
     pub fn status(status: u16) -> Self {
-        Answer {
-            status,
-            headers: vec![],
-            delay: Duration::ZERO,
-        }
+        Answer { status, headers: vec![], delay: Duration::ZERO }
     }
     pub fn header(mut self, name: &'static str, value: &str) -> Self {
         self.headers.push((name, value.to_string()));
@@ -299,6 +244,15 @@ impl Drop for FakeTarget {
 
 impl FakeTarget {
     pub async fn start() -> FakeTarget {
+        Self::serve(None).await
+    }
+
+    /// The same over TLS with this server configuration.
+    pub async fn start_tls(tls: rustls::ServerConfig) -> FakeTarget {
+        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await
+    }
+
+    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeTarget {
         use std::sync::atomic::Ordering;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -312,58 +266,44 @@ impl FakeTarget {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (tx, s, inf, max) = (tx.clone(), s.clone(), inf.clone(), max.clone());
+                let (tx, s, inf, max, tls) = (tx.clone(), s.clone(), inf.clone(), max.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let service =
-                        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                            let (tx, s, inf, max) =
-                                (tx.clone(), s.clone(), inf.clone(), max.clone());
-                            async move {
-                                let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
-                                max.fetch_max(now, Ordering::SeqCst);
-                                let (parts, body) = req.into_parts();
-                                let body = body
-                                    .collect()
-                                    .await
-                                    .map(|b| b.to_bytes())
-                                    .unwrap_or_default();
-                                let _ = tx.send(Received {
-                                    headers: parts.headers,
-                                    body,
-                                    at: std::time::Instant::now(),
-                                });
-                                let answer = {
-                                    let mut s = s.lock().unwrap();
-                                    s.queue
-                                        .pop_front()
-                                        .or_else(|| s.fallback.clone())
-                                        .unwrap_or(Answer::status(200))
-                                };
-                                tokio::time::sleep(answer.delay).await;
-                                inf.fetch_sub(1, Ordering::SeqCst);
-                                let mut resp = http::Response::builder().status(answer.status);
-                                for (k, v) in &answer.headers {
-                                    resp = resp.header(*k, v);
-                                }
-                                Ok::<_, std::convert::Infallible>(
-                                    resp.body(Full::new(Bytes::new())).unwrap(),
-                                )
+                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let (tx, s, inf, max) = (tx.clone(), s.clone(), inf.clone(), max.clone());
+                        async move {
+                            let now = inf.fetch_add(1, Ordering::SeqCst) + 1;
+                            max.fetch_max(now, Ordering::SeqCst);
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let _ = tx.send(Received { headers: parts.headers, body, at: std::time::Instant::now() });
+                            let answer = {
+                                let mut s = s.lock().unwrap();
+                                s.queue.pop_front().or_else(|| s.fallback.clone()).unwrap_or(Answer::status(200))
+                            };
+                            tokio::time::sleep(answer.delay).await;
+                            inf.fetch_sub(1, Ordering::SeqCst);
+                            let mut resp = http::Response::builder().status(answer.status);
+                            for (k, v) in &answer.headers {
+                                resp = resp.header(*k, v);
                             }
-                        });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
+                            Ok::<_, std::convert::Infallible>(resp.body(Full::new(Bytes::new())).unwrap())
+                        }
+                    });
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(tcp), service).await;
+                        }
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(tcp).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });
-        FakeTarget {
-            addr,
-            received,
-            script,
-            in_flight,
-            max_in_flight,
-            server,
-        }
+        FakeTarget { addr, received, script, in_flight, max_in_flight, server }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -382,10 +322,7 @@ impl FakeTarget {
 
     /// The next request, waiting at most `WAIT`.
     pub async fn next(&mut self) -> Received {
-        tokio::time::timeout(WAIT, self.received.recv())
-            .await
-            .expect("no request reached the target")
-            .unwrap()
+        tokio::time::timeout(WAIT, self.received.recv()).await.expect("no request reached the target").unwrap()
     }
 
     /// Asserts that nothing arrives for `quiet`.
@@ -401,7 +338,15 @@ impl FakeTarget {
 pub async fn start_relay(targets: &str, routes: &str) -> TestRelay {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
+    let path = write_config(dir.path(), &relay_config(dir.path(), targets, routes));
+    let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    let relay = Relay::start(settings).await.unwrap();
+    TestRelay { addr: relay.ingress_addr, store: relay.store.clone(), relay, dir }
+}
+
+/// The config of [`start_relay`].
+pub fn relay_config(dir: &Path, targets: &str, routes: &str) -> String {
+    format!(
         r#"
 server: {{ listen: "127.0.0.1:0" }}
 storage: {{ path: "{data}", cache: "8MiB" }}
@@ -415,17 +360,8 @@ targets:
 routes:
 {routes}
 "#,
-        data = dir.path().join("data").display()
-    );
-    let path = write_config(dir.path(), &text);
-    let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let relay = Relay::start(settings).await.unwrap();
-    TestRelay {
-        addr: relay.ingress_addr,
-        store: relay.store.clone(),
-        relay,
-        dir,
-    }
+        data = dir.join("data").display()
+    )
 }
 
 /// A distinct ButterCMS page.published body.
@@ -441,10 +377,7 @@ where
 {
     let deadline = std::time::Instant::now() + WAIT;
     while !check().await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for: {what}"
-        );
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -9,8 +9,10 @@
 //! - [`config`]: `routes.yaml`, parsed, validated and resolved into settings.
 //! - [`ingress`]: the listener (HTTP/1.1, HTTP/2, TLS), source authentication
 //!   ([`ingress::auth`]) and payload formats ([`ingress::formats`]).
-//! - [`store`]: the [`store::Store`] trait and its sled implementation with
-//!   group commit.
+//! - [`store`]: the [`store::Store`] trait and its sled implementation, with
+//!   a single writer thread doing group commit.
+//! - [`dispatch`]: a worker per target delivering from the store's queue with
+//!   retries, rate limit, concurrency cap and circuit breaker; retention.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`app`]: wiring for `hookrelay serve`.
 #![forbid(unsafe_code)]

@@ -68,6 +68,12 @@ impl Store for NoStore {
     async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
         Ok((0, None))
     }
+    async fn requeue(&self, _: &str, _: EventId) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn dead_letters(&self, _: Option<&str>, _: usize) -> Result<Vec<hookrelay::store::DeadLetter>, StoreError> {
+        Ok(vec![])
+    }
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }
@@ -81,6 +87,7 @@ fn config(dir: &std::path::Path) -> hookrelay::config::Settings {
     let text = format!(
         r#"
 server: {{ listen: "127.0.0.1:0" }}
+admin: {{ listen: "127.0.0.1:0" }}
 storage: {{ path: "{}" }}
 sources:
   - name: buttercms

@@ -2,6 +2,7 @@
 //! until a signal, then drains and stops within a grace period.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::{self, Admin};
 use crate::config::{Auth, Settings};
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::ingress::{self, Ingress, Routes};
@@ -35,11 +37,17 @@ pub enum StartError {
 pub struct Relay {
     /// Where ingress listens (the real port when configured with port 0).
     pub ingress_addr: SocketAddr,
+    /// Where the admin listener listens.
+    pub admin_addr: SocketAddr,
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
+    /// `/readyz`: true from when ingress listens until shutdown begins.
+    ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
     dispatcher: Dispatcher,
+    /// Stops the admin listener, last of all.
+    admin_shutdown: CancellationToken,
     /// Keeps the routes channel open; reload sends new routes through it.
     _routes: watch::Sender<Arc<Routes>>,
 }
@@ -78,9 +86,24 @@ impl Relay {
             routes: routes_rx,
             store: store.clone(),
             metrics: metrics.clone(),
-            wakers: dispatcher.wakers(),
+            workers: dispatcher.workers(),
+        });
+        let admin_addr = settings.admin.listen;
+        let admin_listener =
+            admin::bind(admin_addr).await.map_err(|source| StartError::Bind { addr: admin_addr, source })?;
+        let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { addr: admin_addr, source })?;
+        let ready = Arc::new(AtomicBool::new(false));
+        let admin_shutdown = CancellationToken::new();
+        let admin = Arc::new(Admin {
+            token: settings.admin.token.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            workers: dispatcher.workers(),
+            targets: settings.targets.clone(),
+            ready: ready.clone(),
         });
         let tasks = TaskTracker::new();
+        tokio::spawn(admin::serve(admin_listener, admin, admin_shutdown.clone()));
         tasks.spawn(ingress::serve(
             listener,
             settings.server.tls.clone(),
@@ -95,20 +118,36 @@ impl Relay {
             targets = settings.targets.len(),
             "hookrelay ingress listening"
         );
-        Ok(Relay { ingress_addr, store, metrics, shutdown, tasks, dispatcher, _routes: routes_tx })
+        tracing::info!(listen = %admin_addr, admin_api = settings.admin.token.is_some(), "hookrelay admin listening");
+        ready.store(true, Ordering::SeqCst);
+        Ok(Relay {
+            ingress_addr,
+            admin_addr,
+            store,
+            metrics,
+            ready,
+            shutdown,
+            tasks,
+            dispatcher,
+            admin_shutdown,
+            _routes: routes_tx,
+        })
     }
 
     /// Stops accepting, lets requests in progress finish (up to `grace`),
     /// stops delivering (attempts in flight stay pending), then flushes and
     /// closes the store.
     pub async fn stop(self, grace: Duration) -> Result<(), StoreError> {
+        self.ready.store(false, Ordering::SeqCst);
         self.shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             tracing::warn!(?grace, "requests still in progress after the grace period; stopping anyway");
         }
         self.dispatcher.stop(grace).await;
-        self.store.close().await
+        let closed = self.store.close().await;
+        self.admin_shutdown.cancel();
+        closed
     }
 }
 

@@ -17,6 +17,7 @@
 //! - [`app`]: wiring for `hookrelay serve`.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod dispatch;

@@ -297,6 +297,12 @@ impl Store for FullDisk {
     async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
         Ok((0, None))
     }
+    async fn requeue(&self, _: &str, _: EventId) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+    async fn dead_letters(&self, _: Option<&str>, _: usize) -> Result<Vec<hookrelay::store::DeadLetter>, StoreError> {
+        Ok(vec![])
+    }
     async fn close(&self) -> Result<(), StoreError> {
         Ok(())
     }

@@ -28,6 +28,7 @@ pub fn settings(dir: &Path, targets: &[(String, String)]) -> hookrelay::config::
     let text = format!(
         r#"
 server: {{ listen: "127.0.0.1:0" }}
+admin: {{ listen: "127.0.0.1:0" }}
 storage: {{ path: "{}", cache: "{}" }}
 sources:
   - name: buttercms

@@ -12,27 +12,51 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use breaker::{Breaker, CircuitState, Permit};
+pub use worker::{Control, TargetStatus};
 
 use crate::config::Target;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
-/// How ingress tells workers that new deliveries are queued.
-#[derive(Debug, Default)]
-pub struct Wakers(HashMap<String, Arc<Notify>>);
+/// One running worker, as others reach it.
+#[derive(Debug)]
+struct Handle {
+    /// Rung when new deliveries are queued for it.
+    wake: Arc<Notify>,
+    control: mpsc::Sender<Control>,
+    status: watch::Receiver<TargetStatus>,
+}
 
-impl Wakers {
+/// The running workers, by target name: ingress wakes them, the admin API
+/// reads and steers them.
+#[derive(Debug, Default)]
+pub struct Workers(HashMap<String, Handle>);
+
+impl Workers {
     pub fn wake<'a>(&self, targets: impl IntoIterator<Item = &'a str>) {
         for t in targets {
-            if let Some(n) = self.0.get(t) {
+            if let Some(h) = self.0.get(t) {
                 // Stores a permit if the worker is busy, so no wake is lost.
-                n.notify_one();
+                h.wake.notify_one();
             }
+        }
+    }
+
+    /// The live state of a target's worker; `None` for an unknown target.
+    pub fn status(&self, target: &str) -> Option<TargetStatus> {
+        self.0.get(target).map(|h| *h.status.borrow())
+    }
+
+    /// Sends an operator's order to a target's worker; false for an unknown target.
+    pub async fn control(&self, target: &str, control: Control) -> bool {
+        match self.0.get(target) {
+            Some(h) => h.control.send(control).await.is_ok(),
+            None => false,
         }
     }
 }
@@ -47,7 +71,7 @@ pub enum DispatchError {
 
 /// The running workers.
 pub struct Dispatcher {
-    wakers: Arc<Wakers>,
+    workers: Arc<Workers>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -64,15 +88,21 @@ impl Dispatcher {
     ) -> Result<Dispatcher, DispatchError> {
         let paused = store.paused_targets().await?;
         let tasks = TaskTracker::new();
-        let mut wakers = HashMap::new();
+        let mut workers = HashMap::new();
         for target in targets {
             let wake = Arc::new(Notify::new());
+            let (control_tx, control) = mpsc::channel(8);
+            let is_paused = paused.contains(&target.name);
+            let (status_tx, status) =
+                watch::channel(TargetStatus { in_flight: 0, circuit: CircuitState::Closed, paused: is_paused });
             let worker = worker::Worker::new(
                 target.clone(),
                 store.clone(),
                 metrics.clone(),
-                paused.contains(&target.name),
+                is_paused,
                 wake.clone(),
+                control,
+                status_tx,
                 shutdown.child_token(),
             )
             .map_err(|message| DispatchError::Target { target: target.name.clone(), message })?;
@@ -83,14 +113,14 @@ impl Dispatcher {
                 metrics.clone(),
                 shutdown.child_token(),
             ));
-            wakers.insert(target.name.clone(), wake);
+            workers.insert(target.name.clone(), Handle { wake, control: control_tx, status });
         }
         tasks.spawn(upkeep::purge(store, retention, shutdown.child_token()));
-        Ok(Dispatcher { wakers: Arc::new(Wakers(wakers)), tasks, shutdown })
+        Ok(Dispatcher { workers: Arc::new(Workers(workers)), tasks, shutdown })
     }
 
-    pub fn wakers(&self) -> Arc<Wakers> {
-        self.wakers.clone()
+    pub fn workers(&self) -> Arc<Workers> {
+        self.workers.clone()
     }
 
     /// Stops every worker; attempts in flight are abandoned and stay pending.

@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::breaker::{Breaker, Permit};
+use super::breaker::{Breaker, CircuitState, Permit};
 use super::client::{self, HttpClient};
 use super::retry::{next_step, Verdict};
 use crate::config::Target;
@@ -24,6 +24,21 @@ use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store};
 const BATCH: usize = 64;
 /// Pause after a store read fails before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// What an operator asks of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Pause,
+    Resume,
+}
+
+/// A worker's live state, for the admin API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TargetStatus {
+    pub in_flight: usize,
+    pub circuit: CircuitState,
+    pub paused: bool,
+}
 
 /// What an attempt task tells its worker.
 struct Report {
@@ -47,6 +62,8 @@ pub struct Worker {
     reports: mpsc::UnboundedReceiver<Report>,
     /// Rung by ingress when a new event for this target is stored.
     wake: Arc<Notify>,
+    control: mpsc::Receiver<Control>,
+    status: tokio::sync::watch::Sender<TargetStatus>,
     /// Set after a store error, so that a failing store is not spun on.
     store_retry_at: Option<Instant>,
     shutdown: CancellationToken,
@@ -60,6 +77,8 @@ impl Worker {
         metrics: Metrics,
         paused: bool,
         wake: Arc<Notify>,
+        control: mpsc::Receiver<Control>,
+        status: tokio::sync::watch::Sender<TargetStatus>,
         shutdown: CancellationToken,
     ) -> Result<Self, String> {
         let client = client::client_for(&target)?;
@@ -81,6 +100,8 @@ impl Worker {
             reports_tx,
             reports,
             wake,
+            control,
+            status,
             store_retry_at: None,
             shutdown,
             attempts: TaskTracker::new(),
@@ -95,13 +116,11 @@ impl Worker {
         }
         loop {
             let next = self.dispatch().await;
-            self.metrics
-                .circuit_state
-                .with_label_values(&[&self.target.name])
-                .set(self.breaker.state(Instant::now()).gauge());
+            self.publish();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
                 Some(report) = self.reports.recv() => self.on_report(report).await,
+                Some(control) = self.control.recv() => self.on_control(control).await,
                 _ = self.wake.notified() => {}
                 _ = sleep_until(next), if next.is_some() => {}
             }
@@ -181,6 +200,30 @@ impl Worker {
         });
     }
 
+    fn publish(&self) {
+        let circuit = self.breaker.state(Instant::now());
+        self.metrics.circuit_state.with_label_values(&[&self.target.name]).set(circuit.gauge());
+        let now = TargetStatus { in_flight: self.in_flight.len(), circuit, paused: self.paused };
+        self.status.send_if_modified(|s| std::mem::replace(s, now) != now);
+    }
+
+    async fn on_control(&mut self, control: Control) {
+        let paused = control == Control::Pause;
+        if paused != self.paused {
+            let action = if paused { "paused" } else { "resumed" };
+            tracing::warn!(target = %self.target.name, "target {action} by an operator");
+            self.set_paused(paused).await;
+        }
+    }
+
+    /// Holds or releases the queue, and remembers it across restarts.
+    async fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        if let Err(e) = self.store.set_paused(&self.target.name, paused).await {
+            tracing::error!(target = %self.target.name, error = %e, "cannot persist the pause");
+        }
+    }
+
     async fn on_report(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
         let name = &self.target.name;
@@ -197,11 +240,8 @@ impl Worker {
             Some(Verdict::Pause) => {
                 self.breaker.on_success();
                 if !self.paused {
-                    self.paused = true;
                     tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
-                    if let Err(e) = self.store.set_paused(name, true).await {
-                        tracing::error!(target = %name, error = %e, "cannot persist the pause");
-                    }
+                    self.set_paused(true).await;
                 }
             }
             Some(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),

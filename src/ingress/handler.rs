@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use super::auth::{self, AuthFailure};
 use super::formats::{self, FormatError};
 use crate::config::{Settings, Source};
-use crate::dispatch::Wakers;
+use crate::dispatch::Workers;
 use crate::metrics::{IngressOutcome, Metrics};
 use crate::store::{Ingested, NewEvent, Store, StoreError};
 
@@ -44,7 +44,7 @@ pub struct Ingress {
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
     /// Rung once an event is durable, so that its targets' workers start at once.
-    pub wakers: Arc<Wakers>,
+    pub workers: Arc<Workers>,
 }
 
 /// Why a webhook was not stored. The one place that maps a failure to the
@@ -201,7 +201,7 @@ impl Ingress {
         let new = NewEvent::new(source, verified, parsed, content_type, owned);
         let ingested = self.store.ingest(new).await.map_err(Reject::Unavailable)?;
         if matches!(ingested, Ingested::Accepted { .. }) {
-            self.wakers.wake(targets);
+            self.workers.wake(targets);
         }
         Ok((ingested, event))
     }

@@ -273,3 +273,61 @@ pub fn plan_purge(
     }
     Ok((batch, purged, None))
 }
+
+/// The batch that queues a delivery again, due at `now_ms`; `None` when the
+/// event is unknown or was not routed to `target`.
+pub fn plan_requeue(db: &sled::Db, target: &str, id: EventId, now_ms: u64) -> Result<Option<sled::Batch>, StoreError> {
+    let ekey = event_key(id);
+    let Some(v) = db.get(&ekey)? else { return Ok(None) };
+    let (meta, _) = decode_event(&ekey, &v)?;
+    if !meta.targets.iter().any(|t| t == target) {
+        return Ok(None);
+    }
+    let dkey = delivery_key(target, id);
+    let mut record = get_record(db, &dkey)?
+        .unwrap_or(DeliveryRecord { state: DeliveryState::Pending { due_ms: meta.received_ms }, attempts: Vec::new() });
+    let mut batch = sled::Batch::default();
+    match record.state {
+        DeliveryState::Pending { due_ms } => batch.remove(queue_key(target, due_ms, id)),
+        DeliveryState::Dead { .. } => batch.remove(dead_key(target, id)),
+        DeliveryState::Delivered { .. } => {}
+    }
+    batch.insert(queue_key(target, now_ms, id), &[]);
+    record.state = DeliveryState::Pending { due_ms: now_ms };
+    batch.insert(dkey, json(&record)?);
+    Ok(Some(batch))
+}
+
+/// Dead letters of one target (or of all), at most `limit`.
+pub fn read_dead_letters(
+    db: &sled::Db,
+    target: Option<&str>,
+    limit: usize,
+) -> Result<Vec<super::DeadLetter>, StoreError> {
+    let prefix = match target {
+        Some(t) => target_prefix(b"x/", t),
+        None => b"x/".to_vec(),
+    };
+    let mut out = Vec::new();
+    for item in db.scan_prefix(&prefix).take(limit) {
+        let (k, reason) = item?;
+        let rest = &k[2..];
+        let sep = rest.iter().position(|&b| b == 0).ok_or_else(|| corrupt(&k, "bad dead-letter key"))?;
+        let target = String::from_utf8_lossy(&rest[..sep]).into_owned();
+        let id = EventId::from_slice(&rest[sep + 1..]).ok_or_else(|| corrupt(&k, "bad dead-letter key"))?;
+        let record = get_record(db, &delivery_key(&target, id))?;
+        let at_ms = match record.as_ref().map(|r| &r.state) {
+            Some(DeliveryState::Dead { at_ms, .. }) => *at_ms,
+            _ => 0,
+        };
+        let last_attempt = record.and_then(|r| r.attempts.last().cloned());
+        out.push(super::DeadLetter {
+            event_id: id,
+            target,
+            reason: String::from_utf8_lossy(&reason).into_owned(),
+            at_ms,
+            last_attempt,
+        });
+    }
+    Ok(out)
+}

@@ -96,6 +96,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<(usize, Option<EventId>), StoreError>;
 
+    /// Queues a delivery again, due now, whatever its state (delivered,
+    /// dead or pending). False when the event is unknown or was not routed
+    /// to `target`.
+    async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError>;
+
+    /// Dead-lettered deliveries, of one target or of all, at most `limit`.
+    async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+
     /// Finishes the writes in progress, flushes, and refuses further writes.
     async fn close(&self) -> Result<(), StoreError>;
 }

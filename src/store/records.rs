@@ -189,6 +189,18 @@ pub enum NextStep {
     Hold,
 }
 
+/// A dead-lettered delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub event_id: EventId,
+    pub target: String,
+    pub reason: String,
+    /// When it died.
+    pub at_ms: u64,
+    /// The last attempt, with its status or error.
+    pub last_attempt: Option<Attempt>,
+}
+
 /// How many deliveries of one target wait, and how many are dead.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TargetCounts {

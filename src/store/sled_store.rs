@@ -165,6 +165,20 @@ impl Store for SledStore {
             .await
     }
 
+    async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError> {
+        let target = target.to_string();
+        self.writer
+            .mutate(move |db| match layout::plan_requeue(db, &target, id, now_ms())? {
+                Some(batch) => Ok((batch, true)),
+                None => Ok((sled::Batch::default(), false)),
+            })
+            .await
+    }
+
+    async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        layout::read_dead_letters(&self.db, target, limit)
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         self.writer.stop();
         let db = self.db.clone();

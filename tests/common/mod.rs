@@ -20,6 +20,7 @@ use hookrelay::store::Store;
 pub const BUTTER_SECRET: &str = "butter-test-secret";
 pub const COMET_SECRET: &str = "comet-test-secret";
 pub const WHSEC: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
 /// Every wait in these tests is bounded by this.
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -40,6 +41,7 @@ server:
   max_body: "64KiB"
   request_timeout: "2s"
 {server_extra}
+admin: {{ listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}" }}
 storage:
   path: "{data}"
   cache: "8MiB"
@@ -349,6 +351,7 @@ pub fn relay_config(dir: &Path, targets: &str, routes: &str) -> String {
     format!(
         r#"
 server: {{ listen: "127.0.0.1:0" }}
+admin: {{ listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}" }}
 storage: {{ path: "{data}", cache: "8MiB" }}
 sources:
   - name: buttercms

@@ -1,0 +1,259 @@
+//! The `/admin/*` endpoints of DESIGN §5: JSON in and out.
+
+use std::collections::HashMap;
+use std::time::{Duration, UNIX_EPOCH};
+
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{error, json as reply, Admin, Reply};
+use crate::dispatch::Control;
+use crate::store::{Attempt, DeliveryState, EventId, StoreError};
+
+/// Entries a listing returns when `limit` is not given, and at most.
+const DEFAULT_LIMIT: usize = 50;
+const MAX_LIMIT: usize = 1000;
+/// Dead letters one replay requeues at most.
+const MAX_REPLAY: usize = 100_000;
+/// Largest request body accepted by the admin API.
+const MAX_BODY: usize = 1 << 20;
+
+pub async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
+    let query: HashMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes()).into_owned().collect();
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.trim_start_matches("/admin/").split('/').collect();
+    let method = req.method().clone();
+    let result = match (&method, segments.as_slice()) {
+        (&Method::GET, ["targets"]) => targets(admin).await,
+        (&Method::POST, ["targets", name, action @ ("pause" | "resume")]) => pause(admin, name, action).await,
+        (&Method::GET, ["events"]) => events(admin, &query).await,
+        (&Method::GET, ["events", id]) => event(admin, id).await,
+        (&Method::POST, ["events", id, "redeliver"]) => redeliver(admin, id, query.get("target")).await,
+        (&Method::GET, ["dead-letters"]) => dead_letters(admin, &query).await,
+        (&Method::POST, ["dead-letters", "replay"]) => replay(admin, req).await,
+        (_, ["targets"] | ["targets", _, "pause" | "resume"] | ["events"] | ["events", _])
+        | (_, ["events", _, "redeliver"] | ["dead-letters"] | ["dead-letters", "replay"]) => {
+            Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()))
+        }
+        _ => Err(ApiError(StatusCode::NOT_FOUND, "not found".into())),
+    };
+    result.unwrap_or_else(|ApiError(status, message)| error(status, &message))
+}
+
+/// A refusal: the status and the message the caller sees.
+struct ApiError(StatusCode, String);
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!(error = %e, "admin request failed in storage");
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, "storage unavailable".into())
+    }
+}
+
+type Result<T = Reply> = std::result::Result<T, ApiError>;
+
+fn limit(query: &HashMap<String, String>) -> Result<usize> {
+    match query.get("limit") {
+        None => Ok(DEFAULT_LIMIT),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+            _ => Err(ApiError(StatusCode::BAD_REQUEST, format!("limit must be a number from 1 to {MAX_LIMIT}"))),
+        },
+    }
+}
+
+fn parse_id(raw: &str) -> Result<EventId> {
+    raw.parse().map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))
+}
+
+fn known_target(admin: &Admin, name: &str) -> Result<()> {
+    match admin.targets.iter().any(|t| t.name == name) {
+        true => Ok(()),
+        false => Err(ApiError(StatusCode::NOT_FOUND, format!("no target is named {name:?}"))),
+    }
+}
+
+fn time(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn attempt_json(a: &Attempt) -> Value {
+    json!({ "at": time(a.at_ms), "duration_ms": a.duration_ms, "status": a.status, "error": a.error })
+}
+
+async fn targets(admin: &Admin) -> Result {
+    let mut out = Vec::new();
+    for t in &admin.targets {
+        let counts = admin.store.counts(&t.name).await?;
+        let status = admin.workers.status(&t.name);
+        out.push(json!({
+            "name": t.name,
+            "queued": counts.queued,
+            "in_flight": status.map_or(0, |s| s.in_flight),
+            "dead": counts.dead,
+            "circuit": status.map_or("closed", |s| s.circuit.as_str()),
+            "paused": status.is_some_and(|s| s.paused),
+        }));
+    }
+    Ok(reply(StatusCode::OK, json!({ "targets": out })))
+}
+
+async fn pause(admin: &Admin, name: &str, action: &str) -> Result {
+    known_target(admin, name)?;
+    let control = if action == "pause" { Control::Pause } else { Control::Resume };
+    if !admin.workers.control(name, control).await {
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the target's worker is not running".into()));
+    }
+    Ok(reply(StatusCode::OK, json!({ "target": name, "paused": control == Control::Pause })))
+}
+
+async fn events(admin: &Admin, query: &HashMap<String, String>) -> Result {
+    let limit = limit(query)?;
+    let list = admin.store.recent_events(query.get("source").map(String::as_str), limit).await?;
+    let events: Vec<Value> = list
+        .into_iter()
+        .map(|(id, m)| {
+            json!({ "id": id.to_string(), "source": m.source, "event": m.event, "received_at": time(m.received_ms), "targets": m.targets })
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, json!({ "events": events })))
+}
+
+async fn event(admin: &Admin, raw_id: &str) -> Result {
+    let id = parse_id(raw_id)?;
+    let Some(ev) = admin.store.event(id).await? else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no event {raw_id}")));
+    };
+    let deliveries: Vec<Value> = admin
+        .store
+        .deliveries(id)
+        .await?
+        .into_iter()
+        .map(|d| {
+            let mut v = match &d.record.state {
+                DeliveryState::Pending { due_ms } => json!({ "status": "pending", "due_at": time(*due_ms) }),
+                DeliveryState::Delivered { at_ms } => json!({ "status": "delivered", "delivered_at": time(*at_ms) }),
+                DeliveryState::Dead { at_ms, reason } => {
+                    json!({ "status": "dead", "dead_at": time(*at_ms), "reason": reason })
+                }
+            };
+            v["target"] = json!(d.target);
+            v["attempts"] = d.record.attempts.iter().map(attempt_json).collect();
+            v
+        })
+        .collect();
+    // The payload as JSON when it is (it always is for the built-in formats), else as text.
+    let payload = serde_json::from_slice::<Value>(&ev.body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&ev.body).into_owned()));
+    Ok(reply(
+        StatusCode::OK,
+        json!({
+            "id": id.to_string(),
+            "source": ev.meta.source,
+            "event": ev.meta.event,
+            "received_at": time(ev.meta.received_ms),
+            "content_type": ev.meta.content_type,
+            "payload": payload,
+            "deliveries": deliveries,
+        }),
+    ))
+}
+
+async fn redeliver(admin: &Admin, raw_id: &str, target: Option<&String>) -> Result {
+    let id = parse_id(raw_id)?;
+    let Some(ev) = admin.store.event(id).await? else {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no event {raw_id}")));
+    };
+    let chosen: Vec<String> = match target {
+        Some(t) if ev.meta.targets.contains(t) => vec![t.clone()],
+        Some(t) => return Err(ApiError(StatusCode::NOT_FOUND, format!("event {raw_id} was not routed to {t:?}"))),
+        None => ev.meta.targets.clone(),
+    };
+    let mut queued = Vec::new();
+    for t in chosen {
+        if admin.store.requeue(&t, id).await? {
+            queued.push(t);
+        }
+    }
+    admin.workers.wake(queued.iter().map(String::as_str));
+    tracing::info!(id = %id, targets = ?queued, "redelivery requested by an operator");
+    Ok(reply(StatusCode::OK, json!({ "id": id.to_string(), "redelivered": queued })))
+}
+
+async fn dead_letters(admin: &Admin, query: &HashMap<String, String>) -> Result {
+    let limit = limit(query)?;
+    let target = query.get("target");
+    if let Some(t) = target {
+        known_target(admin, t)?;
+    }
+    let list = admin.store.dead_letters(target.map(String::as_str), limit).await?;
+    let letters: Vec<Value> = list
+        .into_iter()
+        .map(|d| {
+            json!({
+                "id": d.event_id.to_string(),
+                "target": d.target,
+                "reason": d.reason,
+                "dead_at": time(d.at_ms),
+                "last_attempt": d.last_attempt.as_ref().map(attempt_json),
+            })
+        })
+        .collect();
+    Ok(reply(StatusCode::OK, json!({ "dead_letters": letters })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReplayRequest {
+    target: Option<String>,
+    ids: Option<Vec<String>>,
+}
+
+async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, "cannot read the body".into()))?
+        .to_bytes();
+    let ask: ReplayRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReplayRequest { target: None, ids: None }
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("invalid body: {e}")))?
+    };
+    if let Some(t) = &ask.target {
+        known_target(admin, t)?;
+    }
+    // The dead letters to replay: the listed ids (of the target, if given), or all of the target's (or all).
+    let mut chosen: Vec<(String, EventId)> = Vec::new();
+    match &ask.ids {
+        Some(ids) => {
+            for raw in ids {
+                let id = parse_id(raw)?;
+                for d in admin.store.deliveries(id).await? {
+                    let wanted = ask.target.as_ref().is_none_or(|t| *t == d.target);
+                    if wanted && matches!(d.record.state, DeliveryState::Dead { .. }) {
+                        chosen.push((d.target, id));
+                    }
+                }
+            }
+        }
+        None => {
+            for d in admin.store.dead_letters(ask.target.as_deref(), MAX_REPLAY).await? {
+                chosen.push((d.target, d.event_id));
+            }
+        }
+    }
+    let mut replayed = 0;
+    for (target, id) in &chosen {
+        if admin.store.requeue(target, *id).await? {
+            replayed += 1;
+        }
+    }
+    admin.workers.wake(chosen.iter().map(|(t, _)| t.as_str()));
+    tracing::info!(replayed, target = ?ask.target, "dead letters replayed by an operator");
+    Ok(reply(StatusCode::OK, json!({ "replayed": replayed })))
+}

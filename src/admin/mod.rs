@@ -1,0 +1,134 @@
+//! The admin listener: `/metrics`, `/healthz`, `/readyz` open; `/admin/*`
+//! behind a bearer token (and absent when no token is configured).
+
+mod api;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Secret, Target};
+use crate::dispatch::Workers;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// What the admin listener serves from.
+pub struct Admin {
+    /// `None`: `/admin/*` is disabled.
+    pub token: Option<Secret>,
+    pub store: Arc<dyn Store>,
+    pub metrics: Metrics,
+    pub workers: Arc<Workers>,
+    pub targets: Vec<Arc<Target>>,
+    /// True while storage is open and ingress listens; `/readyz` answers from it.
+    pub ready: Arc<AtomicBool>,
+}
+
+type Reply = Response<Full<Bytes>>;
+
+pub(crate) fn json(status: StatusCode, body: serde_json::Value) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+pub(crate) fn error(status: StatusCode, message: &str) -> Reply {
+    json(status, serde_json::json!({ "error": message }))
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r
+}
+
+impl Admin {
+    async fn handle(&self, req: Request<Incoming>) -> Reply {
+        let path = req.uri().path().to_string();
+        match (req.method(), path.as_str()) {
+            (&Method::GET, "/metrics") => {
+                text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
+            }
+            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            (&Method::GET, "/readyz") => match self.ready.load(Ordering::SeqCst) {
+                true => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                false => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+            },
+            (_, "/metrics" | "/healthz" | "/readyz") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            (_, p) if p.starts_with("/admin/") => {
+                let Some(token) = &self.token else {
+                    return error(StatusCode::NOT_FOUND, "not found (no admin.token is configured)");
+                };
+                if !authorized(token, &req) {
+                    return error(StatusCode::UNAUTHORIZED, "unauthorized");
+                }
+                api::route(self, req).await
+            }
+            _ => error(StatusCode::NOT_FOUND, "not found"),
+        }
+    }
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time.
+fn authorized(token: &Secret, req: &Request<Incoming>) -> bool {
+    let given =
+        req.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
+    token.expose().ct_eq(given).into()
+}
+
+/// Binds the admin listener.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+/// Serves the admin listener until `shutdown`.
+pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
+    let connections = TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (admin, shutdown) = (admin.clone(), shutdown.clone());
+        connections.spawn(async move {
+            let service = service_fn(move |req| {
+                let admin = admin.clone();
+                async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
+            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}

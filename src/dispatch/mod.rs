@@ -100,9 +100,7 @@ impl Dispatcher {
                 store.clone(),
                 metrics.clone(),
                 is_paused,
-                wake.clone(),
-                control,
-                status_tx,
+                worker::Links { wake: wake.clone(), control, status: status_tx },
                 shutdown.child_token(),
             )
             .map_err(|message| DispatchError::Target { target: target.name.clone(), message })?;

@@ -40,6 +40,14 @@ pub struct TargetStatus {
     pub paused: bool,
 }
 
+/// How the rest of the relay reaches a worker.
+pub struct Links {
+    /// Rung by ingress when a new event for the target is stored.
+    pub wake: Arc<Notify>,
+    pub control: mpsc::Receiver<Control>,
+    pub status: tokio::sync::watch::Sender<TargetStatus>,
+}
+
 /// What an attempt task tells its worker.
 struct Report {
     id: EventId,
@@ -76,11 +84,10 @@ impl Worker {
         store: Arc<dyn Store>,
         metrics: Metrics,
         paused: bool,
-        wake: Arc<Notify>,
-        control: mpsc::Receiver<Control>,
-        status: tokio::sync::watch::Sender<TargetStatus>,
+        links: Links,
         shutdown: CancellationToken,
     ) -> Result<Self, String> {
+        let Links { wake, control, status } = links;
         let client = client::client_for(&target)?;
         let limiter = target.rate_limit.map(|r| {
             let per_second = NonZeroU32::new(r.per_second).unwrap_or(NonZeroU32::MIN);

@@ -23,4 +23,5 @@ pub mod config;
 pub mod dispatch;
 pub mod ingress;
 pub mod metrics;
+pub mod send;
 pub mod store;

@@ -23,9 +23,11 @@ pub type HttpClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 /// Bytes of a target's answer read at most (to reuse the connection); the rest is dropped.
 const MAX_ANSWER: usize = 64 * 1024;
+/// Time allowed to read that part once the status is in.
+const DRAIN: Duration = Duration::from_secs(1);
 
 /// The system's trust roots, loaded once.
-fn system_roots() -> Arc<rustls::RootCertStore> {
+pub fn system_roots() -> Arc<rustls::RootCertStore> {
     static ROOTS: OnceLock<Arc<rustls::RootCertStore>> = OnceLock::new();
     ROOTS
         .get_or_init(|| {
@@ -53,6 +55,12 @@ pub fn client_for(target: &Target) -> Result<HttpClient, String> {
         }
         Arc::new(roots)
     };
+    http_client(roots, target.timeout)
+}
+
+/// A pooled HTTP/1.1 and HTTP/2 client, over TLS checked against `roots`
+/// for https:// URLs. Pass [`system_roots`] for the system's CAs.
+pub fn http_client(roots: Arc<rustls::RootCertStore>, connect_timeout: Duration) -> Result<HttpClient, String> {
     let tls = rustls::ClientConfig::builder_with_provider(crate::ingress::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("TLS setup failed: {e}"))?
@@ -61,7 +69,7 @@ pub fn client_for(target: &Target) -> Result<HttpClient, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    http.set_connect_timeout(Some(target.timeout));
+    http.set_connect_timeout(Some(connect_timeout));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()
@@ -122,12 +130,15 @@ pub async fn send(client: &HttpClient, timeout: Duration, req: Request<Full<Byte
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, SystemTime::now()));
-        // Read a bounded part of the answer so that the connection can be reused.
-        let _ = Limited::new(resp.into_body(), MAX_ANSWER).collect().await;
-        Ok::<_, String>((status, retry_after))
+        Ok::<_, String>((status, retry_after, resp.into_body()))
     };
     let (status, error, verdict) = match tokio::time::timeout(timeout, exchange).await {
-        Ok(Ok((status, retry_after))) => (Some(status), None, classify(status, retry_after)),
+        Ok(Ok((status, retry_after, body))) => {
+            // The status decides. Then read a bounded part of the answer, so the
+            // connection can be reused; a slow body does not undo a 2xx.
+            let _ = tokio::time::timeout(DRAIN, Limited::new(body, MAX_ANSWER).collect()).await;
+            (Some(status), None, classify(status, retry_after))
+        }
         Ok(Err(e)) => (None, Some(e), Verdict::Retry { after: None }),
         Err(_) => (
             None,

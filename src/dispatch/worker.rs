@@ -24,6 +24,9 @@ use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store};
 const BATCH: usize = 64;
 /// Pause after a store read fails before trying again.
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// An idle worker reads its queue again after this, even unwoken: a safety
+/// net for work queued without a wake (it is not how new events are found).
+const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
 /// What an operator asks of a worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +54,8 @@ pub struct Links {
 /// What an attempt task tells its worker.
 struct Report {
     id: EventId,
-    /// `None` when nothing was sent (store trouble, or shutdown).
+    /// `None` when nothing was sent or its outcome could not be recorded
+    /// (store trouble, or shutdown): the delivery stays where it was.
     verdict: Option<Verdict>,
 }
 
@@ -182,8 +186,11 @@ impl Worker {
                 }
             }
             if found < limit {
-                let now = now_ms();
-                return batch.next_due_ms.map(|due| Instant::now() + Duration::from_millis(due.saturating_sub(now)));
+                let idle = Instant::now() + IDLE_RECHECK;
+                return Some(match batch.next_due_ms {
+                    Some(due) => (Instant::now() + Duration::from_millis(due.saturating_sub(now_ms()))).min(idle),
+                    None => idle,
+                });
             }
         }
     }
@@ -274,14 +281,14 @@ impl AttemptCtx {
     /// One attempt, recorded in the store. `None` when nothing was sent.
     async fn attempt(&self, due: DueDelivery) -> Option<Verdict> {
         let name = &self.target.name;
-        let number = due.attempts + 1;
+        let number = due.made + 1;
         let event = match self.store.event(due.event_id).await {
             Ok(Some(event)) => event,
             Ok(None) => {
                 let attempt =
                     Attempt { at_ms: now_ms(), duration_ms: 0, status: None, error: Some("event missing".into()) };
-                self.record(&due, number, attempt, NextStep::Dead("the event is no longer stored".into())).await;
-                return Some(Verdict::Permanent);
+                let dead = NextStep::Dead("the event is no longer stored".into());
+                return self.record(&due, number, attempt, dead).await.then_some(Verdict::Permanent);
             }
             Err(e) => {
                 tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot read the event");
@@ -299,7 +306,8 @@ impl AttemptCtx {
             },
         };
         let now = now_ms();
-        let next = next_step(&self.target.retry, &result.verdict, number, event.meta.received_ms, now, fastrand::f64());
+        let tries = due.tries + 1;
+        let next = next_step(&self.target.retry, &result.verdict, tries, event.meta.received_ms, now, fastrand::f64());
         let ms = result.duration.as_secs_f64() * 1000.0;
         self.metrics.delivery_attempt_seconds.with_label_values(&[name]).observe(result.duration.as_secs_f64());
         let outcome = match &next {
@@ -330,14 +338,18 @@ impl AttemptCtx {
             status: result.status,
             error: result.error,
         };
-        self.record(&due, number, attempt, next).await;
-        Some(result.verdict)
+        self.record(&due, number, attempt, next).await.then_some(result.verdict)
     }
 
-    async fn record(&self, due: &DueDelivery, number: u32, attempt: Attempt, next: NextStep) {
-        if let Err(e) = self.store.complete(&self.target.name, due, attempt, next).await {
-            // The delivery stays queued where it was and is tried again.
-            tracing::error!(target = %self.target.name, id = %due.event_id, attempt = number, error = %e, "cannot record the attempt");
+    /// Records the attempt; false when the store refused it (the delivery then
+    /// stays queued where it was, and the worker waits before reading again).
+    async fn record(&self, due: &DueDelivery, number: u32, attempt: Attempt, next: NextStep) -> bool {
+        match self.store.complete(&self.target.name, due, attempt, next).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(target = %self.target.name, id = %due.event_id, attempt = number, error = %e, "cannot record the attempt");
+                false
+            }
         }
     }
 }

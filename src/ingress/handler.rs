@@ -199,10 +199,21 @@ impl Ingress {
         let owned = targets.iter().map(|t| t.to_string()).collect();
         let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
         let new = NewEvent::new(source, verified, parsed, content_type, owned);
-        let ingested = self.store.ingest(new).await.map_err(Reject::Unavailable)?;
-        if matches!(ingested, Ingested::Accepted { .. }) {
-            self.workers.wake(targets);
-        }
+        // Storing and waking run in a task of their own: if the client hangs
+        // up meanwhile, this future is dropped, but an event that becomes
+        // durable must still wake its workers.
+        let (store, workers) = (self.store.clone(), self.workers.clone());
+        let names: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
+        let ingested = tokio::spawn(async move {
+            let ingested = store.ingest(new).await?;
+            if matches!(ingested, Ingested::Accepted { .. }) {
+                workers.wake(names.iter().map(String::as_str));
+            }
+            Ok(ingested)
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Io(format!("the store task failed: {e}"))))
+        .map_err(Reject::Unavailable)?;
         Ok((ingested, event))
     }
 }

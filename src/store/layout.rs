@@ -157,8 +157,16 @@ pub fn read_due(
         if skip.contains(&id) {
             continue;
         }
-        let attempts = get_record(db, &delivery_key(target, id))?.map_or(0, |r| r.attempts.len() as u32);
-        batch.due.push(DueDelivery { event_id: id, due_ms, attempts });
+        let dkey = delivery_key(target, id);
+        let (tries, made) = match get_record(db, &dkey) {
+            Ok(record) => record.map_or((0, 0), |r| (r.tries, r.made)),
+            Err(e) => {
+                // One bad record must not stop the whole queue: count afresh.
+                tracing::warn!(%target, %id, error = %e, "unreadable delivery record; its attempt count restarts");
+                (0, 0)
+            }
+        };
+        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made });
     }
     if let Some(item) = db.range(due_end..).next() {
         let (k, _) = item?;
@@ -188,9 +196,12 @@ pub fn plan_complete(
 ) -> Result<sled::Batch, StoreError> {
     let id = due.event_id;
     let dkey = delivery_key(target, id);
-    let mut record = get_record(db, &dkey)?
-        .unwrap_or(DeliveryRecord { state: DeliveryState::Pending { due_ms: due.due_ms }, attempts: Vec::new() });
+    let mut record = get_record(db, &dkey)?.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
     record.attempts.push(attempt);
+    record.made += 1;
+    if *next != NextStep::Hold {
+        record.tries += 1;
+    }
     if record.attempts.len() > MAX_ATTEMPTS_KEPT {
         let excess = record.attempts.len() - MAX_ATTEMPTS_KEPT;
         record.attempts.drain(..excess);
@@ -284,8 +295,9 @@ pub fn plan_requeue(db: &sled::Db, target: &str, id: EventId, now_ms: u64) -> Re
         return Ok(None);
     }
     let dkey = delivery_key(target, id);
-    let mut record = get_record(db, &dkey)?
-        .unwrap_or(DeliveryRecord { state: DeliveryState::Pending { due_ms: meta.received_ms }, attempts: Vec::new() });
+    let mut record = get_record(db, &dkey)?.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
+    // An operator's requeue starts the count toward max_attempts afresh.
+    record.tries = 0;
     let mut batch = sled::Batch::default();
     match record.state {
         DeliveryState::Pending { due_ms } => batch.remove(queue_key(target, due_ms, id)),

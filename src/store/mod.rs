@@ -20,6 +20,10 @@ pub enum StoreError {
     Io(String),
     #[error("storage is closed (shutting down)")]
     Closed,
+    /// An fsync failed: what the kernel dropped is unknown, so every later
+    /// write is refused until the process restarts and recovers from disk.
+    #[error("storage failed, writes are refused until restart: {0}")]
+    Failed(String),
     #[error("corrupt record {key}: {detail}")]
     Corrupt { key: String, detail: String },
 }
@@ -103,6 +107,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// Dead-lettered deliveries, of one target or of all, at most `limit`.
     async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// False once the store has failed for good (see [`StoreError::Failed`]).
+    fn healthy(&self) -> bool {
+        true
+    }
 
     /// Finishes the writes in progress, flushes, and refuses further writes.
     async fn close(&self) -> Result<(), StoreError>;

@@ -129,7 +129,22 @@ pub struct Delivery {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
     pub state: DeliveryState,
+    /// The latest attempts, at most [`MAX_ATTEMPTS_KEPT`].
     pub attempts: Vec<Attempt>,
+    /// Attempts that count toward `max_attempts`: not 410 holds, and none
+    /// from before an operator requeued it.
+    #[serde(default)]
+    pub tries: u32,
+    /// Every attempt ever made; numbers `x-hookrelay-attempt`.
+    #[serde(default)]
+    pub made: u32,
+}
+
+impl DeliveryRecord {
+    /// A delivery not tried yet.
+    pub fn pending(due_ms: u64) -> Self {
+        DeliveryRecord { state: DeliveryState::Pending { due_ms }, attempts: Vec::new(), tries: 0, made: 0 }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,8 +180,10 @@ pub struct DueDelivery {
     pub event_id: EventId,
     /// Its queue position; handed back to [`crate::store::Store::complete`].
     pub due_ms: u64,
-    /// Attempts made so far.
-    pub attempts: u32,
+    /// Attempts so far that count toward `max_attempts`.
+    pub tries: u32,
+    /// Attempts made so far, all told.
+    pub made: u32,
 }
 
 /// What [`crate::store::Store::due`] found.

@@ -82,10 +82,9 @@ impl Store for SledStore {
         let mut out = Vec::with_capacity(meta.targets.len());
         for target in meta.targets {
             // No record yet: pending since receipt, never tried.
-            let record = self.get_json::<DeliveryRecord>(&delivery_key(&target, id))?.unwrap_or(DeliveryRecord {
-                state: DeliveryState::Pending { due_ms: meta.received_ms },
-                attempts: Vec::new(),
-            });
+            let record = self
+                .get_json::<DeliveryRecord>(&delivery_key(&target, id))?
+                .unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
             out.push(Delivery { event_id: id, target, record });
         }
         Ok(out)
@@ -179,6 +178,10 @@ impl Store for SledStore {
         layout::read_dead_letters(&self.db, target, limit)
     }
 
+    fn healthy(&self) -> bool {
+        !self.writer.failed()
+    }
+
     async fn close(&self) -> Result<(), StoreError> {
         self.writer.stop();
         let db = self.db.clone();
@@ -216,8 +219,11 @@ impl DiskSync {
 
     fn sync(&mut self) -> Result<(), StoreError> {
         self.db.flush()?;
-        self.log.sync_data()?;
-        self.sync_blobs()
+        // After a failed fsync the kernel may have dropped the dirty pages and
+        // marked them clean: a later fsync would "succeed" without them.
+        let fatal = |e: StoreError| StoreError::Failed(format!("fsync failed: {e}"));
+        self.log.sync_data().map_err(|e| fatal(e.into()))?;
+        self.sync_blobs().map_err(fatal)
     }
 
     fn sync_blobs(&mut self) -> Result<(), StoreError> {
@@ -281,6 +287,11 @@ mod tests {
         }
     }
 
+    async fn due_of(store: &SledStore, id: EventId) -> DueDelivery {
+        let batch = store.due("search", now_ms() + 1, 100, &HashSet::new()).await.unwrap();
+        batch.due.into_iter().find(|d| d.event_id == id).expect("due")
+    }
+
     /// Takes the due delivery of `id` to `target` and finishes it with `next`.
     async fn finish(store: &SledStore, target: &str, id: EventId, next: NextStep) {
         let batch = store.due(target, now_ms() + 1, 100, &HashSet::new()).await.unwrap();
@@ -314,6 +325,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn holds_do_not_count_toward_max_attempts_and_a_requeue_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let id = accepted(&store, event(b"x".to_vec())).await;
+        finish(&store, "search", id, NextStep::Hold).await;
+        finish(&store, "search", id, NextStep::RetryAt(now_ms())).await;
+        let d = due_of(&store, id).await;
+        assert_eq!((d.tries, d.made), (1, 2), "the 410 hold is made but does not count");
+        finish(&store, "search", id, NextStep::Dead("gave up".into())).await;
+        assert!(store.requeue("search", id).await.unwrap());
+        let d = due_of(&store, id).await;
+        assert_eq!((d.tries, d.made), (0, 3), "a replay starts the count afresh, numbering goes on");
+        assert!(!store.requeue("nowhere", id).await.unwrap(), "not routed there");
+    }
+
+    #[tokio::test]
     async fn purge_goes_on_from_its_cursor() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
@@ -332,7 +359,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
         let id = accepted(&store, event(b"x".to_vec())).await;
-        let stale = DueDelivery { event_id: id, due_ms: 1, attempts: 0 };
+        let stale = DueDelivery { event_id: id, due_ms: 1, tries: 0, made: 0 };
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
         store.complete("search", &stale, attempt, NextStep::Delivered).await.unwrap();
         let d = &store.deliveries(id).await.unwrap()[0];

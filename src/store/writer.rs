@@ -6,7 +6,7 @@
 
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -50,6 +50,8 @@ enum Job {
 
 pub struct Writer {
     pub stats: Arc<CommitStats>,
+    /// Set for good when a sync fails with [`StoreError::Failed`].
+    failed: Arc<AtomicBool>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -63,6 +65,8 @@ impl Writer {
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
+        let failed = Arc::new(AtomicBool::new(false));
+        let thread_failed = failed.clone();
         let thread = std::thread::Builder::new().name("hookrelay-writer".into()).spawn(move || {
             // Ends when every sender is gone and the queue is empty.
             while let Some(first) = rx.blocking_recv() {
@@ -73,10 +77,14 @@ impl Writer {
                         Err(_) => break,
                     }
                 }
-                round(&db, jobs, &mut sync, &thread_stats);
+                if thread_failed.load(Ordering::SeqCst) {
+                    refuse(jobs);
+                } else {
+                    round(&db, jobs, &mut sync, &thread_stats, &thread_failed);
+                }
             }
         })?;
-        Ok(Writer { stats, queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(Writer { stats, failed, queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
     async fn submit(&self, job: Job) -> Result<(), StoreError> {
@@ -104,6 +112,11 @@ impl Writer {
         boxed.downcast::<T>().map(|t| *t).map_err(|_| StoreError::Io("writer answered with the wrong type".into()))
     }
 
+    /// True once a sync failed for good.
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
     /// Finishes the queued jobs and stops the thread. Later ingests fail with `Closed`.
     pub fn stop(&self) {
         if let Ok(mut queue) = self.queue.lock() {
@@ -124,7 +137,25 @@ impl Drop for Writer {
     }
 }
 
-fn round(db: &sled::Db, jobs: Vec<Job>, sync: &mut impl FnMut() -> Result<(), StoreError>, stats: &CommitStats) {
+/// Answers every job with the failure that stopped the writer.
+fn refuse(jobs: Vec<Job>) {
+    let failed = || StoreError::Failed("an earlier fsync failed".into());
+    for job in jobs {
+        match job {
+            Job::Ingest { reply, .. } => drop(reply.send(Err(failed()))),
+            Job::Mutate { reply, .. } => drop(reply.send(Err(failed()))),
+        }
+    }
+}
+
+/// Runs one round; sets `failed` (before answering) when its sync failed for good.
+fn round(
+    db: &sled::Db,
+    jobs: Vec<Job>,
+    sync: &mut impl FnMut() -> Result<(), StoreError>,
+    stats: &CommitStats,
+    failed: &AtomicBool,
+) {
     let started = std::time::Instant::now();
     let mut batch = sled::Batch::default();
     // Dedup keys claimed earlier in this round, not yet in sled.
@@ -158,6 +189,10 @@ fn round(db: &sled::Db, jobs: Vec<Job>, sync: &mut impl FnMut() -> Result<(), St
     stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     if let Err(e) = &written {
         tracing::error!(error = %e, jobs = ingests.len() + answers.len(), "storage write failed; those writes are refused");
+        if matches!(e, StoreError::Failed(_)) {
+            failed.store(true, Ordering::SeqCst);
+            tracing::error!("storage failed for good: refusing every write until restart");
+        }
     }
     // Requesters may have gone (a client hung up): nothing to tell them.
     for (reply, outcome) in ingests {
@@ -244,6 +279,16 @@ mod tests {
         assert!(matches!(writer.ingest(event("x")).await, Err(StoreError::Io(m)) if m.contains("No space")));
         fail.store(false, Ordering::SeqCst);
         assert!(matches!(writer.ingest(event("y")).await, Ok(Ingested::Accepted { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_refuses_every_later_write() {
+        let (_dir, db) = temp_db();
+        let writer = Writer::start(db, || Err(StoreError::Failed("fsync: EIO".into()))).unwrap();
+        assert!(matches!(writer.ingest(event("x")).await, Err(StoreError::Failed(_))));
+        assert!(writer.failed());
+        assert!(matches!(writer.ingest(event("y")).await, Err(StoreError::Failed(_))));
+        assert!(matches!(writer.mutate(|_| Ok((sled::Batch::default(), ()))).await, Err(StoreError::Failed(_))));
     }
 
     #[tokio::test]

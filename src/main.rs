@@ -35,6 +35,18 @@ enum Command {
     Serve(ConfigArg),
     /// Validate the configuration and print a summary; exit 1 on any error.
     Check(ConfigArg),
+    /// Send a sample webhook in a source's format, signed with its secret.
+    Send {
+        /// The source's name, from the configuration.
+        source: String,
+        /// The event name, e.g. page.published or content.published.
+        event: String,
+        /// Where to send it (default: the relay's listener and the source's path).
+        #[arg(long)]
+        url: Option<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 fn main() -> ExitCode {
@@ -51,6 +63,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Send { source, event, url, config } => send(&config.config, &source, &event, url.as_deref()),
         Command::Serve(c) => {
             let settings = match config::load(&c.config) {
                 Ok(s) => s,
@@ -74,6 +87,29 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn send(config: &std::path::Path, source: &str, event: &str, url: Option<&str>) -> ExitCode {
+    let result = config::load(config).map_err(|e| e.to_string()).and_then(|settings| {
+        let sample = hookrelay::send::sample(&settings, source, event, url)?;
+        println!("POST {} ({} bytes, {} {})", sample.url, sample.body.len(), source, event);
+        let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
+        runtime.block_on(hookrelay::send::post(sample))
+    });
+    match result {
+        Ok((status, body)) => {
+            println!("HTTP {status}\n{body}");
+            if (200..300).contains(&status) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

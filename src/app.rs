@@ -48,8 +48,11 @@ pub struct Relay {
     dispatcher: Dispatcher,
     /// Stops the admin listener, last of all.
     admin_shutdown: CancellationToken,
+    admin: Arc<Admin>,
+    /// What was started with and only a restart changes.
+    fixed: Fixed,
     /// Keeps the routes channel open; reload sends new routes through it.
-    _routes: watch::Sender<Arc<Routes>>,
+    routes: watch::Sender<Arc<Routes>>,
 }
 
 impl Relay {
@@ -94,16 +97,16 @@ impl Relay {
         let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { addr: admin_addr, source })?;
         let ready = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
-        let admin = Arc::new(Admin {
-            token: settings.admin.token.clone(),
-            store: store.clone(),
-            metrics: metrics.clone(),
-            workers: dispatcher.workers(),
-            targets: settings.targets.clone(),
-            ready: ready.clone(),
-        });
+        let admin = Arc::new(Admin::new(
+            settings.admin.token.clone(),
+            store.clone(),
+            metrics.clone(),
+            dispatcher.workers(),
+            settings.targets.clone(),
+            ready.clone(),
+        ));
         let tasks = TaskTracker::new();
-        tokio::spawn(admin::serve(admin_listener, admin, admin_shutdown.clone()));
+        tokio::spawn(admin::serve(admin_listener, admin.clone(), admin_shutdown.clone()));
         tasks.spawn(ingress::serve(
             listener,
             settings.server.tls.clone(),
@@ -130,7 +133,9 @@ impl Relay {
             tasks,
             dispatcher,
             admin_shutdown,
-            _routes: routes_tx,
+            admin,
+            fixed: Fixed::of(&settings),
+            routes: routes_tx,
         })
     }
 
@@ -151,28 +156,79 @@ impl Relay {
     }
 }
 
-/// Runs the relay until SIGTERM or SIGINT.
+/// The settings a reload cannot change: listeners and storage.
+#[derive(Debug, Clone, PartialEq)]
+struct Fixed {
+    listen: SocketAddr,
+    tls: bool,
+    admin_listen: SocketAddr,
+    storage: (std::path::PathBuf, u64, Duration),
+}
+
+impl Fixed {
+    fn of(s: &Settings) -> Self {
+        Fixed {
+            listen: s.server.listen,
+            tls: s.server.tls.is_some(),
+            admin_listen: s.admin.listen,
+            storage: (s.storage.path.clone(), s.storage.cache_bytes, s.storage.retention),
+        }
+    }
+}
+
+impl Relay {
+    /// Applies a reloaded configuration without dropping a connection or a
+    /// queued delivery: targets first (new ones get workers, changed ones
+    /// their new settings), then the sources and routes, then the admin
+    /// token. Listeners, TLS and storage keep their running settings until
+    /// a restart (logged).
+    pub async fn reload(&self, settings: Settings) -> Result<(), String> {
+        if Fixed::of(&settings) != self.fixed {
+            tracing::warn!(
+                "server.listen, server.tls, admin.listen and storage changes take effect at the next restart"
+            );
+        }
+        self.dispatcher.apply(&settings.targets).await.map_err(|e| e.to_string())?;
+        self.routes.send_replace(Arc::new(Routes::new(&settings)));
+        self.admin.update(settings.admin.token.clone(), settings.targets.clone());
+        tracing::info!(sources = settings.sources.len(), targets = settings.targets.len(), "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// Runs the relay until SIGTERM or SIGINT; SIGHUP re-reads the config file.
 pub async fn serve(settings: Settings) -> Result<(), StartError> {
+    let path = settings.path.clone();
     let relay = Relay::start(settings).await?;
-    wait_for_signal().await;
+    wait_for_signal(&relay, &path).await;
     tracing::info!("shutting down");
     relay.stop(SHUTDOWN_GRACE).await?;
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.
+async fn wait_for_signal(relay: &Relay, config: &std::path::Path) {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-        }
-        _ => {
-            tracing::warn!("cannot install signal handlers; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
+        tracing::warn!("cannot install signal handlers; stopping on Ctrl-C only");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => match crate::config::load(config) {
+                Ok(settings) => {
+                    if let Err(e) = relay.reload(settings).await {
+                        tracing::error!(error = %e, "reload failed part way; restart to apply the whole file");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "reload rejected; the running configuration stays"),
+            },
         }
     }
 }

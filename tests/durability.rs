@@ -3,38 +3,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use hookrelay::store::{EventId, SledStore, Store};
 use http::StatusCode;
-
-/// Starts `hookrelay serve` and reads its JSON log until ingress listens.
-fn spawn_relay(config: &std::path::Path) -> (Child, SocketAddr) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-        .args(["--log-format", "json", "serve", "--config"])
-        .arg(config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = v["fields"]["listen"].as_str() {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
-                }
-            }
-        }
-    });
-    let addr = rx.recv_timeout(WAIT).expect("relay did not start listening");
-    (child, addr)
-}
 
 #[tokio::test]
 async fn acked_webhooks_survive_kill_9() {

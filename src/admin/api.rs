@@ -71,7 +71,7 @@ fn parse_id(raw: &str) -> Result<EventId> {
 }
 
 fn known_target(admin: &Admin, name: &str) -> Result<()> {
-    match admin.targets.iter().any(|t| t.name == name) {
+    match admin.targets().iter().any(|t| t.name == name) {
         true => Ok(()),
         false => Err(ApiError(StatusCode::NOT_FOUND, format!("no target is named {name:?}"))),
     }
@@ -87,7 +87,7 @@ fn attempt_json(a: &Attempt) -> Value {
 
 async fn targets(admin: &Admin) -> Result {
     let mut out = Vec::new();
-    for t in &admin.targets {
+    for t in &admin.targets() {
         let counts = admin.store.counts(&t.name).await?;
         let status = admin.workers.status(&t.name);
         out.push(json!({
@@ -105,10 +105,10 @@ async fn targets(admin: &Admin) -> Result {
 async fn pause(admin: &Admin, name: &str, action: &str) -> Result {
     known_target(admin, name)?;
     let control = if action == "pause" { Control::Pause } else { Control::Resume };
-    if !admin.workers.control(name, control).await {
+    if !admin.workers.control(name, control.clone()).await {
         return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the target's worker is not running".into()));
     }
-    Ok(reply(StatusCode::OK, json!({ "target": name, "paused": control == Control::Pause })))
+    Ok(reply(StatusCode::OK, json!({ "target": name, "paused": matches!(control, Control::Pause) })))
 }
 
 async fn events(admin: &Admin, query: &HashMap<String, String>) -> Result {

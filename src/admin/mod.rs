@@ -5,7 +5,7 @@ mod api;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use http::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -27,12 +27,13 @@ use crate::store::Store;
 
 /// What the admin listener serves from.
 pub struct Admin {
-    /// `None`: `/admin/*` is disabled.
-    pub token: Option<Secret>,
+    /// `None`: `/admin/*` is disabled. Replaced on reload.
+    pub token: RwLock<Option<Secret>>,
     pub store: Arc<dyn Store>,
     pub metrics: Metrics,
     pub workers: Arc<Workers>,
-    pub targets: Vec<Arc<Target>>,
+    /// The configured targets, in config order. Replaced on reload.
+    pub targets: RwLock<Vec<Arc<Target>>>,
     /// True while storage is open and ingress listens; `/readyz` answers from it.
     pub ready: Arc<AtomicBool>,
 }
@@ -58,6 +59,28 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
 }
 
 impl Admin {
+    pub fn new(
+        token: Option<Secret>,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        workers: Arc<Workers>,
+        targets: Vec<Arc<Target>>,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
+        Admin { token: RwLock::new(token), store, metrics, workers, targets: RwLock::new(targets), ready }
+    }
+
+    /// Takes a reloaded token and target list.
+    pub fn update(&self, token: Option<Secret>, targets: Vec<Arc<Target>>) {
+        *self.token.write().unwrap_or_else(|p| p.into_inner()) = token;
+        *self.targets.write().unwrap_or_else(|p| p.into_inner()) = targets;
+    }
+
+    /// The configured targets now.
+    pub fn targets(&self) -> Vec<Arc<Target>> {
+        self.targets.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Reply {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
@@ -71,10 +94,11 @@ impl Admin {
             },
             (_, "/metrics" | "/healthz" | "/readyz") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             (_, p) if p.starts_with("/admin/") => {
-                let Some(token) = &self.token else {
+                let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
+                let Some(token) = token else {
                     return error(StatusCode::NOT_FOUND, "not found (no admin.token is configured)");
                 };
-                if !authorized(token, &req) {
+                if !authorized(&token, &req) {
                     return error(StatusCode::UNAUTHORIZED, "unauthorized");
                 }
                 api::route(self, req).await

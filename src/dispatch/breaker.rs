@@ -69,6 +69,11 @@ impl Breaker {
         Breaker { settings, state: State::Closed { failures: 0 } }
     }
 
+    /// New thresholds from a reload; the current state stays.
+    pub fn set_settings(&mut self, settings: BreakerSettings) {
+        self.settings = settings;
+    }
+
     pub fn state(&self, now: Instant) -> CircuitState {
         match self.state {
             State::Closed { .. } => CircuitState::Closed,

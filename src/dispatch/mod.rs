@@ -9,7 +9,7 @@ mod upkeep;
 mod worker;
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch, Notify};
@@ -33,14 +33,20 @@ struct Handle {
 }
 
 /// The running workers, by target name: ingress wakes them, the admin API
-/// reads and steers them.
+/// reads and steers them, reload adds to them.
 #[derive(Debug, Default)]
-pub struct Workers(HashMap<String, Handle>);
+pub struct Workers(RwLock<HashMap<String, Handle>>);
 
 impl Workers {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Handle>> {
+        // A panic while holding the lock cannot leave the map half-changed.
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     pub fn wake<'a>(&self, targets: impl IntoIterator<Item = &'a str>) {
+        let workers = self.read();
         for t in targets {
-            if let Some(h) = self.0.get(t) {
+            if let Some(h) = workers.get(t) {
                 // Stores a permit if the worker is busy, so no wake is lost.
                 h.wake.notify_one();
             }
@@ -49,13 +55,14 @@ impl Workers {
 
     /// The live state of a target's worker; `None` for an unknown target.
     pub fn status(&self, target: &str) -> Option<TargetStatus> {
-        self.0.get(target).map(|h| *h.status.borrow())
+        self.read().get(target).map(|h| *h.status.borrow())
     }
 
-    /// Sends an operator's order to a target's worker; false for an unknown target.
+    /// Sends an order to a target's worker; false for an unknown target.
     pub async fn control(&self, target: &str, control: Control) -> bool {
-        match self.0.get(target) {
-            Some(h) => h.control.send(control).await.is_ok(),
+        let sender = self.read().get(target).map(|h| h.control.clone());
+        match sender {
+            Some(tx) => tx.send(control).await.is_ok(),
             None => false,
         }
     }
@@ -72,6 +79,8 @@ pub enum DispatchError {
 /// The running workers.
 pub struct Dispatcher {
     workers: Arc<Workers>,
+    store: Arc<dyn Store>,
+    metrics: Metrics,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -86,35 +95,62 @@ impl Dispatcher {
         retention: Duration,
         shutdown: CancellationToken,
     ) -> Result<Dispatcher, DispatchError> {
-        let paused = store.paused_targets().await?;
         let tasks = TaskTracker::new();
-        let mut workers = HashMap::new();
+        tasks.spawn(upkeep::purge(store.clone(), retention, shutdown.child_token()));
+        let dispatcher = Dispatcher { workers: Arc::default(), store, metrics, tasks, shutdown };
+        let paused = dispatcher.store.paused_targets().await?;
         for target in targets {
-            let wake = Arc::new(Notify::new());
-            let (control_tx, control) = mpsc::channel(8);
-            let is_paused = paused.contains(&target.name);
-            let (status_tx, status) =
-                watch::channel(TargetStatus { in_flight: 0, circuit: CircuitState::Closed, paused: is_paused });
-            let worker = worker::Worker::new(
-                target.clone(),
-                store.clone(),
-                metrics.clone(),
-                is_paused,
-                worker::Links { wake: wake.clone(), control, status: status_tx },
-                shutdown.child_token(),
-            )
-            .map_err(|message| DispatchError::Target { target: target.name.clone(), message })?;
-            tasks.spawn(worker.run());
-            tasks.spawn(upkeep::gauge_queue(
-                target.name.clone(),
-                store.clone(),
-                metrics.clone(),
-                shutdown.child_token(),
-            ));
-            workers.insert(target.name.clone(), Handle { wake, control: control_tx, status });
+            dispatcher.spawn_worker(target, paused.contains(&target.name))?;
         }
-        tasks.spawn(upkeep::purge(store, retention, shutdown.child_token()));
-        Ok(Dispatcher { workers: Arc::new(Workers(workers)), tasks, shutdown })
+        Ok(dispatcher)
+    }
+
+    fn spawn_worker(&self, target: &Arc<Target>, paused: bool) -> Result<(), DispatchError> {
+        let wake = Arc::new(Notify::new());
+        let (control_tx, control) = mpsc::channel(8);
+        let (status_tx, status) = watch::channel(TargetStatus { in_flight: 0, circuit: CircuitState::Closed, paused });
+        let worker = worker::Worker::new(
+            target.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            paused,
+            worker::Links { wake: wake.clone(), control, status: status_tx },
+            self.shutdown.child_token(),
+        )
+        .map_err(|message| DispatchError::Target { target: target.name.clone(), message })?;
+        self.tasks.spawn(worker.run());
+        let gauge = upkeep::gauge_queue(
+            target.name.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            self.shutdown.child_token(),
+        );
+        self.tasks.spawn(gauge);
+        let mut workers = self.workers.0.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        workers.insert(target.name.clone(), Handle { wake, control: control_tx, status });
+        Ok(())
+    }
+
+    /// Applies a reloaded target list: new targets get a worker, existing
+    /// ones take their new settings without dropping what is in flight. A
+    /// target no longer listed keeps its worker, with its last settings,
+    /// so that its queue drains (delivered or dead-lettered).
+    pub async fn apply(&self, targets: &[Arc<Target>]) -> Result<(), DispatchError> {
+        let paused = self.store.paused_targets().await?;
+        for target in targets {
+            let known = self.workers.read().contains_key(&target.name);
+            if known {
+                self.workers.control(&target.name, Control::Reconfigure(target.clone())).await;
+            } else {
+                self.spawn_worker(target, paused.contains(&target.name))?;
+                tracing::info!(target = %target.name, "target added");
+            }
+        }
+        let names: Vec<String> = self.workers.read().keys().cloned().collect();
+        for name in names.iter().filter(|n| !targets.iter().any(|t| &t.name == *n)) {
+            tracing::warn!(target = %name, "target removed from the config: its queued deliveries drain with its last settings");
+        }
+        Ok(())
     }
 
     pub fn workers(&self) -> Arc<Workers> {

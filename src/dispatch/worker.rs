@@ -29,10 +29,12 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 const IDLE_RECHECK: Duration = Duration::from_secs(30);
 
 /// What an operator asks of a worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Control {
     Pause,
     Resume,
+    /// New settings from a reloaded config.
+    Reconfigure(Arc<Target>),
 }
 
 /// A worker's live state, for the admin API.
@@ -93,11 +95,7 @@ impl Worker {
     ) -> Result<Self, String> {
         let Links { wake, control, status } = links;
         let client = client::client_for(&target)?;
-        let limiter = target.rate_limit.map(|r| {
-            let per_second = NonZeroU32::new(r.per_second).unwrap_or(NonZeroU32::MIN);
-            let burst = NonZeroU32::new(r.burst).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
-        });
+        let limiter = limiter_for(&target);
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Ok(Worker {
             breaker: Breaker::new(target.circuit_breaker),
@@ -222,12 +220,30 @@ impl Worker {
     }
 
     async fn on_control(&mut self, control: Control) {
-        let paused = control == Control::Pause;
+        let paused = match control {
+            Control::Pause => true,
+            Control::Resume => false,
+            Control::Reconfigure(target) => return self.reconfigure(target),
+        };
         if paused != self.paused {
             let action = if paused { "paused" } else { "resumed" };
             tracing::warn!(target = %self.target.name, "target {action} by an operator");
             self.set_paused(paused).await;
         }
+    }
+
+    /// Takes new settings; attempts in flight finish under the old ones.
+    fn reconfigure(&mut self, target: Arc<Target>) {
+        match client::client_for(&target) {
+            Ok(client) => self.client = client,
+            Err(e) => {
+                tracing::error!(target = %target.name, error = %e, "new settings rejected; the old ones stay");
+                return;
+            }
+        }
+        self.limiter = limiter_for(&target);
+        self.breaker.set_settings(target.circuit_breaker);
+        self.target = target;
     }
 
     /// Holds or releases the queue, and remembers it across restarts.
@@ -261,6 +277,14 @@ impl Worker {
             Some(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),
         }
     }
+}
+
+fn limiter_for(target: &Target) -> Option<DefaultDirectRateLimiter> {
+    target.rate_limit.map(|r| {
+        let per_second = NonZeroU32::new(r.per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(r.burst).unwrap_or(NonZeroU32::MIN);
+        RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
+    })
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -1,0 +1,63 @@
+//! Reload (SIGHUP): new routes and targets take effect without a restart;
+//! a broken file is rejected and the running configuration stays.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+#[tokio::test]
+async fn reload_adds_a_target_and_a_route_and_updates_a_target() {
+    let mut search = FakeTarget::start().await;
+    let mut audit = FakeTarget::start().await;
+    let targets = format!("  - name: search\n    url: \"{}\"\n", search.url("/"));
+    let t = start_relay(&targets, "  - { source: buttercms, events: [\"page.*\"], targets: [search] }").await;
+    let post_event = br#"{"data":{"id":"p1"},"webhook":{"event":"post.published"}}"#.to_vec();
+    assert_eq!(post_butter(t.addr, post_event.clone()).await.json()["targets"], 0);
+
+    let new_targets =
+        format!("{targets}    headers: {{ X-Version: \"2\" }}\n  - name: audit\n    url: \"{}\"\n", audit.url("/"));
+    let new_routes = "  - { source: buttercms, events: [\"page.*\"], targets: [search] }\n  - { source: buttercms, events: [\"post.*\"], targets: [audit] }";
+    let path = write_config(t.dir.path(), &relay_config(t.dir.path(), &new_targets, new_routes));
+    t.relay.reload(hookrelay::config::load(&path).unwrap()).await.unwrap();
+
+    let reply = post_butter(t.addr, br#"{"data":{"id":"p2"},"webhook":{"event":"post.published"}}"#.to_vec()).await;
+    assert_eq!(reply.json()["targets"], 1);
+    assert_eq!(audit.next().await.headers["webhook-id"], reply.json()["id"].as_str().unwrap());
+    post_butter(t.addr, butter_page(1)).await;
+    assert_eq!(search.next().await.headers["x-version"], "2", "search took its new headers");
+}
+
+#[tokio::test]
+async fn sighup_reloads_and_a_broken_file_is_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "", "");
+    let config = write_config(dir.path(), &text);
+    let (mut child, addr) = spawn_relay(&config);
+    let hup = |pid: u32| {
+        let ok = std::process::Command::new("kill").args(["-HUP", &pid.to_string()]).status().unwrap().success();
+        assert!(ok);
+    };
+
+    // A broken file: rejected, the relay keeps running with what it had.
+    std::fs::write(&config, format!("{text}\nbogus_key: 1\n")).unwrap();
+    hup(child.id());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "the relay died on a broken reload");
+    assert_eq!(post_butter(addr, fixture("buttercms-page-published.json")).await.status, StatusCode::ACCEPTED);
+
+    // A valid file with a new source: it takes effect.
+    let extra = "  - name: open\n    path: /hooks/open\n    format: cometcms\n    auth: { type: none }";
+    std::fs::write(&config, config_text(dir.path(), "", extra)).unwrap();
+    hup(child.id());
+    let body = fixture("cometcms-content-published.json");
+    eventually("the new source answers", || {
+        let body = body.clone();
+        async move { post(addr, "/hooks/open", &[], body).await.status == StatusCode::ACCEPTED }
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -93,12 +93,12 @@ impl Metrics {
                 "target",
                 exponential_buckets(0.001, 2.0, 16)?,
             )?,
-            // 1 ms to ~1.5 days.
+            // 1 ms to ~3 days.
             delivery_lag_seconds: histogram(
                 "hookrelay_delivery_lag_seconds",
                 "Time from receipt to successful delivery.",
                 "target",
-                exponential_buckets(0.001, 4.0, 14)?,
+                exponential_buckets(0.001, 4.0, 15)?,
             )?,
             queue_depth: gauge("hookrelay_queue_depth", "Deliveries waiting, per target.")?,
             dead_letters: gauge("hookrelay_dead_letters", "Dead-lettered deliveries, per target.")?,

@@ -387,6 +387,16 @@ where
 
 /// Starts `hookrelay serve` and reads its JSON log until ingress listens.
 pub fn spawn_relay(config: &std::path::Path) -> (std::process::Child, SocketAddr) {
+    let (child, addr, _) = spawn_relay_logged(config);
+    (child, addr)
+}
+
+/// The relay's JSON log lines, as they arrive.
+pub type Logs = Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Starts `hookrelay --log-format json serve` and reads its log until ingress
+/// listens; keeps collecting the log lines.
+pub fn spawn_relay_logged(config: &std::path::Path) -> (std::process::Child, SocketAddr, Logs) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
         .args(["--log-format", "json", "serve", "--config"])
         .arg(config)
@@ -396,15 +406,20 @@ pub fn spawn_relay(config: &std::path::Path) -> (std::process::Child, SocketAddr
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let logs: Logs = Arc::default();
+    let kept = logs.clone();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if let Some(addr) = v["fields"]["listen"].as_str() {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                if v["fields"]["message"] == "hookrelay ingress listening" {
+                    if let Some(addr) = v["fields"]["listen"].as_str() {
+                        let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                    }
                 }
             }
+            kept.lock().unwrap().push(line);
         }
     });
     let addr = rx.recv_timeout(WAIT).expect("relay did not start listening");
-    (child, addr)
+    (child, addr, logs)
 }

@@ -9,17 +9,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
+use http_body_util::BodyExt;
 
+mod common;
+
+use common::{connect, env_or, request, settings};
 use hookrelay::app::Relay;
 use hookrelay::store::{
     CommitStats, Delivery, EventId, EventMeta, Ingested, NewEvent, SledStore, Store, StoreError, StoredEvent,
 };
-
-const SECRET: &str = "bench-secret";
 
 /// The baseline: accepts everything, stores nothing.
 struct NoStore;
@@ -79,40 +77,10 @@ impl Store for NoStore {
     }
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
-}
-
-fn config(dir: &std::path::Path) -> hookrelay::config::Settings {
-    let text = format!(
-        r#"
-server: {{ listen: "127.0.0.1:0" }}
-admin: {{ listen: "127.0.0.1:0" }}
-storage: {{ path: "{}" }}
-sources:
-  - name: buttercms
-    path: /hooks/buttercms
-    format: buttercms
-    auth: {{ type: header, header: X-Webhook-Secret, values: ["{SECRET}"] }}
-targets:
-  - {{ name: search, url: "http://127.0.0.1:9/a" }}
-  - {{ name: cache, url: "http://127.0.0.1:9/b" }}
-routes:
-  - {{ source: buttercms, events: ["page.*"], targets: [search, cache] }}
-"#,
-        dir.join("data").display()
-    );
-    let path = dir.join("routes.yaml");
-    std::fs::write(&path, text).expect("write config");
-    hookrelay::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// A distinct ButterCMS page.published body (a new dedup key each time), in
-/// the shape of the vendor's fixture.
-fn body(n: u64) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"data":{{"id":"product-launch-{n}","buttercms_id":{n},"page_type":"landing","editor":"Marketing Team","name":"Product Launch Landing Page","timestamp":"2024-01-15T14:30:00","locale":null,"status":"published","updated":"2024-01-15T14:30:00.123456Z","published":"2024-01-15T14:30:00.123456Z","scheduled":null}},"webhook":{{"event":"page.published","target":"https://yourapp.com/webhooks/buttercms"}}}}"#
-    ))
+/// One ButterCMS source routing page events to two targets nothing listens on.
+fn bench_settings(dir: &std::path::Path) -> hookrelay::config::Settings {
+    let targets = ["search", "cache"].map(|t| (t.to_string(), format!("http://127.0.0.1:9/{t}")));
+    settings(dir, &targets)
 }
 
 struct Load {
@@ -143,11 +111,7 @@ async fn drive(addr: SocketAddr, conns: u64, secs: u64, rate: Option<u64>, count
         .map(|c| {
             let counter = counter.clone();
             tokio::spawn(async move {
-                let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-                tcp.set_nodelay(true).expect("nodelay");
-                let (mut sender, conn) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.expect("handshake");
-                tokio::spawn(conn);
+                let mut sender = connect(addr).await;
                 let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
                 let offset = interval.map(|i| i.mul_f64(c as f64 / conns as f64)).unwrap_or_default();
                 let (mut acks, mut errors, mut lat) = (0u64, 0u64, Vec::new());
@@ -165,13 +129,7 @@ async fn drive(addr: SocketAddr, conns: u64, secs: u64, rate: Option<u64>, count
                         break;
                     }
                     k += 1;
-                    let req = Request::post("/hooks/buttercms")
-                        .header("host", "bench")
-                        .header("content-type", "application/json")
-                        .header("x-webhook-secret", SECRET)
-                        .body(Full::new(body(counter.fetch_add(1, Ordering::Relaxed))))
-                        .expect("request");
-                    match sender.send_request(req).await {
+                    match sender.send_request(request(counter.fetch_add(1, Ordering::Relaxed))).await {
                         Ok(resp) => {
                             let ok = resp.status() == http::StatusCode::ACCEPTED;
                             let _ = resp.into_body().collect().await;
@@ -243,8 +201,8 @@ fn main() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let baseline =
-        server_rt.block_on(Relay::start_with_store(config(dir.path()), Arc::new(NoStore))).expect("baseline");
-    let settings = config(dir.path());
+        server_rt.block_on(Relay::start_with_store(bench_settings(dir.path()), Arc::new(NoStore))).expect("baseline");
+    let settings = bench_settings(dir.path());
     let sled = Arc::new(SledStore::open(&settings.storage.path, settings.storage.cache_bytes).expect("store"));
     let durable = server_rt.block_on(Relay::start_with_store(settings, sled.clone())).expect("relay");
 

@@ -234,3 +234,23 @@ async fn metrics_move_as_traffic_flows() {
         assert!(after.contains(needle), "missing {needle} in\n{after}");
     }
 }
+
+#[tokio::test]
+async fn readyz_turns_503_as_soon_as_shutdown_begins() {
+    use tokio::io::AsyncWriteExt;
+    let t = start().await;
+    let admin = t.relay.admin_addr;
+    // A request still in progress keeps shutdown in its grace period.
+    let mut slow = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let head = format!("POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {BUTTER_SECRET}\r\ncontent-length: 100\r\n\r\n{{");
+    slow.write_all(head.as_bytes()).await.unwrap();
+    let TestRelay { relay, dir: _dir, .. } = t;
+    let stopping = tokio::spawn(relay.stop(Duration::from_secs(10)));
+    let readyz = || async move {
+        let req = Request::get("/readyz").header("host", "admin").body(Full::new(Bytes::new())).unwrap();
+        send(admin, req).await.status
+    };
+    eventually("readyz 503", || async { readyz().await == StatusCode::SERVICE_UNAVAILABLE }).await;
+    assert!(!stopping.is_finished(), "shutdown should still be waiting for the slow request");
+    tokio::time::timeout(WAIT, stopping).await.expect("shutdown within its bound").unwrap().unwrap();
+}

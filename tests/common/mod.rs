@@ -246,17 +246,22 @@ impl Drop for FakeTarget {
 
 impl FakeTarget {
     pub async fn start() -> FakeTarget {
-        Self::serve(None).await
+        Self::serve(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), None).await
+    }
+
+    /// The same on a given address (a target coming back up where it was).
+    pub async fn start_at(addr: SocketAddr) -> FakeTarget {
+        Self::serve(tokio::net::TcpListener::bind(addr).await.unwrap(), None).await
     }
 
     /// The same over TLS with this server configuration.
     pub async fn start_tls(tls: rustls::ServerConfig) -> FakeTarget {
-        Self::serve(Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(listener, Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls)))).await
     }
 
-    async fn serve(tls: Option<tokio_rustls::TlsAcceptor>) -> FakeTarget {
+    async fn serve(listener: tokio::net::TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) -> FakeTarget {
         use std::sync::atomic::Ordering;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, received) = tokio::sync::mpsc::unbounded_channel();
         let script = Arc::new(std::sync::Mutex::new(Script::default()));

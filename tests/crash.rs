@@ -1,0 +1,120 @@
+//! Crash consistency: concurrent webhooks at the real binary, `kill -9` at
+//! random moments (during group commits and deliveries), restarts; every
+//! request that got a 202 must reach every matching target. Duplicates (a
+//! delivery in flight at a kill is made again) are counted and reported.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+/// Kills per run; `HOOKRELAY_CRASH_KILLS` raises it for a long run.
+fn kills() -> usize {
+    std::env::var("HOOKRELAY_CRASH_KILLS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+}
+
+#[tokio::test]
+async fn every_acked_webhook_reaches_every_target_across_kill_9() {
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "  - {{ name: a, url: \"{url}\", headers: {{ X-Target: a }}, retry: {{ initial_backoff: 20ms, max_backoff: 200ms }}, circuit_breaker: {{ open_for: 200ms }} }}\n  - {{ name: b, url: \"{url}\", headers: {{ X-Target: b }}, retry: {{ initial_backoff: 20ms, max_backoff: 200ms }}, circuit_breaker: {{ open_for: 200ms }} }}\n",
+        url = target.url("/")
+    );
+    let routes = "  - { source: buttercms, events: [\"*\"], targets: [a, b] }";
+    let config = write_config(dir.path(), &relay_config(dir.path(), &targets, routes));
+
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut sent = 0usize;
+    let kills = kills();
+    for round in 0..kills {
+        let (mut child, addr) = spawn_relay(&config);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let senders: Vec<_> = (0..4)
+            .map(|s| {
+                let (acked, stop) = (acked.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 5_000 {
+                        let body = butter_page(round * 1_000_000 + s * 100_000 + n);
+                        n += 1;
+                        let reply = tokio::time::timeout(Duration::from_secs(5), try_post(addr, body)).await;
+                        match reply {
+                            Ok(Some((StatusCode::ACCEPTED, id))) => {
+                                acked.lock().unwrap().insert(id);
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break, // killed
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        // Kill at a random moment, 150 to 700 ms in.
+        tokio::time::sleep(Duration::from_millis(150 + fastrand::u64(0..550))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in senders {
+            sent += s.await.unwrap();
+        }
+    }
+
+    // A last start: everything acked must arrive at both targets.
+    let (mut child, _) = spawn_relay(&config);
+    let acked = acked.lock().unwrap().clone();
+    let mut seen: HashMap<(String, String), usize> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = |seen: &HashMap<(String, String), usize>| {
+        acked
+            .iter()
+            .filter(|id| ["a", "b"].iter().any(|t| !seen.contains_key(&(id.to_string(), t.to_string()))))
+            .count()
+    };
+    while missing(&seen) > 0 {
+        assert!(Instant::now() < deadline, "{} acked webhooks never arrived", missing(&seen));
+        let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), target.received.recv()).await else {
+            continue;
+        };
+        let key = (
+            got.headers["webhook-id"].to_str().unwrap().to_string(),
+            got.headers["x-target"].to_str().unwrap().to_string(),
+        );
+        *seen.entry(key).or_default() += 1;
+    }
+    // Drain what else arrives, to count duplicates honestly.
+    while let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(500), target.received.recv()).await {
+        let key = (
+            got.headers["webhook-id"].to_str().unwrap().to_string(),
+            got.headers["x-target"].to_str().unwrap().to_string(),
+        );
+        *seen.entry(key).or_default() += 1;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    println!(
+        "crash run: {kills} kills, {sent} webhooks sent, {} acked, 0 lost, {duplicates} duplicate deliveries of {}",
+        acked.len(),
+        seen.len()
+    );
+    assert!(acked.len() > 20, "too few acked to mean anything: {}", acked.len());
+}
+
+/// One webhook on a fresh connection: the status and the id, or `None` when
+/// the relay is gone.
+async fn try_post(addr: std::net::SocketAddr, body: Vec<u8>) -> Option<(StatusCode, String)> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await.ok()?;
+    tokio::spawn(conn);
+    let resp = tx.send_request(request("/hooks/buttercms", &[("x-webhook-secret", BUTTER_SECRET)], body)).await.ok()?;
+    let status = resp.status();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.ok()?.to_bytes();
+    let id = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["id"].as_str().unwrap_or_default().to_string();
+    Some((status, id))
+}

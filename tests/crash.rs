@@ -68,32 +68,35 @@ async fn every_acked_webhook_reaches_every_target_across_kill_9() {
     // A last start: everything acked must arrive at both targets.
     let (mut child, _) = spawn_relay(&config);
     let acked = acked.lock().unwrap().clone();
+    let mut outstanding: HashSet<(String, String)> =
+        acked.iter().flat_map(|id| ["a", "b"].map(|t| (id.clone(), t.to_string()))).collect();
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let missing = |seen: &HashMap<(String, String), usize>| {
-        acked
-            .iter()
-            .filter(|id| ["a", "b"].iter().any(|t| !seen.contains_key(&(id.to_string(), t.to_string()))))
-            .count()
-    };
-    while missing(&seen) > 0 {
-        assert!(Instant::now() < deadline, "{} acked webhooks never arrived", missing(&seen));
-        let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), target.received.recv()).await else {
-            continue;
-        };
+    let mut note = |got: Received, outstanding: &mut HashSet<(String, String)>| {
         let key = (
             got.headers["webhook-id"].to_str().unwrap().to_string(),
             got.headers["x-target"].to_str().unwrap().to_string(),
         );
+        outstanding.remove(&key);
         *seen.entry(key).or_default() += 1;
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !outstanding.is_empty() {
+        if Instant::now() >= deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!(
+                "{} acked deliveries never arrived; {}",
+                outstanding.len(),
+                diagnose(dir.path(), &outstanding).await
+            );
+        }
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), target.received.recv()).await {
+            note(got, &mut outstanding);
+        }
     }
     // Drain what else arrives, to count duplicates honestly.
     while let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(500), target.received.recv()).await {
-        let key = (
-            got.headers["webhook-id"].to_str().unwrap().to_string(),
-            got.headers["x-target"].to_str().unwrap().to_string(),
-        );
-        *seen.entry(key).or_default() += 1;
+        note(got, &mut outstanding);
     }
     child.kill().unwrap();
     child.wait().unwrap();
@@ -117,4 +120,22 @@ async fn try_post(addr: std::net::SocketAddr, body: Vec<u8>) -> Option<(StatusCo
     let bytes = http_body_util::BodyExt::collect(resp.into_body()).await.ok()?.to_bytes();
     let id = serde_json::from_slice::<serde_json::Value>(&bytes).ok()?["id"].as_str().unwrap_or_default().to_string();
     Some((status, id))
+}
+
+/// What the store says about the deliveries that did not arrive.
+async fn diagnose(dir: &std::path::Path, outstanding: &HashSet<(String, String)>) -> String {
+    use hookrelay::store::{SledStore, Store};
+    let store = SledStore::open(&dir.join("data"), 8 << 20).unwrap();
+    let mut out = String::new();
+    for t in ["a", "b"] {
+        out += &format!("target {t}: {:?}; ", store.counts(t).await.unwrap());
+    }
+    for (id, target) in outstanding.iter().take(3) {
+        let parsed = id.parse().unwrap();
+        let stored = store.event(parsed).await.unwrap().is_some();
+        let states: Vec<_> =
+            store.deliveries(parsed).await.unwrap().into_iter().map(|d| (d.target, d.record.state)).collect();
+        out += &format!("\n{id} to {target}: stored={stored} deliveries={states:?}");
+    }
+    out
 }

@@ -31,6 +31,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Dispatch(#[from] DispatchError),
+    #[error("storage failed; restart hookrelay once the disk is usable (nothing acknowledged was lost)")]
+    StoreFailed,
 }
 
 /// A running relay.
@@ -48,6 +50,8 @@ pub struct Relay {
     dispatcher: Dispatcher,
     /// Stops the admin listener, last of all.
     admin_shutdown: CancellationToken,
+    /// The admin listener, stopped and awaited last.
+    admin_task: tokio::task::JoinHandle<()>,
     admin: Arc<Admin>,
     /// What was started with and only a restart changes.
     fixed: Fixed,
@@ -106,7 +110,7 @@ impl Relay {
             ready.clone(),
         ));
         let tasks = TaskTracker::new();
-        tokio::spawn(admin::serve(admin_listener, admin.clone(), admin_shutdown.clone()));
+        let admin_task = tokio::spawn(admin::serve(admin_listener, admin.clone(), admin_shutdown.clone()));
         tasks.spawn(ingress::serve(
             listener,
             settings.server.tls.clone(),
@@ -133,6 +137,7 @@ impl Relay {
             tasks,
             dispatcher,
             admin_shutdown,
+            admin_task,
             admin,
             fixed: Fixed::of(&settings),
             routes: routes_tx,
@@ -152,6 +157,9 @@ impl Relay {
         self.dispatcher.stop(grace).await;
         let closed = self.store.close().await;
         self.admin_shutdown.cancel();
+        if self.admin_task.await.is_err() {
+            tracing::error!("the admin listener task panicked");
+        }
         closed
     }
 }
@@ -200,11 +208,29 @@ impl Relay {
 pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let path = settings.path.clone();
     let relay = Relay::start(settings).await?;
-    wait_for_signal(&relay, &path).await;
+    let store_failed = tokio::select! {
+        _ = wait_for_signal(&relay, &path) => false,
+        _ = store_failure(&relay) => true,
+    };
     tracing::info!("shutting down");
-    relay.stop(SHUTDOWN_GRACE).await?;
+    // A failed store cannot flush: its close error is expected then.
+    let stopped = relay.stop(SHUTDOWN_GRACE).await;
+    if store_failed {
+        tracing::error!("storage failed: stopped so that a supervisor restarts hookrelay once the disk is usable");
+        return Err(StartError::StoreFailed);
+    }
+    stopped?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Returns once the store has failed for good (a full disk, an fsync error):
+/// only a restart reopens it, and nothing acknowledged is lost by stopping.
+async fn store_failure(relay: &Relay) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    while relay.store.healthy() {
+        tick.tick().await;
+    }
 }
 
 /// Waits for SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.

@@ -88,7 +88,7 @@ impl Admin {
                 text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
             }
             (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
-            (&Method::GET, "/readyz") => match self.ready.load(Ordering::SeqCst) {
+            (&Method::GET, "/readyz") => match self.ready.load(Ordering::SeqCst) && self.store.healthy() {
                 true => text(StatusCode::OK, "text/plain", "ready\n".into()),
                 false => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
             },

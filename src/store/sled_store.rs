@@ -184,6 +184,10 @@ impl Store for SledStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         self.writer.stop();
+        if self.writer.failed() {
+            // What was acknowledged is on disk already; sled cannot flush now.
+            return Err(StoreError::Failed("closed after a storage failure".into()));
+        }
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Io(e.to_string()))??;
         Ok(())
@@ -218,7 +222,9 @@ impl DiskSync {
     }
 
     fn sync(&mut self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        // sled refuses every write after an I/O error of its own (a full
+        // disk, say) until it is reopened: that is fatal here too.
+        self.db.flush().map_err(|e| StoreError::Failed(format!("sled could not write: {e}")))?;
         // After a failed fsync the kernel may have dropped the dirty pages and
         // marked them clean: a later fsync would "succeed" without them.
         let fatal = |e: StoreError| StoreError::Failed(format!("fsync failed: {e}"));

@@ -137,6 +137,12 @@ impl Drop for Writer {
     }
 }
 
+/// sled refuses every later write after an I/O error of its own, until it
+/// is reopened: a failed write is fatal.
+fn sled_failed(e: sled::Error) -> StoreError {
+    StoreError::Failed(format!("sled refused a write: {e}"))
+}
+
 /// Answers every job with the failure that stopped the writer.
 fn refuse(jobs: Vec<Job>) {
     let failed = || StoreError::Failed("an earlier fsync failed".into());
@@ -171,16 +177,16 @@ fn round(
             Job::Mutate { plan, reply } => mutations.push((plan, reply)),
         }
     }
-    let mut written = db.apply_batch(batch).map_err(StoreError::from);
+    let mut written = db.apply_batch(batch).map_err(sled_failed);
     let mut answers = Vec::with_capacity(mutations.len());
     for (plan, reply) in mutations {
         let answer = match &written {
             Err(e) => Err(e.clone()),
-            Ok(()) => plan(db).and_then(|(b, answer)| db.apply_batch(b).map(|()| answer).map_err(StoreError::from)),
+            Ok(()) => plan(db).and_then(|(b, answer)| db.apply_batch(b).map(|()| answer).map_err(sled_failed)),
         };
-        if let Err(StoreError::Io(e)) = &answer {
+        if let Err(StoreError::Failed(e)) = &answer {
             // A write failure taints the round; a planning error is the job's own.
-            written = Err(StoreError::Io(e.clone()));
+            written = Err(StoreError::Failed(e.clone()));
         }
         answers.push((reply, answer));
     }

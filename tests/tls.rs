@@ -85,3 +85,50 @@ async fn plaintext_on_the_tls_port_gets_no_http_answer() {
     let _ = tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer)).await;
     assert!(!answer.starts_with(b"HTTP/"), "{:?}", String::from_utf8_lossy(&answer));
 }
+
+#[tokio::test]
+async fn tls_1_0_and_1_1_clients_are_refused() {
+    let t = start_tls().await;
+    let Ok(version) = std::process::Command::new("openssl").arg("version").output() else {
+        println!("SKIPPED: no openssl client on this machine");
+        return;
+    };
+    assert!(version.status.success());
+    let addr = t.relay.addr.to_string();
+    for flag in ["-tls1", "-tls1_1"] {
+        let addr = addr.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &addr,
+                    flag,
+                    "-cipher",
+                    "DEFAULT:@SECLEVEL=0",
+                    "-servername",
+                    "localhost",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(!out.status.success(), "{flag} handshake succeeded:\n{text}");
+        // openssl says "New, TLSv1.x, Cipher is ..." only for a session it established.
+        assert!(!text.contains("New, TLSv1"), "{flag}: {text}");
+    }
+    // The same tool at TLS 1.2 gets through, so the refusals above are about the version.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr, "-tls1_2", "-servername", "localhost"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("New, TLSv1.2"), "{}", String::from_utf8_lossy(&out.stdout));
+}

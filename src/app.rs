@@ -31,6 +31,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("{0}")]
     Dispatch(#[from] DispatchError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
     #[error("storage failed; restart hookrelay once the disk is usable (nothing acknowledged was lost)")]
     StoreFailed,
 }
@@ -80,14 +82,8 @@ impl Relay {
         let ingress_addr = listener.local_addr().map_err(|source| StartError::Bind { addr, source })?;
         let metrics = Metrics::new()?;
         let shutdown = CancellationToken::new();
-        let dispatcher = Dispatcher::start(
-            &settings.targets,
-            store.clone(),
-            metrics.clone(),
-            settings.storage.retention,
-            CancellationToken::new(),
-        )
-        .await?;
+        let dispatcher =
+            Dispatcher::start(&settings.targets, store.clone(), metrics.clone(), settings.storage.retention).await?;
         let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new(&settings)));
         let ingress = Arc::new(Ingress {
             routes: routes_rx,
@@ -97,7 +93,7 @@ impl Relay {
         });
         let admin_addr = settings.admin.listen;
         let admin_listener =
-            admin::bind(admin_addr).await.map_err(|source| StartError::Bind { addr: admin_addr, source })?;
+            TcpListener::bind(admin_addr).await.map_err(|source| StartError::Bind { addr: admin_addr, source })?;
         let admin_addr = admin_listener.local_addr().map_err(|source| StartError::Bind { addr: admin_addr, source })?;
         let ready = Arc::new(AtomicBool::new(false));
         let admin_shutdown = CancellationToken::new();
@@ -207,9 +203,11 @@ impl Relay {
 /// Runs the relay until SIGTERM or SIGINT; SIGHUP re-reads the config file.
 pub async fn serve(settings: Settings) -> Result<(), StartError> {
     let path = settings.path.clone();
+    // Before starting: a SIGHUP's default action would end the process.
+    let signals = Signals::install()?;
     let relay = Relay::start(settings).await?;
     let store_failed = tokio::select! {
-        _ = wait_for_signal(&relay, &path) => false,
+        _ = signals.wait(&relay, &path) => false,
         _ = store_failure(&relay) => true,
     };
     tracing::info!("shutting down");
@@ -233,28 +231,40 @@ async fn store_failure(relay: &Relay) {
     }
 }
 
-/// Waits for SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.
-async fn wait_for_signal(relay: &Relay, config: &std::path::Path) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
-        tracing::warn!("cannot install signal handlers; stopping on Ctrl-C only");
-        let _ = tokio::signal::ctrl_c().await;
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => match crate::config::load(config) {
-                Ok(settings) => {
-                    if let Err(e) = relay.reload(settings).await {
-                        tracing::error!(error = %e, "reload failed part way; restart to apply the whole file");
+/// SIGTERM, SIGINT and SIGHUP, caught from before the relay starts.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, StartError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let install = |kind| signal(kind).map_err(StartError::Signals);
+        Ok(Signals {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            hup: install(SignalKind::hangup())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT, reloading on each SIGHUP meanwhile.
+    async fn wait(self, relay: &Relay, config: &std::path::Path) {
+        let Signals { mut term, mut int, mut hup } = self;
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = int.recv() => return,
+                _ = hup.recv() => match crate::config::load(config) {
+                    Ok(settings) => {
+                        if let Err(e) = relay.reload(settings).await {
+                            tracing::error!(error = %e, "reload failed part way; restart to apply the whole file");
+                        }
                     }
-                }
-                Err(e) => tracing::error!(error = %e, "reload rejected; the running configuration stays"),
-            },
+                    Err(e) => tracing::error!(error = %e, "reload rejected; the running configuration stays"),
+                },
+            }
         }
     }
 }

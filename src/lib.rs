@@ -23,5 +23,6 @@ pub mod config;
 pub mod dispatch;
 pub mod ingress;
 pub mod metrics;
+pub mod respond;
 pub mod send;
 pub mod store;

@@ -1,4 +1,4 @@
-//! The Prometheus metrics of DESIGN §6, registered once; every metric name lives here.
+//! The Prometheus metrics (README, "Metrics"), registered once; every metric name lives here.
 
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,

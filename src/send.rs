@@ -156,7 +156,7 @@ fn sign(auth: &Auth, body: &[u8], now: SystemTime) -> Result<Headers, String> {
         }
         Auth::StandardWebhooks { secrets, .. } => {
             let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
-            let ts = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+            let ts = crate::store::unix_secs(now);
             let signature = standard_webhooks_signature(&first(secrets)?, &id, ts, body);
             vec![
                 header("webhook-id", id)?,

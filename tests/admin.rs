@@ -1,4 +1,4 @@
-//! The admin listener (DESIGN §5, §6): health, metrics, and every `/admin/*` endpoint.
+//! The admin listener (README, "Operating hookrelay"): health, metrics, and every `/admin/*` endpoint.
 
 mod common;
 

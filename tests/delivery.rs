@@ -1,4 +1,4 @@
-//! Delivery (DESIGN §1, §4) against real HTTP fake targets on 127.0.0.1.
+//! Delivery (README, "What a target receives") against real HTTP fake targets on 127.0.0.1.
 
 mod common;
 

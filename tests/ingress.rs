@@ -1,4 +1,4 @@
-//! The ingress contract (DESIGN §3), row by row, against the real server on 127.0.0.1.
+//! The ingress contract (README, "What the CMS sees"), row by row, against the real server on 127.0.0.1.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The `/admin/*` endpoints of DESIGN §5: JSON in and out.
+//! The `/admin/*` endpoints (README, "Admin listener"): JSON in and out.
 
 use std::collections::HashMap;
 use std::time::{Duration, UNIX_EPOCH};

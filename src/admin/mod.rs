@@ -3,14 +3,11 @@
 
 mod api;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
-use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::header::AUTHORIZATION;
+use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -23,6 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Secret, Target};
 use crate::dispatch::Workers;
 use crate::metrics::Metrics;
+use crate::respond;
 use crate::store::Store;
 
 /// What the admin listener serves from.
@@ -38,25 +36,7 @@ pub struct Admin {
     pub ready: Arc<AtomicBool>,
 }
 
-type Reply = Response<Full<Bytes>>;
-
-pub(crate) fn json(status: StatusCode, body: serde_json::Value) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    r
-}
-
-pub(crate) fn error(status: StatusCode, message: &str) -> Reply {
-    json(status, serde_json::json!({ "error": message }))
-}
-
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Reply {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
-    r
-}
+pub(crate) use crate::respond::{error, json, Reply};
 
 impl Admin {
     pub fn new(
@@ -85,12 +65,12 @@ impl Admin {
         let path = req.uri().path().to_string();
         match (req.method(), path.as_str()) {
             (&Method::GET, "/metrics") => {
-                text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
+                respond::with(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render())
             }
-            (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n".into()),
+            (&Method::GET, "/healthz") => respond::with(StatusCode::OK, "text/plain", "ok\n"),
             (&Method::GET, "/readyz") => match self.ready.load(Ordering::SeqCst) && self.store.healthy() {
-                true => text(StatusCode::OK, "text/plain", "ready\n".into()),
-                false => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".into()),
+                true => respond::with(StatusCode::OK, "text/plain", "ready\n"),
+                false => respond::with(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
             },
             (_, "/metrics" | "/healthz" | "/readyz") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
             (_, p) if p.starts_with("/admin/") => {
@@ -113,11 +93,6 @@ fn authorized(token: &Secret, req: &Request<Incoming>) -> bool {
     let given =
         req.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
     token.expose().ct_eq(given).into()
-}
-
-/// Binds the admin listener.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
 
 /// Serves the admin listener until `shutdown`.

@@ -30,7 +30,7 @@ pub struct ServerSettings {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Largest request body accepted, in bytes.
     pub max_body: u64,
-    /// Time allowed to read a whole request, headers and body.
+    /// Time allowed for each of: the TLS handshake, the request head, the body.
     pub request_timeout: Duration,
 }
 

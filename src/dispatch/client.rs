@@ -1,9 +1,9 @@
-//! One delivery attempt: the request of DESIGN §4 (the original body byte for
+//! One delivery attempt: the request of README's "What a target receives" (the original body byte for
 //! byte, `webhook-*` and `x-hookrelay-*` headers, the target's own headers,
 //! no upstream credential), sent with the target's timeout.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, USER_AGENT};
@@ -87,7 +87,7 @@ pub fn build_request(
     now: SystemTime,
 ) -> Result<Request<Full<Bytes>>, String> {
     let id = event.id.to_string();
-    let timestamp = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let timestamp = crate::store::unix_secs(now);
     let content_type = event.meta.content_type.as_deref().unwrap_or("application/json");
     let mut req = Request::post(target.url.clone())
         .header(CONTENT_TYPE, content_type)

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use breaker::{Breaker, CircuitState, Permit};
+pub use breaker::CircuitState;
 pub use worker::{Control, TargetStatus};
 
 use crate::config::Target;
@@ -93,9 +93,8 @@ impl Dispatcher {
         store: Arc<dyn Store>,
         metrics: Metrics,
         retention: Duration,
-        shutdown: CancellationToken,
     ) -> Result<Dispatcher, DispatchError> {
-        let tasks = TaskTracker::new();
+        let (tasks, shutdown) = (TaskTracker::new(), CancellationToken::new());
         tasks.spawn(upkeep::purge(store.clone(), retention, shutdown.child_token()));
         let dispatcher = Dispatcher { workers: Arc::default(), store, metrics, tasks, shutdown };
         let paused = dispatcher.store.paused_targets().await?;

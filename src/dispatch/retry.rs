@@ -19,14 +19,6 @@ pub enum Verdict {
     Permanent,
 }
 
-impl Verdict {
-    /// Whether the target looked down, for the circuit breaker. A 4xx means
-    /// it is up and answering.
-    pub fn is_failure(&self) -> bool {
-        matches!(self, Verdict::Retry { .. })
-    }
-}
-
 /// Classifies an HTTP status. `retry_after` is the parsed header, if any.
 pub fn classify(status: u16, retry_after: Option<Duration>) -> Verdict {
     match status {

@@ -47,7 +47,7 @@ pub struct TargetStatus {
 
 /// How the rest of the relay reaches a worker.
 pub struct Links {
-    /// Rung by ingress when a new event for the target is stored.
+    /// Rung when deliveries are queued for the target (a new event, a redelivery, a replay).
     pub wake: Arc<Notify>,
     pub control: mpsc::Receiver<Control>,
     pub status: tokio::sync::watch::Sender<TargetStatus>,
@@ -74,7 +74,7 @@ pub struct Worker {
     in_flight: HashSet<EventId>,
     reports_tx: mpsc::UnboundedSender<Report>,
     reports: mpsc::UnboundedReceiver<Report>,
-    /// Rung by ingress when a new event for this target is stored.
+    /// Rung when deliveries are queued for this target (a new event, a redelivery, a replay).
     wake: Arc<Notify>,
     control: mpsc::Receiver<Control>,
     status: tokio::sync::watch::Sender<TargetStatus>,

@@ -1,7 +1,7 @@
 //! Source authentication: the only way to turn a request body into a
 //! [`Verified`] one. Every comparison of a secret or signature is constant-time.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
@@ -99,7 +99,7 @@ fn standard_webhooks(
         .trim()
         .parse()
         .map_err(|_| AuthFailure::Malformed { header: "webhook-timestamp".into(), why: "not unix seconds" })?;
-    let now_s = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
+    let now_s = crate::store::unix_secs(now);
     let skew = ts.saturating_sub(now_s);
     if skew.unsigned_abs() > tolerance.as_secs() {
         return Err(AuthFailure::StaleTimestamp(skew));
@@ -161,7 +161,7 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AuthFai
         .map_err(|_| AuthFailure::Malformed { header: name.to_string(), why: "not UTF-8" })
 }
 
-pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
         return None;
     }
@@ -169,7 +169,13 @@ pub fn decode_hex(s: &str) -> Option<Vec<u8>> {
 }
 
 pub fn encode_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    out
 }
 
 #[cfg(test)]

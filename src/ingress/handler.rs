@@ -6,10 +6,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
 use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
-use http::{Method, Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use tokio::sync::watch;
 
@@ -18,6 +17,7 @@ use super::formats::{self, FormatError};
 use crate::config::{Settings, Source};
 use crate::dispatch::Workers;
 use crate::metrics::{IngressOutcome, Metrics};
+use crate::respond::{self, Reply};
 use crate::store::{Ingested, NewEvent, Store, StoreError};
 
 /// What ingress reads on every request; replaced whole on reload.
@@ -71,7 +71,7 @@ impl Reject {
         }
     }
 
-    fn response(&self, version: Version) -> Response<Full<Bytes>> {
+    fn response(&self, version: Version) -> Reply {
         let (status, message) = match self {
             Reject::Forbidden => (StatusCode::FORBIDDEN, "forbidden".to_string()),
             Reject::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload too large".to_string()),
@@ -81,7 +81,7 @@ impl Reject {
             Reject::Invalid(e) => (StatusCode::BAD_REQUEST, e.to_string()),
             Reject::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable".to_string()),
         };
-        let mut r = json(status, serde_json::json!({ "error": message }));
+        let mut r = respond::error(status, &message);
         // An unread body may still be on the wire: HTTP/1 cannot reuse the connection.
         if matches!(self, Reject::TooLarge | Reject::Timeout) && version < Version::HTTP_2 {
             r.headers_mut().insert(CONNECTION, http::HeaderValue::from_static("close"));
@@ -117,23 +117,16 @@ impl Reject {
     }
 }
 
-fn json(status: StatusCode, body: serde_json::Value) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
-    r
-}
-
 impl Ingress {
     /// Answers one request. Never fails: every problem is a status code.
-    pub async fn handle(&self, peer: IpAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(&self, peer: IpAddr, req: Request<Incoming>) -> Reply {
         let started = Instant::now();
         let routes = self.routes.borrow().clone();
         let Some(source) = routes.by_path.get(req.uri().path()).cloned() else {
-            return json(StatusCode::NOT_FOUND, serde_json::json!({ "error": "not found" }));
+            return respond::error(StatusCode::NOT_FOUND, "not found");
         };
         if req.method() != Method::POST {
-            let mut r = json(StatusCode::METHOD_NOT_ALLOWED, serde_json::json!({ "error": "method not allowed" }));
+            let mut r = respond::error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
             r.headers_mut().insert(ALLOW, http::HeaderValue::from_static("POST"));
             return r;
         }
@@ -147,12 +140,15 @@ impl Ingress {
                     Ingested::Accepted { id, targets } => (
                         IngressOutcome::Accepted,
                         id,
-                        json(StatusCode::ACCEPTED, serde_json::json!({ "id": id.to_string(), "targets": targets })),
+                        respond::json(
+                            StatusCode::ACCEPTED,
+                            serde_json::json!({ "id": id.to_string(), "targets": targets }),
+                        ),
                     ),
                     Ingested::Duplicate { id } => (
                         IngressOutcome::Duplicate,
                         id,
-                        json(StatusCode::OK, serde_json::json!({ "id": id.to_string(), "duplicate": true })),
+                        respond::json(StatusCode::OK, serde_json::json!({ "id": id.to_string(), "duplicate": true })),
                     ),
                 };
                 self.metrics.ingress(&source.name, outcome, elapsed);
@@ -195,19 +191,17 @@ impl Ingress {
             auth::verify(&source.auth, &parts.headers, body, SystemTime::now()).map_err(Reject::Unauthorized)?;
         let parsed = formats::parse(&source.format, &parts.headers, verified.body()).map_err(Reject::Invalid)?;
         let event = parsed.event.clone();
-        let targets = source.targets_for(&event);
-        let owned = targets.iter().map(|t| t.to_string()).collect();
+        let targets: Vec<String> = source.targets_for(&event).into_iter().map(String::from).collect();
         let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
-        let new = NewEvent::new(source, verified, parsed, content_type, owned);
+        let new = NewEvent::new(source, verified, parsed, content_type, targets.clone());
         // Storing and waking run in a task of their own: if the client hangs
         // up meanwhile, this future is dropped, but an event that becomes
         // durable must still wake its workers.
         let (store, workers) = (self.store.clone(), self.workers.clone());
-        let names: Vec<String> = targets.iter().map(|t| t.to_string()).collect();
         let ingested = tokio::spawn(async move {
             let ingested = store.ingest(new).await?;
             if matches!(ingested, Ingested::Accepted { .. }) {
-                workers.wake(names.iter().map(String::as_str));
+                workers.wake(targets.iter().map(String::as_str));
             }
             Ok(ingested)
         })

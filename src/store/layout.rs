@@ -3,8 +3,8 @@
 //! - `e/{id}`: the event: a version byte, the [`EventMeta`] JSON's length
 //!   (u32, big-endian), the JSON, then the body, raw
 //! - `q/{target}\0{due}{id}`: empty; the queue of pending deliveries, by due time
-//! - `d/{target}\0{id}`: [`DeliveryRecord`] JSON, written from the first attempt
-//!   on; a pending delivery never tried has only its queue entry
+//! - `d/{target}\0{id}`: [`DeliveryRecord`] JSON, written at its first attempt
+//!   or requeue; a pending delivery never tried has only its queue entry
 //! - `k/{source}\0{sha256 of dedup key}`: `{id}{expires}`
 //! - `x/{target}\0{id}`: the reason; the dead letters of a target
 //! - `p/{target}`: empty; the target is paused
@@ -76,7 +76,8 @@ pub fn encode_event(meta: &EventMeta, body: &[u8]) -> Result<Vec<u8>, StoreError
     Ok(v)
 }
 
-pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreError> {
+/// An event record's metadata, and where its body starts.
+fn split_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, usize), StoreError> {
     let bad = |why: &str| corrupt(key, why);
     if v.first() != Some(&EVENT_V1) || v.len() < 5 {
         return Err(bad("unknown event record version"));
@@ -84,7 +85,17 @@ pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreErr
     let len = u32::from_be_bytes([v[1], v[2], v[3], v[4]]) as usize;
     let json = v.get(5..5 + len).ok_or_else(|| bad("truncated event record"))?;
     let meta = serde_json::from_slice(json).map_err(|e| corrupt(key, e))?;
-    Ok((meta, Bytes::copy_from_slice(&v[5 + len..])))
+    Ok((meta, 5 + len))
+}
+
+/// An event record's metadata, without copying its body.
+pub fn decode_meta(key: &[u8], v: &[u8]) -> Result<EventMeta, StoreError> {
+    split_event(key, v).map(|(meta, _)| meta)
+}
+
+pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreError> {
+    let (meta, body_at) = split_event(key, v)?;
+    Ok((meta, Bytes::copy_from_slice(&v[body_at..])))
 }
 
 /// Adds an event's records to `batch`, unless its dedup key is live in sled
@@ -130,11 +141,16 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))
 }
 
-fn get_record(db: &sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
+/// A JSON record, or `None`.
+pub fn get_json<T: serde::de::DeserializeOwned>(db: &sled::Db, key: &[u8]) -> Result<Option<T>, StoreError> {
     match db.get(key)? {
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| corrupt(key, e)),
     }
+}
+
+fn get_record(db: &sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
+    get_json(db, key)
 }
 
 /// Reads the due part of a target's queue.
@@ -250,7 +266,7 @@ pub fn plan_purge(
             return Ok((batch, purged, last));
         }
         let (k, v) = item?;
-        let (meta, _) = decode_event(&k, &v)?;
+        let meta = decode_meta(&k, &v)?;
         if meta.received_ms >= cutoff_ms {
             // Ids sort by arrival: everything after this is younger.
             return Ok((batch, purged, None));
@@ -290,7 +306,7 @@ pub fn plan_purge(
 pub fn plan_requeue(db: &sled::Db, target: &str, id: EventId, now_ms: u64) -> Result<Option<sled::Batch>, StoreError> {
     let ekey = event_key(id);
     let Some(v) = db.get(&ekey)? else { return Ok(None) };
-    let (meta, _) = decode_event(&ekey, &v)?;
+    let meta = decode_meta(&ekey, &v)?;
     if !meta.targets.iter().any(|t| t == target) {
         return Ok(None);
     }

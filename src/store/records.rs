@@ -46,6 +46,11 @@ impl FromStr for EventId {
     }
 }
 
+/// Whole seconds since the Unix epoch at `at` (0 before it).
+pub fn unix_secs(at: SystemTime) -> i64 {
+    at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_millis() as u64

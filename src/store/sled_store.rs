@@ -1,4 +1,4 @@
-//! The embedded store: sled, one tree (see [`super::layout`]), every ingest
+//! The embedded store: sled, one tree (see [`super::layout`]), every write
 //! through the single writer, and a sync that survives power loss.
 
 use std::collections::HashSet;
@@ -35,11 +35,9 @@ impl SledStore {
         &self.writer.stats
     }
 
-    fn get_json<T: serde::de::DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, StoreError> {
-        match self.db.get(key)? {
-            None => Ok(None),
-            Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| corrupt(key, e)),
-        }
+    fn get_meta(&self, id: EventId) -> Result<Option<EventMeta>, StoreError> {
+        let key = event_key(id);
+        self.db.get(&key)?.map(|v| layout::decode_meta(&key, &v)).transpose()
     }
 
     fn get_event(&self, id: EventId) -> Result<Option<(EventMeta, bytes::Bytes)>, StoreError> {
@@ -67,7 +65,7 @@ impl Store for SledStore {
             }
             let (k, v) = item?;
             let id = EventId::from_slice(&k[2..]).ok_or_else(|| corrupt(&k, "bad event id"))?;
-            let (meta, _) = decode_event(&k, &v)?;
+            let meta = layout::decode_meta(&k, &v)?;
             if source.is_none_or(|s| s == meta.source) {
                 out.push((id, meta));
             }
@@ -76,14 +74,13 @@ impl Store for SledStore {
     }
 
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError> {
-        let Some((meta, _)) = self.get_event(id)? else {
+        let Some(meta) = self.get_meta(id)? else {
             return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(meta.targets.len());
         for target in meta.targets {
             // No record yet: pending since receipt, never tried.
-            let record = self
-                .get_json::<DeliveryRecord>(&delivery_key(&target, id))?
+            let record = layout::get_json::<DeliveryRecord>(&self.db, &delivery_key(&target, id))?
                 .unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
             out.push(Delivery { event_id: id, target, record });
         }

@@ -1,4 +1,4 @@
-//! The single writer: one thread applies every ingest, a round at a time.
+//! The single writer: one thread applies every write, a round at a time.
 //! A round takes all the jobs queued while the previous round ran, checks
 //! their dedup keys, applies them as one sled batch, makes that durable with
 //! one flush, then answers each job. Group commit and write batching are one

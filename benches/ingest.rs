@@ -15,67 +15,7 @@ mod common;
 
 use common::{connect, env_or, request, settings};
 use hookrelay::app::Relay;
-use hookrelay::store::{
-    CommitStats, Delivery, EventId, EventMeta, Ingested, NewEvent, SledStore, Store, StoreError, StoredEvent,
-};
-
-/// The baseline: accepts everything, stores nothing.
-struct NoStore;
-
-#[async_trait::async_trait]
-impl Store for NoStore {
-    async fn ingest(&self, _: NewEvent) -> Result<Ingested, StoreError> {
-        Ok(Ingested::Accepted { id: EventId::new(), targets: 2 })
-    }
-    async fn event(&self, _: EventId) -> Result<Option<StoredEvent>, StoreError> {
-        Ok(None)
-    }
-    async fn recent_events(&self, _: Option<&str>, _: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
-        Ok(vec![])
-    }
-    async fn deliveries(&self, _: EventId) -> Result<Vec<Delivery>, StoreError> {
-        Ok(vec![])
-    }
-    async fn due(
-        &self,
-        _: &str,
-        _: u64,
-        _: usize,
-        _: &std::collections::HashSet<EventId>,
-    ) -> Result<hookrelay::store::DueBatch, StoreError> {
-        Ok(Default::default())
-    }
-    async fn complete(
-        &self,
-        _: &str,
-        _: &hookrelay::store::DueDelivery,
-        _: hookrelay::store::Attempt,
-        _: hookrelay::store::NextStep,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn set_paused(&self, _: &str, _: bool) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn paused_targets(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        Ok(Default::default())
-    }
-    async fn counts(&self, _: &str) -> Result<hookrelay::store::TargetCounts, StoreError> {
-        Ok(Default::default())
-    }
-    async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
-        Ok((0, None))
-    }
-    async fn requeue(&self, _: &str, _: EventId) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-    async fn dead_letters(&self, _: Option<&str>, _: usize) -> Result<Vec<hookrelay::store::DeadLetter>, StoreError> {
-        Ok(vec![])
-    }
-    async fn close(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
+use hookrelay::store::{CommitStats, NullStore, SledStore};
 
 /// One ButterCMS source routing page events to two targets nothing listens on.
 fn bench_settings(dir: &std::path::Path) -> hookrelay::config::Settings {
@@ -200,8 +140,9 @@ fn main() {
     let counter = Arc::new(AtomicU64::new(0));
 
     let dir = tempfile::tempdir().expect("tempdir");
-    let baseline =
-        server_rt.block_on(Relay::start_with_store(bench_settings(dir.path()), Arc::new(NoStore))).expect("baseline");
+    let baseline = server_rt
+        .block_on(Relay::start_with_store(bench_settings(dir.path()), Arc::new(NullStore::default())))
+        .expect("baseline");
     let settings = bench_settings(dir.path());
     let sled = Arc::new(SledStore::open(&settings.storage.path, settings.storage.cache_bytes).expect("store"));
     let durable = server_rt.block_on(Relay::start_with_store(settings, sled.clone())).expect("relay");

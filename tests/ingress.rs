@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hookrelay::store::{DeliveryState, EventId, Ingested, NewEvent, Store, StoreError};
+use hookrelay::store::{DeliveryState, EventId, NullStore, Store, StoreError};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -246,74 +246,17 @@ async fn http2_prior_knowledge_is_served() {
     assert_eq!(reply.status, StatusCode::ACCEPTED);
 }
 
-/// A store whose disk is full.
-struct FullDisk;
-
-#[async_trait::async_trait]
-impl Store for FullDisk {
-    async fn ingest(&self, _: NewEvent) -> Result<Ingested, StoreError> {
-        Err(StoreError::Io("No space left on device".into()))
-    }
-    async fn event(&self, _: EventId) -> Result<Option<hookrelay::store::StoredEvent>, StoreError> {
-        Ok(None)
-    }
-    async fn recent_events(
-        &self,
-        _: Option<&str>,
-        _: usize,
-    ) -> Result<Vec<(EventId, hookrelay::store::EventMeta)>, StoreError> {
-        Ok(vec![])
-    }
-    async fn deliveries(&self, _: EventId) -> Result<Vec<hookrelay::store::Delivery>, StoreError> {
-        Ok(vec![])
-    }
-    async fn due(
-        &self,
-        _: &str,
-        _: u64,
-        _: usize,
-        _: &std::collections::HashSet<EventId>,
-    ) -> Result<hookrelay::store::DueBatch, StoreError> {
-        Ok(Default::default())
-    }
-    async fn complete(
-        &self,
-        _: &str,
-        _: &hookrelay::store::DueDelivery,
-        _: hookrelay::store::Attempt,
-        _: hookrelay::store::NextStep,
-    ) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn set_paused(&self, _: &str, _: bool) -> Result<(), StoreError> {
-        Ok(())
-    }
-    async fn paused_targets(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        Ok(Default::default())
-    }
-    async fn counts(&self, _: &str) -> Result<hookrelay::store::TargetCounts, StoreError> {
-        Ok(Default::default())
-    }
-    async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
-        Ok((0, None))
-    }
-    async fn requeue(&self, _: &str, _: EventId) -> Result<bool, StoreError> {
-        Ok(false)
-    }
-    async fn dead_letters(&self, _: Option<&str>, _: usize) -> Result<Vec<hookrelay::store::DeadLetter>, StoreError> {
-        Ok(vec![])
-    }
-    async fn close(&self) -> Result<(), StoreError> {
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn storage_failure_is_503_with_retry_after() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &config_text(dir.path(), "", ""));
     let settings = hookrelay::config::load(&path).unwrap();
-    let relay = hookrelay::app::Relay::start_with_store(settings, std::sync::Arc::new(FullDisk)).await.unwrap();
+    let relay = hookrelay::app::Relay::start_with_store(
+        settings,
+        std::sync::Arc::new(NullStore { refuse: Some(StoreError::Io("No space left on device".into())) }),
+    )
+    .await
+    .unwrap();
     let reply = post_butter(relay.ingress_addr, fixture("buttercms-page-published.json")).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(reply.headers["retry-after"], "5");

@@ -2,6 +2,7 @@
 //! so that a networked backend can stand beside the embedded sled one.
 
 mod layout;
+mod null;
 mod records;
 mod sled_store;
 mod writer;
@@ -10,6 +11,7 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 
+pub use null::NullStore;
 pub use records::*;
 pub use sled_store::SledStore;
 pub use writer::CommitStats;

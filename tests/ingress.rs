@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hookrelay::store::{DeliveryState, EventId, NullStore, Store, StoreError};
+use hookrelay::store::{DeliveryState, EventId, NullStore, StoreError};
 use http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

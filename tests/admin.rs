@@ -238,12 +238,31 @@ async fn metrics_move_as_traffic_flows() {
 #[tokio::test]
 async fn readyz_turns_503_as_soon_as_shutdown_begins() {
     use tokio::io::AsyncWriteExt;
-    let t = start().await;
+    // The slow request below must outlast the whole 10 s grace, so that the
+    // window for seeing 503 does not depend on how busy the machine is.
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let text = config_text(dir.path(), "", "").replace("request_timeout: \"2s\"", "request_timeout: \"60s\"");
+    let settings = hookrelay::config::load(&write_config(dir.path(), &text)).unwrap();
+    assert_eq!(settings.server.request_timeout, Duration::from_secs(60));
+    let relay = hookrelay::app::Relay::start(settings).await.unwrap();
+    let t = TestRelay { addr: relay.ingress_addr, store: relay.store.clone(), relay, dir };
     let admin = t.relay.admin_addr;
     // A request still in progress keeps shutdown in its grace period.
     let mut slow = tokio::net::TcpStream::connect(t.addr).await.unwrap();
-    let head = format!("POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {BUTTER_SECRET}\r\ncontent-length: 100\r\n\r\n{{");
+    let head = format!(
+        "POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {BUTTER_SECRET}\r\ncontent-length: 100\r\nexpect: 100-continue\r\n\r\n"
+    );
     slow.write_all(head.as_bytes()).await.unwrap();
+    // "100 Continue" comes once the handler reads the body: the request is in progress.
+    let mut got = Vec::new();
+    while !String::from_utf8_lossy(&got).contains("100 Continue") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut slow, &mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed before 100 Continue: {:?}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&buf[..n]);
+    }
+    slow.write_all(b"{").await.unwrap();
     let TestRelay { relay, dir: _dir, .. } = t;
     let stopping = tokio::spawn(relay.stop(Duration::from_secs(10)));
     let readyz = || async move {
@@ -252,5 +271,6 @@ async fn readyz_turns_503_as_soon_as_shutdown_begins() {
     };
     eventually("readyz 503", || async { readyz().await == StatusCode::SERVICE_UNAVAILABLE }).await;
     assert!(!stopping.is_finished(), "shutdown should still be waiting for the slow request");
+    drop(slow); // the client hangs up: its request ends, and shutdown can finish
     tokio::time::timeout(WAIT, stopping).await.expect("shutdown within its bound").unwrap().unwrap();
 }

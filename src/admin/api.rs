@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::{error, json as reply, Admin, Reply};
 use crate::dispatch::Control;
-use crate::store::{Attempt, DeliveryState, EventId, StoreError};
+use crate::store::{Attempt, DeliveryState, EventId, StoreError, StoredEvent};
 
 /// Entries a listing returns when `limit` is not given, and at most.
 const DEFAULT_LIMIT: usize = 50;
@@ -70,6 +70,12 @@ fn parse_id(raw: &str) -> Result<EventId> {
     raw.parse().map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))
 }
 
+/// The event `raw_id` names, or 400 (not an id) / 404 (no such event).
+async fn find_event(admin: &Admin, raw_id: &str) -> Result<StoredEvent> {
+    let id = parse_id(raw_id)?;
+    admin.store.event(id).await?.ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no event {raw_id}")))
+}
+
 fn known_target(admin: &Admin, name: &str) -> Result<()> {
     match admin.targets().iter().any(|t| t.name == name) {
         true => Ok(()),
@@ -124,10 +130,8 @@ async fn events(admin: &Admin, query: &HashMap<String, String>) -> Result {
 }
 
 async fn event(admin: &Admin, raw_id: &str) -> Result {
-    let id = parse_id(raw_id)?;
-    let Some(ev) = admin.store.event(id).await? else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no event {raw_id}")));
-    };
+    let ev = find_event(admin, raw_id).await?;
+    let id = ev.id;
     let deliveries: Vec<Value> = admin
         .store
         .deliveries(id)
@@ -164,10 +168,8 @@ async fn event(admin: &Admin, raw_id: &str) -> Result {
 }
 
 async fn redeliver(admin: &Admin, raw_id: &str, target: Option<&String>) -> Result {
-    let id = parse_id(raw_id)?;
-    let Some(ev) = admin.store.event(id).await? else {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no event {raw_id}")));
-    };
+    let ev = find_event(admin, raw_id).await?;
+    let id = ev.id;
     let chosen: Vec<String> = match target {
         Some(t) if ev.meta.targets.contains(t) => vec![t.clone()],
         Some(t) => return Err(ApiError(StatusCode::NOT_FOUND, format!("event {raw_id} was not routed to {t:?}"))),

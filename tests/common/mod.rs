@@ -112,9 +112,14 @@ pub fn init_logs() {
 }
 
 pub async fn start_with(server_extra: &str, sources_extra: &str) -> TestRelay {
+    start_from(|dir| config_text(dir, server_extra, sources_extra)).await
+}
+
+/// A relay started from the config `text` makes for its temporary folder.
+pub async fn start_from(text: impl FnOnce(&Path) -> String) -> TestRelay {
     init_logs();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &config_text(dir.path(), server_extra, sources_extra));
+    let path = write_config(dir.path(), &text(dir.path()));
     let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     let relay = Relay::start(settings).await.unwrap();
     TestRelay { addr: relay.ingress_addr, store: relay.store.clone(), relay, dir }
@@ -343,12 +348,7 @@ impl FakeTarget {
 /// A relay with one ButterCMS source (header secret) and the given targets
 /// (YAML list items) and routes.
 pub async fn start_relay(targets: &str, routes: &str) -> TestRelay {
-    init_logs();
-    let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &relay_config(dir.path(), targets, routes));
-    let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));
-    let relay = Relay::start(settings).await.unwrap();
-    TestRelay { addr: relay.ingress_addr, store: relay.store.clone(), relay, dir }
+    start_from(|dir| relay_config(dir, targets, routes)).await
 }
 
 /// The config of [`start_relay`].

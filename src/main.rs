@@ -47,6 +47,12 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Ask a running relay whether it is alive (for container health checks); exit 1 unless it answers 2xx.
+    Healthcheck {
+        /// The admin listener's /healthz.
+        #[arg(long, env = "HOOKRELAY_HEALTHCHECK_URL", default_value = "http://127.0.0.1:9090/healthz")]
+        url: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -64,6 +70,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Send { source, event, url, config } => send(&config.config, &source, &event, url.as_deref()),
+        Command::Healthcheck { url } => healthcheck(&url),
         Command::Serve(c) => {
             let settings = match config::load(&c.config) {
                 Ok(s) => s,
@@ -95,9 +102,28 @@ fn send(config: &std::path::Path, source: &str, event: &str, url: Option<&str>) 
     let result = config::load(config).map_err(|e| e.to_string()).and_then(|settings| {
         let sample = hookrelay::send::sample(&settings, source, event, url)?;
         println!("POST {} ({} bytes, {} {})", sample.url, sample.body.len(), source, event);
-        let runtime = tokio::runtime::Runtime::new().map_err(|e| format!("cannot start the runtime: {e}"))?;
-        runtime.block_on(hookrelay::send::post(sample))
+        block_on(hookrelay::send::post(sample))
     });
+    report(result)
+}
+
+fn healthcheck(url: &str) -> ExitCode {
+    report(block_on(hookrelay::send::get(url)))
+}
+
+/// Runs one client exchange on a small runtime of its own.
+fn block_on(
+    exchange: impl std::future::Future<Output = Result<(u16, String), String>>,
+) -> Result<(u16, String), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(exchange)
+}
+
+/// Prints an exchange's status and answer; success for a 2xx.
+fn report(result: Result<(u16, String), String>) -> ExitCode {
     match result {
         Ok((status, body)) => {
             println!("HTTP {status}\n{body}");

@@ -44,16 +44,32 @@ pub fn sample(settings: &Settings, source: &str, event: &str, url: Option<&str>)
 
 /// Posts the sample; returns the status and the relay's answer.
 pub async fn post(sample: Sample) -> Result<(u16, String), String> {
-    let client = http_client(system_roots(), Duration::from_secs(10))?;
-    let mut req = Request::post(sample.url.clone()).body(Full::new(sample.body)).map_err(|e| e.to_string())?;
+    let mut req = Request::post(sample.url).body(Full::new(sample.body)).map_err(|e| e.to_string())?;
     req.headers_mut().extend(sample.headers);
-    let exchange = async {
-        let resp = client.request(req).await.map_err(|e| format!("cannot reach {}: {e}", sample.url))?;
+    exchange(req, Duration::from_secs(30)).await
+}
+
+/// `hookrelay healthcheck`: GETs `url` (the admin listener's `/healthz`);
+/// returns the status and the answer.
+pub async fn get(url: &str) -> Result<(u16, String), String> {
+    let uri: Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    let req = Request::get(uri).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    exchange(req, Duration::from_secs(5)).await
+}
+
+/// One request, answered within `limit`: the status and (the first 64 KiB of) the body.
+async fn exchange(req: Request<Full<Bytes>>, limit: Duration) -> Result<(u16, String), String> {
+    let client = http_client(system_roots(), limit)?;
+    let url = req.uri().clone();
+    let answer = async {
+        let resp = client.request(req).await.map_err(|e| format!("cannot reach {url}: {e}"))?;
         let status = resp.status().as_u16();
         let body = Limited::new(resp.into_body(), 64 * 1024).collect().await.map_err(|e| e.to_string())?.to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     };
-    tokio::time::timeout(Duration::from_secs(30), exchange).await.map_err(|_| "no answer within 30 s".to_string())?
+    tokio::time::timeout(limit, answer)
+        .await
+        .map_err(|_| format!("no answer from {url} within {}", humantime::format_duration(limit)))?
 }
 
 fn default_url(settings: &Settings, src: &Source) -> Result<Uri, String> {

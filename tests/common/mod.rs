@@ -402,9 +402,22 @@ pub type Logs = Arc<std::sync::Mutex<Vec<String>>>;
 /// Starts `hookrelay --log-format json serve` and reads its log until ingress
 /// listens; keeps collecting the log lines.
 pub fn spawn_relay_logged(config: &std::path::Path) -> (std::process::Child, SocketAddr, Logs) {
+    spawn_relay_with(config, Vec::<(String, String)>::new())
+}
+
+/// [`spawn_relay_logged`], with these environment variables set.
+pub fn spawn_relay_with<K, V>(
+    config: &std::path::Path,
+    envs: impl IntoIterator<Item = (K, V)>,
+) -> (std::process::Child, SocketAddr, Logs)
+where
+    K: AsRef<std::ffi::OsStr>,
+    V: AsRef<std::ffi::OsStr>,
+{
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
         .args(["--log-format", "json", "serve", "--config"])
         .arg(config)
+        .envs(envs)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -70,3 +70,84 @@ async fn webhooks_keep_flowing_while_slow_clients_hold_connections() {
         assert!(matches!(closed, Ok(Ok(_)) | Ok(Err(_))), "a slow connection was never closed");
     }
 }
+
+/// An HTTP/2 connection with prior knowledge (h2c), driven in the background.
+async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client
+}
+
+/// A ButterCMS webhook's head, with its secret; the body is for the caller to send, or not.
+fn h2_head(addr: std::net::SocketAddr) -> http::Request<()> {
+    http::Request::post(format!("http://{addr}/hooks/buttercms"))
+        .header("x-webhook-secret", BUTTER_SECRET)
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_http2_rapid_reset_flood_does_not_stop_webhooks() {
+    let t = start().await;
+    let addr = t.addr;
+    // CVE-2023-44487: open a stream and cancel it at once, as fast as possible.
+    let flood = tokio::spawn(async move {
+        let mut client = h2_client(addr).await;
+        let mut reset = 0u32;
+        for _ in 0..20_000 {
+            client = match client.ready().await {
+                Ok(c) => c,
+                Err(_) => break, // the server closed the connection: also a fine answer
+            };
+            match client.send_request(h2_head(addr), false) {
+                Ok((_answer, mut body)) => body.send_reset(h2::Reason::CANCEL),
+                Err(_) => break,
+            }
+            reset += 1;
+        }
+        reset
+    });
+    let started = std::time::Instant::now();
+    for n in 0..20 {
+        assert_eq!(post_butter(t.addr, butter_page(n)).await.status, StatusCode::ACCEPTED);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "legitimate webhooks took {:?}", started.elapsed());
+    let reset = tokio::time::timeout(Duration::from_secs(60), flood).await.expect("the flood did not end").unwrap();
+    eprintln!("rapid reset: {reset} streams opened and cancelled before the flood ended");
+    assert!(reset > 0);
+    // After the flood the relay still answers, and no cancelled stream left an event behind.
+    assert_eq!(post_butter(t.addr, butter_page(20)).await.status, StatusCode::ACCEPTED);
+    assert_eq!(t.store.recent_events(None, 1000).await.unwrap().len(), 21);
+}
+
+#[tokio::test]
+async fn http2_streams_held_open_are_answered_408_while_webhooks_flow() {
+    let t = start().await;
+    // Four connections with 128 streams each (the server's limit per
+    // connection): the head sent, the body never finished.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut client = h2_client(t.addr).await;
+        for _ in 0..128 {
+            client = client.ready().await.unwrap();
+            let (answer, mut body) = client.send_request(h2_head(t.addr), false).unwrap();
+            body.send_data(bytes::Bytes::from_static(b"{\"data\":"), false).unwrap();
+            held.push((answer, body));
+        }
+    }
+    let started = std::time::Instant::now();
+    for n in 0..20 {
+        assert_eq!(post_butter(t.addr, butter_page(n)).await.status, StatusCode::ACCEPTED);
+    }
+    assert!(started.elapsed() < Duration::from_secs(10), "legitimate webhooks took {:?}", started.elapsed());
+    // Each held stream is cut off by request_timeout (2 s here) with a 408.
+    for (answer, _body) in held {
+        let answer = tokio::time::timeout(Duration::from_secs(20), answer).await.expect("a held stream got no answer");
+        assert_eq!(answer.unwrap().status(), StatusCode::REQUEST_TIMEOUT);
+    }
+    assert_eq!(t.store.recent_events(None, 1000).await.unwrap().len(), 20);
+}

@@ -1,7 +1,8 @@
 //! Crash consistency: concurrent webhooks at the real binary, `kill -9` at
-//! random moments (during group commits and deliveries), restarts; every
-//! request that got a 202 must reach every matching target. Duplicates (a
-//! delivery in flight at a kill is made again) are counted and reported.
+//! random moments (during group commits, deliveries and retention purges),
+//! restarts; every request that got a 202 must reach every matching target.
+//! Duplicates (a delivery in flight at a kill is made again) are counted and
+//! reported.
 
 mod common;
 
@@ -138,4 +139,131 @@ async fn diagnose(dir: &std::path::Path, outstanding: &HashSet<(String, String)>
         out += &format!("\n{id} to {target}: stored={stored} deliveries={states:?}");
     }
     out
+}
+
+/// A ButterCMS post.published body (routed to both targets below; pages go to `fast` only).
+fn butter_post(n: usize) -> Vec<u8> {
+    format!(
+        r#"{{"data":{{"id":"post-{n}","status":"published"}},"webhook":{{"event":"post.published","target":"x"}}}}"#
+    )
+    .into_bytes()
+}
+
+/// Posts every body, `width` at a time; returns the ids, in order.
+async fn post_all(addr: std::net::SocketAddr, bodies: Vec<Vec<u8>>, width: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(bodies.len());
+    let mut bodies = bodies.into_iter();
+    loop {
+        let wave: Vec<_> = bodies.by_ref().take(width).map(|b| tokio::spawn(try_post(addr, b))).collect();
+        if wave.is_empty() {
+            return ids;
+        }
+        for reply in wave {
+            let (status, id) = reply.await.unwrap().expect("relay gone");
+            assert_eq!(status, StatusCode::ACCEPTED);
+            ids.push(id);
+        }
+    }
+}
+
+#[tokio::test]
+async fn kills_during_retention_purges_lose_nothing() {
+    use hookrelay::store::{now_ms, SledStore, Store};
+    const PAGES: usize = 3000;
+    const POSTS: usize = 50;
+    let mut fast = FakeTarget::start().await;
+    // `held` is down until the end: its deliveries stay pending through every purge.
+    let held_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "  - {{ name: fast, url: \"{}\" }}\n  - {{ name: held, url: \"http://{held_addr}/\", retry: {{ initial_backoff: 20ms, max_backoff: 200ms, max_attempts: 100, max_age: 1h }}, circuit_breaker: {{ open_for: 200ms }} }}\n",
+        fast.url("/")
+    );
+    let routes = "  - { source: buttercms, events: [\"page.*\"], targets: [fast] }\n  - { source: buttercms, events: [\"post.*\"], targets: [fast, held] }";
+    let text = relay_config(dir.path(), &targets, routes).replace("cache: \"8MiB\"", "cache: \"8MiB\", retention: 1s");
+    let config = write_config(dir.path(), &text);
+
+    let (mut child, addr) = spawn_relay(&config);
+    let pages = post_all(addr, (0..PAGES).map(butter_page).collect(), 16).await;
+    let posts = post_all(addr, (0..POSTS).map(butter_post).collect(), 16).await;
+    let mut to_fast: HashSet<String> = pages.iter().chain(&posts).cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !to_fast.is_empty() {
+        assert!(Instant::now() < deadline, "{} deliveries to fast never arrived", to_fast.len());
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), fast.received.recv()).await {
+            to_fast.remove(got.headers["webhook-id"].to_str().unwrap());
+        }
+    }
+    // Let the delivered states reach the disk, then let retention pass.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // Each start purges at once; kill it part-way, at a different moment each time.
+    let kills = kills();
+    for round in 0..kills {
+        let (mut child, _) = spawn_relay(&config);
+        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..40) * (round as u64 + 1))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    // What the kills left must be whole: every stored event has its payload
+    // and a delivery record for each of its targets.
+    let store = SledStore::open(&dir.path().join("data"), 8 << 20).unwrap();
+    let left = store.recent_events(None, PAGES + POSTS + 1).await.unwrap();
+    for (id, meta) in &left {
+        assert!(store.event(*id).await.unwrap().is_some(), "{id} lost its payload");
+        let targets: HashSet<String> = store.deliveries(*id).await.unwrap().into_iter().map(|d| d.target).collect();
+        let expected: HashSet<String> = meta.targets.iter().cloned().collect();
+        assert_eq!(targets, expected, "{id} was purged by half");
+    }
+    let left_ids: HashSet<String> = left.iter().map(|(id, _)| id.to_string()).collect();
+    for id in &posts {
+        assert!(left_ids.contains(id), "{id}, still pending for held, was purged");
+    }
+    println!(
+        "purge kills: {kills}; {} of {} finished events purged before the last kill",
+        PAGES + POSTS - left.len(),
+        PAGES
+    );
+    store.close().await.unwrap();
+    drop(store);
+
+    // The held target comes up: every pending delivery arrives.
+    let mut held = FakeTarget::start_at(held_addr).await;
+    let (mut child, _) = spawn_relay(&config);
+    let mut pending: HashSet<String> = posts.iter().cloned().collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !pending.is_empty() {
+        assert!(Instant::now() < deadline, "{} held deliveries never arrived", pending.len());
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), held.received.recv()).await {
+            pending.remove(got.headers["webhook-id"].to_str().unwrap());
+        }
+    }
+    // A redelivery to fast (its delivered state lost to a kill) is allowed; of a purged event it is not.
+    while let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(300), fast.received.recv()).await {
+        let id = got.headers["webhook-id"].to_str().unwrap();
+        assert!(left_ids.contains(id), "{id} was purged, then delivered again");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // And the purge can still finish: everything is delivered, so everything goes.
+    let store = SledStore::open(&dir.path().join("data"), 8 << 20).unwrap();
+    let mut after = None;
+    loop {
+        let (_, last) = store.purge(now_ms(), after, 1000).await.unwrap();
+        match last {
+            Some(id) => after = Some(id),
+            None => break,
+        }
+    }
+    assert!(store.recent_events(None, 10).await.unwrap().is_empty());
+    for t in ["fast", "held"] {
+        let c = store.counts(t).await.unwrap();
+        assert_eq!((c.queued, c.dead), (0, 0), "{t}: {c:?}");
+    }
+    store.close().await.unwrap();
 }

@@ -13,6 +13,8 @@
 //!   a single writer thread doing group commit.
 //! - [`dispatch`]: a worker per target delivering from the store's queue with
 //!   retries, rate limit, concurrency cap and circuit breaker; retention.
+//! - [`admin`]: the admin listener (metrics, health, the `/admin/*` API).
+//! - [`listen`]: the accept loop and connection serving both listeners share.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`app`]: wiring for `hookrelay serve`.
 #![forbid(unsafe_code)]
@@ -22,6 +24,7 @@ pub mod app;
 pub mod config;
 pub mod dispatch;
 pub mod ingress;
+pub mod listen;
 pub mod metrics;
 pub mod respond;
 pub mod send;

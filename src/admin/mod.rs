@@ -9,16 +9,15 @@ use std::sync::{Arc, RwLock};
 use http::header::AUTHORIZATION;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{Secret, Target};
 use crate::dispatch::Workers;
+use crate::listen;
 use crate::metrics::Metrics;
 use crate::respond;
 use crate::store::Store;
@@ -97,37 +96,18 @@ fn authorized(token: &Secret, req: &Request<Incoming>) -> bool {
 
 /// Serves the admin listener until `shutdown`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let connections = TaskTracker::new();
-    loop {
-        let stream = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (admin, shutdown) = (admin.clone(), shutdown.clone());
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    listen::accept(listener, shutdown.clone(), "admin", |stream, peer| {
+        let (admin, builder, shutdown) = (admin.clone(), builder.clone(), shutdown.clone());
+        async move {
+            let handle = move |req| {
                 let admin = admin.clone();
-                async move { Ok::<_, std::convert::Infallible>(admin.handle(req).await) }
-            });
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+                async move { admin.handle(req).await }
+            };
+            if let Err(e) = listen::serve_http(&builder, stream, handle, shutdown).await {
+                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
             }
-        });
-    }
-    connections.close();
-    connections.wait().await;
+        }
+    })
+    .await;
 }

@@ -84,7 +84,7 @@ impl Relay {
         let shutdown = CancellationToken::new();
         let dispatcher =
             Dispatcher::start(&settings.targets, store.clone(), metrics.clone(), settings.storage.retention).await?;
-        let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new(&settings)));
+        let (routes_tx, routes_rx) = watch::channel(routes(&settings, &metrics));
         let ingress = Arc::new(Ingress {
             routes: routes_rx,
             store: store.clone(),
@@ -193,11 +193,19 @@ impl Relay {
             );
         }
         self.dispatcher.apply(&settings.targets).await.map_err(|e| e.to_string())?;
-        self.routes.send_replace(Arc::new(Routes::new(&settings)));
+        self.routes.send_replace(routes(&settings, &self.metrics));
         self.admin.update(settings.admin.token.clone(), settings.targets.clone());
         tracing::info!(sources = settings.sources.len(), targets = settings.targets.len(), "configuration reloaded");
         Ok(())
     }
+}
+
+/// The sources and routes ingress serves, each source's counters exported.
+fn routes(settings: &Settings, metrics: &Metrics) -> Arc<Routes> {
+    for source in &settings.sources {
+        metrics.declare_source(&source.name);
+    }
+    Arc::new(Routes::new(settings))
 }
 
 /// Runs the relay until SIGTERM or SIGINT; SIGHUP re-reads the config file.

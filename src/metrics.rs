@@ -37,6 +37,16 @@ pub enum IngressOutcome {
 }
 
 impl IngressOutcome {
+    pub const ALL: [IngressOutcome; 7] = [
+        IngressOutcome::Accepted,
+        IngressOutcome::Duplicate,
+        IngressOutcome::Unauthorized,
+        IngressOutcome::Forbidden,
+        IngressOutcome::Invalid,
+        IngressOutcome::TooLarge,
+        IngressOutcome::Unavailable,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             IngressOutcome::Accepted => "accepted",
@@ -112,6 +122,23 @@ impl Metrics {
         })
     }
 
+    /// Exports a source's counters at zero, so that the first request of each
+    /// outcome shows as an increase (`increase()` and `rate()` see nothing in
+    /// a series' first sample).
+    pub fn declare_source(&self, source: &str) {
+        for outcome in IngressOutcome::ALL {
+            self.ingress_requests.with_label_values(&[source, outcome.as_str()]);
+        }
+    }
+
+    /// Exports a target's counters at zero (see [`Metrics::declare_source`]).
+    pub fn declare_target(&self, target: &str) {
+        for outcome in ["delivered", "retried", "dead"] {
+            self.deliveries.with_label_values(&[target, outcome]);
+        }
+        self.rate_limited.with_label_values(&[target]);
+    }
+
     pub fn ingress(&self, source: &str, outcome: IngressOutcome, seconds: f64) {
         self.ingress_requests.with_label_values(&[source, outcome.as_str()]).inc();
         if matches!(outcome, IngressOutcome::Accepted | IngressOutcome::Duplicate) {
@@ -144,5 +171,23 @@ mod tests {
         assert!(text.contains(r#"hookrelay_ingress_requests_total{outcome="too_large",source="buttercms"} 1"#));
         assert!(text.contains(r#"hookrelay_ingress_ack_seconds_count{source="buttercms"} 1"#));
         assert!(text.contains(r#"hookrelay_ingress_ack_seconds_bucket{source="buttercms",le="0.0001"} 0"#));
+    }
+
+    #[test]
+    fn declared_sources_and_targets_export_their_counters_at_zero() {
+        let m = Metrics::new().unwrap();
+        m.declare_source("cometcms");
+        m.declare_target("search");
+        let text = m.render();
+        for outcome in IngressOutcome::ALL {
+            let line =
+                format!(r#"hookrelay_ingress_requests_total{{outcome="{}",source="cometcms"}} 0"#, outcome.as_str());
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        for outcome in ["delivered", "retried", "dead"] {
+            let line = format!(r#"hookrelay_deliveries_total{{outcome="{outcome}",target="search"}} 0"#);
+            assert!(text.contains(&line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains(r#"hookrelay_rate_limited_total{target="search"} 0"#));
     }
 }

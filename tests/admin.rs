@@ -217,7 +217,9 @@ async fn metrics_move_as_traffic_flows() {
     let scrape =
         || async { String::from_utf8_lossy(&call(&t, Method::GET, "/metrics", None, "").await.body).into_owned() };
     let before = scrape().await;
-    assert!(!before.contains("hookrelay_ingress_requests_total{outcome=\"accepted\""));
+    // Counters are exported at zero from the start.
+    assert!(before.contains("hookrelay_ingress_requests_total{outcome=\"accepted\",source=\"buttercms\"} 0"));
+    assert!(before.contains("hookrelay_deliveries_total{outcome=\"dead\",target=\"search\"} 0"));
     delivered_id(&t, &mut target, 1).await;
     eventually("delivered counted", || async {
         scrape().await.contains("hookrelay_deliveries_total{outcome=\"delivered\",target=\"search\"} 1")

@@ -105,6 +105,7 @@ impl Dispatcher {
     }
 
     fn spawn_worker(&self, target: &Arc<Target>, paused: bool) -> Result<(), DispatchError> {
+        self.metrics.declare_target(&target.name);
         let wake = Arc::new(Notify::new());
         let (control_tx, control) = mpsc::channel(8);
         let (status_tx, status) = watch::channel(TargetStatus { in_flight: 0, circuit: CircuitState::Closed, paused });

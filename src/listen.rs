@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,8 +43,27 @@ where
     connections.wait().await;
 }
 
-/// Why a connection ended badly (hyper's error, boxed).
-pub type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
+/// Largest request head (request line and headers) accepted over HTTP/1.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Largest header block accepted over HTTP/2.
+const MAX_H2_HEADER_LIST: u32 = 64 * 1024;
+/// HTTP/2 streams at once per connection.
+const MAX_H2_STREAMS: u32 = 128;
+
+/// HTTP/1.1 and HTTP/2 with the limits both listeners apply: a request head
+/// must arrive within `header_timeout` and fit in 64 KiB; 128 streams per
+/// HTTP/2 connection.
+pub fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout).max_buf_size(MAX_HEAD_BYTES);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
+}
 
 /// Serves `io` with `builder` and `handle` until the client is done; once
 /// `shutdown` fires, requests in progress finish and the connection closes.
@@ -53,8 +72,9 @@ pub async fn serve_http<I, H, Fut>(
     io: I,
     handle: H,
     shutdown: CancellationToken,
-) -> Result<(), ConnectionError>
-where
+    what: &'static str,
+    peer: SocketAddr,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = crate::respond::Reply> + Send + 'static,
@@ -65,11 +85,14 @@ where
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    tokio::select! {
+    let result = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             conn.await
         }
+    };
+    if let Err(e) = result {
+        tracing::debug!(listener = what, %peer, error = %e, "connection ended with an error");
     }
 }

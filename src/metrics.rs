@@ -60,6 +60,26 @@ impl IngressOutcome {
     }
 }
 
+/// The label values of `hookrelay_deliveries_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Delivered,
+    Retried,
+    Dead,
+}
+
+impl DeliveryOutcome {
+    pub const ALL: [DeliveryOutcome; 3] = [DeliveryOutcome::Delivered, DeliveryOutcome::Retried, DeliveryOutcome::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Delivered => "delivered",
+            DeliveryOutcome::Retried => "retried",
+            DeliveryOutcome::Dead => "dead",
+        }
+    }
+}
+
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
@@ -133,8 +153,8 @@ impl Metrics {
 
     /// Exports a target's counters at zero (see [`Metrics::declare_source`]).
     pub fn declare_target(&self, target: &str) {
-        for outcome in ["delivered", "retried", "dead"] {
-            self.deliveries.with_label_values(&[target, outcome]);
+        for outcome in DeliveryOutcome::ALL {
+            self.deliveries.with_label_values(&[target, outcome.as_str()]);
         }
         self.rate_limited.with_label_values(&[target]);
     }

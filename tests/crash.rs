@@ -152,18 +152,44 @@ fn butter_post(n: usize) -> Vec<u8> {
 /// Posts every body, `width` at a time; returns the ids, in order.
 async fn post_all(addr: std::net::SocketAddr, bodies: Vec<Vec<u8>>, width: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(bodies.len());
-    let mut bodies = bodies.into_iter();
-    loop {
-        let wave: Vec<_> = bodies.by_ref().take(width).map(|b| tokio::spawn(try_post(addr, b))).collect();
-        if wave.is_empty() {
-            return ids;
-        }
-        for reply in wave {
-            let (status, id) = reply.await.unwrap().expect("relay gone");
+    for wave in bodies.chunks(width) {
+        let replies: Vec<_> =
+            wave.iter().map(|b| tokio::spawn(tokio::time::timeout(WAIT, try_post(addr, b.clone())))).collect();
+        for reply in replies {
+            let (status, id) = reply.await.unwrap().expect("no answer in time").expect("relay gone");
             assert_eq!(status, StatusCode::ACCEPTED);
             ids.push(id);
         }
     }
+    ids
+}
+
+/// Every event in the store is whole: its payload, and a delivery record for
+/// each of its targets. Returns the ids stored.
+async fn whole_events(store: &hookrelay::store::SledStore) -> HashSet<String> {
+    use hookrelay::store::Store;
+    let mut ids = HashSet::new();
+    for (id, meta) in store.recent_events(None, 100_000).await.unwrap() {
+        assert!(store.event(id).await.unwrap().is_some(), "{id} lost its payload");
+        let targets: HashSet<String> = store.deliveries(id).await.unwrap().into_iter().map(|d| d.target).collect();
+        assert_eq!(targets, meta.targets.iter().cloned().collect(), "{id} was purged by half");
+        ids.insert(id.to_string());
+    }
+    ids
+}
+
+/// Waits (bounded) until both targets' queues are empty, as the admin API counts them.
+async fn drained(admin: std::net::SocketAddr) {
+    eventually("every queue drained", || async move {
+        let req = http::Request::get("/admin/targets")
+            .header("host", "admin")
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let targets = send(admin, req).await.json();
+        targets["targets"].as_array().unwrap().iter().all(|t| t["queued"] == 0 && t["in_flight"] == 0)
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -172,8 +198,12 @@ async fn kills_during_retention_purges_lose_nothing() {
     const PAGES: usize = 3000;
     const POSTS: usize = 50;
     let mut fast = FakeTarget::start().await;
-    // `held` is down until the end: its deliveries stay pending through every purge.
-    let held_addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // `held` is down until the end: its deliveries stay pending through every
+    // purge. The port stays reserved (bound, not listening: connections are
+    // refused) until its target starts.
+    let reserved = tokio::net::TcpSocket::new_v4().unwrap();
+    reserved.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let held_addr = reserved.local_addr().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let targets = format!(
         "  - {{ name: fast, url: \"{}\" }}\n  - {{ name: held, url: \"http://{held_addr}/\", retry: {{ initial_backoff: 20ms, max_backoff: 200ms, max_attempts: 100, max_age: 1h }}, circuit_breaker: {{ open_for: 200ms }} }}\n",
@@ -182,8 +212,9 @@ async fn kills_during_retention_purges_lose_nothing() {
     let routes = "  - { source: buttercms, events: [\"page.*\"], targets: [fast] }\n  - { source: buttercms, events: [\"post.*\"], targets: [fast, held] }";
     let text = relay_config(dir.path(), &targets, routes).replace("cache: \"8MiB\"", "cache: \"8MiB\", retention: 1s");
     let config = write_config(dir.path(), &text);
+    let open = || SledStore::open(&dir.path().join("data"), 8 << 20).unwrap();
 
-    let (mut child, addr) = spawn_relay(&config);
+    let (mut relay, addr) = spawn_relay(&config);
     let pages = post_all(addr, (0..PAGES).map(butter_page).collect(), 16).await;
     let posts = post_all(addr, (0..POSTS).map(butter_post).collect(), 16).await;
     let mut to_fast: HashSet<String> = pages.iter().chain(&posts).cloned().collect();
@@ -194,46 +225,44 @@ async fn kills_during_retention_purges_lose_nothing() {
             to_fast.remove(got.headers["webhook-id"].to_str().unwrap());
         }
     }
-    // Let the delivered states reach the disk, then let retention pass.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    // A clean stop: every delivered state is on disk. Then retention passes.
+    assert!(relay.terminate().success());
+    drop(relay);
     tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(whole_events(&{ open() }).await.len(), PAGES + POSTS);
 
-    // Each start purges at once; kill it part-way, at a different moment each time.
-    let kills = kills();
-    for round in 0..kills {
-        let (mut child, _) = spawn_relay(&config);
-        tokio::time::sleep(Duration::from_millis(fastrand::u64(0..40) * (round as u64 + 1))).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
+    // Each start purges at once; kill it part-way, a little later each
+    // round, until a kill has cut a purge short (and at least `kills()` times).
+    let (mut rounds, mut cut_short) = (0u64, 0);
+    while rounds < kills() as u64 || cut_short == 0 {
+        assert!(rounds < 12, "no kill landed inside a purge in {rounds} rounds");
+        let (mut relay, _) = spawn_relay(&config);
+        tokio::time::sleep(Duration::from_millis(rounds * 10 + fastrand::u64(0..10))).await;
+        relay.kill().unwrap();
+        relay.wait().unwrap();
+        drop(relay);
+        let store = open();
+        let left = whole_events(&store).await;
+        store.close().await.unwrap();
+        drop(store);
+        for id in &posts {
+            assert!(left.contains(id), "{id}, still pending for held, was purged");
+        }
+        if left.len() > POSTS && left.len() < PAGES + POSTS {
+            cut_short += 1;
+        }
+        println!("purge kill {rounds}: {} of {PAGES} finished events purged", PAGES + POSTS - left.len());
+        rounds += 1;
     }
+    let left = whole_events(&{ open() }).await;
 
-    // What the kills left must be whole: every stored event has its payload
-    // and a delivery record for each of its targets.
-    let store = SledStore::open(&dir.path().join("data"), 8 << 20).unwrap();
-    let left = store.recent_events(None, PAGES + POSTS + 1).await.unwrap();
-    for (id, meta) in &left {
-        assert!(store.event(*id).await.unwrap().is_some(), "{id} lost its payload");
-        let targets: HashSet<String> = store.deliveries(*id).await.unwrap().into_iter().map(|d| d.target).collect();
-        let expected: HashSet<String> = meta.targets.iter().cloned().collect();
-        assert_eq!(targets, expected, "{id} was purged by half");
-    }
-    let left_ids: HashSet<String> = left.iter().map(|(id, _)| id.to_string()).collect();
-    for id in &posts {
-        assert!(left_ids.contains(id), "{id}, still pending for held, was purged");
-    }
-    println!(
-        "purge kills: {kills}; {} of {} finished events purged before the last kill",
-        PAGES + POSTS - left.len(),
-        PAGES
-    );
-    store.close().await.unwrap();
-    drop(store);
-
-    // The held target comes up: every pending delivery arrives.
+    // The held target comes up: every pending delivery arrives; a redelivery
+    // to fast (its delivered state lost to a kill) is allowed, of a purged
+    // event it is not.
+    while fast.received.try_recv().is_ok() {}
+    drop(reserved);
     let mut held = FakeTarget::start_at(held_addr).await;
-    let (mut child, _) = spawn_relay(&config);
+    let (mut relay, _) = spawn_relay(&config);
     let mut pending: HashSet<String> = posts.iter().cloned().collect();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !pending.is_empty() {
@@ -242,24 +271,25 @@ async fn kills_during_retention_purges_lose_nothing() {
             pending.remove(got.headers["webhook-id"].to_str().unwrap());
         }
     }
-    // A redelivery to fast (its delivered state lost to a kill) is allowed; of a purged event it is not.
-    while let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(300), fast.received.recv()).await {
+    drained(relay.admin).await;
+    while let Ok(got) = fast.received.try_recv() {
         let id = got.headers["webhook-id"].to_str().unwrap();
-        assert!(left_ids.contains(id), "{id} was purged, then delivered again");
+        assert!(left.contains(id), "{id} was purged, then delivered again");
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(relay.terminate().success());
+    drop(relay);
 
     // And the purge can still finish: everything is delivered, so everything goes.
-    let store = SledStore::open(&dir.path().join("data"), 8 << 20).unwrap();
+    let store = open();
     let mut after = None;
-    loop {
+    for _ in 0..100 {
         let (_, last) = store.purge(now_ms(), after, 1000).await.unwrap();
-        match last {
-            Some(id) => after = Some(id),
-            None => break,
+        after = last;
+        if after.is_none() {
+            break;
         }
     }
+    assert!(after.is_none(), "the purge did not finish");
     assert!(store.recent_events(None, 10).await.unwrap().is_empty());
     for t in ["fast", "held"] {
         let c = store.counts(t).await.unwrap();

@@ -52,6 +52,10 @@ impl Production {
             ("HOOKRELAY_ADMIN_TOKEN", ADMIN_TOKEN.to_string()),
             ("BUTTER_SECRET", BUTTER_SECRET.to_string()),
             ("COMET_SECRET", COMET_SECRET.to_string()),
+            // Nothing is sent to them; still, tests stay on loopback.
+            ("SEARCH_URL", "http://127.0.0.1:9/search".to_string()),
+            ("CACHE_URL", "http://127.0.0.1:9/cache".to_string()),
+            ("SITE_REBUILD_URL", "http://127.0.0.1:9/build".to_string()),
         ]
     }
 }
@@ -84,25 +88,10 @@ fn the_production_routes_refuse_to_start_without_a_secret() {
 #[test]
 fn the_production_routes_serve_and_the_healthcheck_sees_it() {
     let prod = Production::new();
-    let (mut child, _ingress, logs) = spawn_relay_with(&deploy_path("routes.yaml"), prod.env());
-    let admin = {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let found = logs.lock().unwrap().iter().find_map(|line| {
-                let v: serde_json::Value = serde_json::from_str(line).ok()?;
-                (v["fields"]["message"] == "hookrelay admin listening")
-                    .then(|| v["fields"]["listen"].as_str().map(String::from))?
-            });
-            if let Some(addr) = found {
-                break addr;
-            }
-            assert!(std::time::Instant::now() < deadline, "no admin listener in the log");
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    };
+    let (relay, _, _) = spawn_relay_with(&deploy_path("routes.yaml"), prod.env());
+    let admin = relay.admin;
     let health = hookrelay(&["healthcheck", "--url", &format!("http://{admin}/healthz")], &[]);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(relay);
     assert!(health.status.success(), "{}", String::from_utf8_lossy(&health.stderr));
     assert!(String::from_utf8_lossy(&health.stdout).starts_with("HTTP 200"));
 
@@ -126,8 +115,7 @@ fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
 #[tokio::test]
 async fn alerts_and_dashboard_use_only_exported_metrics() {
     let mut target = FakeTarget::start().await;
-    let targets =
-        format!("  - name: search\n    url: \"{}\"\n    rate_limit: {{ per_second: 20, burst: 1 }}\n", target.url("/"));
+    let targets = format!("  - name: search\n    url: \"{}\"\n", target.url("/"));
     let t = start_relay(&targets, "  - { source: buttercms, events: [\"*\"], targets: [search] }").await;
     for n in 0..3 {
         assert_eq!(post_butter(t.addr, butter_page(n)).await.status, StatusCode::ACCEPTED);
@@ -144,9 +132,13 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
     let alerts = metric_names(&deploy_file("prometheus/alerts.yaml"));
     let dashboard = metric_names(&deploy_file("grafana/hookrelay.json"));
     assert!(!alerts.is_empty());
-    // The dashboard shows every metric of the contract.
-    assert_eq!(dashboard.len(), 9, "{dashboard:?}");
     for name in alerts.iter().chain(&dashboard) {
         assert!(exported.contains(&format!("\n{name}{{")), "{name} is not exported:\n{exported}");
+    }
+    // And the dashboard shows every metric the relay exports.
+    let families: Vec<&str> = exported.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    assert!(families.len() >= 9, "{families:?}");
+    for family in families {
+        assert!(dashboard.iter().any(|name| name.starts_with(family)), "the dashboard does not show {family}");
     }
 }

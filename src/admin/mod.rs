@@ -5,12 +5,11 @@ mod api;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use http::header::AUTHORIZATION;
 use http::{Method, Request, StatusCode};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -94,20 +93,19 @@ fn authorized(token: &Secret, req: &Request<Incoming>) -> bool {
     token.expose().ct_eq(given).into()
 }
 
+/// A request head must arrive within this on the admin listener.
+const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin listener until `shutdown`.
 pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: CancellationToken) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
+    let builder = Arc::new(listen::http_builder(ADMIN_HEADER_TIMEOUT));
     listen::accept(listener, shutdown.clone(), "admin", |stream, peer| {
         let (admin, builder, shutdown) = (admin.clone(), builder.clone(), shutdown.clone());
-        async move {
-            let handle = move |req| {
-                let admin = admin.clone();
-                async move { admin.handle(req).await }
-            };
-            if let Err(e) = listen::serve_http(&builder, stream, handle, shutdown).await {
-                tracing::debug!(%peer, error = %e, "admin connection ended with an error");
-            }
-        }
+        let handle = move |req| {
+            let admin = admin.clone();
+            async move { admin.handle(req).await }
+        };
+        async move { listen::serve_http(&builder, stream, handle, shutdown, "admin", peer).await }
     })
     .await;
 }

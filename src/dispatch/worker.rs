@@ -17,7 +17,7 @@ use super::breaker::{Breaker, CircuitState, Permit};
 use super::client::{self, HttpClient};
 use super::retry::{next_step, Verdict};
 use crate::config::Target;
-use crate::metrics::Metrics;
+use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store};
 
 /// Due deliveries read from the store at once, at most.
@@ -338,12 +338,12 @@ impl AttemptCtx {
             NextStep::Delivered => {
                 let lag = now.saturating_sub(event.meta.received_ms) as f64 / 1000.0;
                 self.metrics.delivery_lag_seconds.with_label_values(&[name]).observe(lag);
-                "delivered"
+                DeliveryOutcome::Delivered
             }
-            NextStep::RetryAt(_) | NextStep::Hold => "retried",
-            NextStep::Dead(_) => "dead",
+            NextStep::RetryAt(_) | NextStep::Hold => DeliveryOutcome::Retried,
+            NextStep::Dead(_) => DeliveryOutcome::Dead,
         };
-        self.metrics.deliveries.with_label_values(&[name, outcome]).inc();
+        self.metrics.deliveries.with_label_values(&[name, outcome.as_str()]).inc();
         let error = result.error.as_deref().unwrap_or("");
         match &next {
             NextStep::Dead(reason) => {
@@ -353,7 +353,7 @@ impl AttemptCtx {
                 tracing::info!(target = %name, id = %due.event_id, attempt = number, status = result.status, error, ms, retry_in_ms = at.saturating_sub(now), "delivery failed; will retry")
             }
             _ => {
-                tracing::info!(target = %name, id = %due.event_id, attempt = number, status = result.status, ms, outcome, "delivery attempted")
+                tracing::info!(target = %name, id = %due.event_id, attempt = number, status = result.status, ms, outcome = outcome.as_str(), "delivery attempted")
             }
         }
         let attempt = Attempt {

@@ -391,17 +391,61 @@ where
 }
 
 /// Starts `hookrelay serve` and reads its JSON log until ingress listens.
-pub fn spawn_relay(config: &std::path::Path) -> (std::process::Child, SocketAddr) {
+pub fn spawn_relay(config: &std::path::Path) -> (RelayProcess, SocketAddr) {
     let (child, addr, _) = spawn_relay_logged(config);
     (child, addr)
+}
+
+/// A relay process: killed and reaped when dropped, so that a failing test
+/// leaves none running. Derefs to its [`std::process::Child`].
+pub struct RelayProcess {
+    child: std::process::Child,
+    /// Where its admin listener listens.
+    pub admin: SocketAddr,
+}
+
+impl RelayProcess {
+    /// Sends SIGTERM and waits (at most `WAIT`) for the drain to end.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "still running {WAIT:?} after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl std::ops::Deref for RelayProcess {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for RelayProcess {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.child
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The relay's JSON log lines, as they arrive.
 pub type Logs = Arc<std::sync::Mutex<Vec<String>>>;
 
-/// Starts `hookrelay --log-format json serve` and reads its log until ingress
-/// listens; keeps collecting the log lines.
-pub fn spawn_relay_logged(config: &std::path::Path) -> (std::process::Child, SocketAddr, Logs) {
+/// Starts `hookrelay --log-format json serve` and reads its log until both
+/// listeners listen; keeps collecting the log lines.
+pub fn spawn_relay_logged(config: &std::path::Path) -> (RelayProcess, SocketAddr, Logs) {
     spawn_relay_with(config, Vec::<(String, String)>::new())
 }
 
@@ -409,7 +453,7 @@ pub fn spawn_relay_logged(config: &std::path::Path) -> (std::process::Child, Soc
 pub fn spawn_relay_with<K, V>(
     config: &std::path::Path,
     envs: impl IntoIterator<Item = (K, V)>,
-) -> (std::process::Child, SocketAddr, Logs)
+) -> (RelayProcess, SocketAddr, Logs)
 where
     K: AsRef<std::ffi::OsStr>,
     V: AsRef<std::ffi::OsStr>,
@@ -423,21 +467,31 @@ where
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
+    // Killed on drop from here on, also if it never starts listening.
+    let mut process = RelayProcess { child, admin: SocketAddr::from(([0, 0, 0, 0], 0)) };
     let (tx, rx) = std::sync::mpsc::channel();
     let logs: Logs = Arc::default();
     let kept = logs.clone();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["fields"]["message"] == "hookrelay ingress listening" {
+                let message = v["fields"]["message"].as_str().unwrap_or_default();
+                if let Some(listener) = message.strip_prefix("hookrelay ").and_then(|m| m.strip_suffix(" listening")) {
                     if let Some(addr) = v["fields"]["listen"].as_str() {
-                        let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                        let _ = tx.send((listener.to_string(), addr.parse::<SocketAddr>().unwrap()));
                     }
                 }
             }
             kept.lock().unwrap().push(line);
         }
     });
-    let addr = rx.recv_timeout(WAIT).expect("relay did not start listening");
-    (child, addr, logs)
+    let mut ingress = None;
+    while ingress.is_none() || process.admin.port() == 0 {
+        let (listener, addr) = rx.recv_timeout(WAIT).expect("relay did not start listening");
+        match listener.as_str() {
+            "ingress" => ingress = Some(addr),
+            _ => process.admin = addr,
+        }
+    }
+    (process, ingress.unwrap(), logs)
 }

@@ -235,7 +235,7 @@ async fn kills_during_retention_purges_lose_nothing() {
     // round, until a kill has cut a purge short (and at least `kills()` times).
     let (mut rounds, mut cut_short) = (0u64, 0);
     while rounds < kills() as u64 || cut_short == 0 {
-        assert!(rounds < 12, "no kill landed inside a purge in {rounds} rounds");
+        assert!(rounds < kills() as u64 + 12, "no kill landed inside a purge in {rounds} rounds");
         let (mut relay, _) = spawn_relay(&config);
         tokio::time::sleep(Duration::from_millis(rounds * 10 + fastrand::u64(0..10))).await;
         relay.kill().unwrap();

@@ -11,11 +11,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 
 async fn call(t: &TestRelay, method: Method, path: &str, token: Option<&str>, body: &str) -> Reply {
-    let mut b = Request::builder().method(method).uri(path).header("host", "admin");
-    if let Some(token) = token {
-        b = b.header("authorization", format!("Bearer {token}"));
-    }
-    send(t.relay.admin_addr, b.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+    admin_call(t.relay.admin_addr, method, path, token, body).await
 }
 
 async fn get(t: &TestRelay, path: &str) -> Reply {

@@ -181,12 +181,7 @@ async fn whole_events(store: &hookrelay::store::SledStore) -> HashSet<String> {
 /// Waits (bounded) until both targets' queues are empty, as the admin API counts them.
 async fn drained(admin: std::net::SocketAddr) {
     eventually("every queue drained", || async move {
-        let req = http::Request::get("/admin/targets")
-            .header("host", "admin")
-            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-            .body(http_body_util::Full::new(bytes::Bytes::new()))
-            .unwrap();
-        let targets = send(admin, req).await.json();
+        let targets = admin_call(admin, http::Method::GET, "/admin/targets", Some(ADMIN_TOKEN), "").await.json();
         targets["targets"].as_array().unwrap().iter().all(|t| t["queued"] == 0 && t["in_flight"] == 0)
     })
     .await;

@@ -177,6 +177,15 @@ where
     tokio::time::timeout(WAIT, fut).await.expect("request timed out")
 }
 
+/// A request to the admin listener at `addr`, with `token` as bearer token if given.
+pub async fn admin_call(addr: SocketAddr, method: http::Method, path: &str, token: Option<&str>, body: &str) -> Reply {
+    let mut b = Request::builder().method(method).uri(path).header("host", "admin");
+    if let Some(token) = token {
+        b = b.header("authorization", format!("Bearer {token}"));
+    }
+    send(addr, b.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await
+}
+
 pub async fn post(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
     send(addr, request(path, headers, body)).await
 }

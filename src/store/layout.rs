@@ -1,24 +1,36 @@
 //! How records sit in sled's one tree (one tree, so that a batch is atomic):
 //!
 //! - `e/{id}`: the event: a version byte, the [`EventMeta`] JSON's length
-//!   (u32, big-endian), the JSON, then the body, raw
-//! - `q/{target}\0{due}{id}`: empty; the queue of pending deliveries, by due time
+//!   (u32, big-endian), the JSON, then the body, raw. Its deliveries not yet
+//!   tried have no record of their own: a target's worker finds them by
+//!   walking the events from its cursor.
+//! - `c/{target}`: `{id}`; every event up to this one routed to the target
+//!   has a delivery record (a hint for where to start; it never skips one)
+//! - `q/{target}\0{due}{id}`: empty; the deliveries due again later (retries,
+//!   holds, requeues), by due time
 //! - `d/{target}\0{id}`: [`DeliveryRecord`] JSON, written at its first attempt
-//!   or requeue; a pending delivery never tried has only its queue entry
-//! - `k/{source}\0{sha256 of dedup key}`: `{id}{expires}`
+//!   or requeue
 //! - `x/{target}\0{id}`: the reason; the dead letters of a target
+//! - `n/{target}`: queued and dead deliveries of a target (two u64), kept in
+//!   step by every batch that changes them
+//! - `k/{expires}{id}`: the dedup entries of one round (see [`super::dedup`]),
+//!   `{id}` the round's first event
 //! - `p/{target}`: empty; the target is paused
+//! - `v`: the layout's version
 //!
 //! Ids are 16 bytes; times are u64 milliseconds, big-endian so keys sort by them.
+//! One event is one key on the ingest path (plus one dedup and one count key a
+//! round), because sled's cost grows with the keys written.
 
 use std::collections::HashMap;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use super::dedup::{DedupIndex, Entry};
 use super::{
     Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested, NewEvent, NextStep,
-    StoreError, MAX_ATTEMPTS_KEPT,
+    StoreError, TargetCounts, MAX_ATTEMPTS_KEPT,
 };
 
 const EVENT_V1: u8 = 1;
@@ -57,8 +69,32 @@ pub fn target_prefix(kind: &[u8], target: &str) -> Vec<u8> {
     key(kind, &[target.as_bytes(), b"\0"])
 }
 
-pub fn dedup_key(source: &str, dedup: &str) -> Vec<u8> {
-    key(b"k/", &[source.as_bytes(), b"\0", &Sha256::digest(dedup.as_bytes())])
+pub fn counts_key(target: &str) -> Vec<u8> {
+    key(b"n/", &[target.as_bytes()])
+}
+
+pub fn cursor_key(target: &str) -> Vec<u8> {
+    key(b"c/", &[target.as_bytes()])
+}
+
+pub fn dedup_record_key(expires_ms: u64, first: EventId) -> Vec<u8> {
+    key(b"k/", &[&expires_ms.to_be_bytes(), first.as_bytes()])
+}
+
+pub const VERSION_KEY: &[u8] = b"v";
+pub const VERSION: &[u8] = b"2";
+
+/// The digest that identifies a webhook within its source's dedup window.
+pub fn dedup_digest(source: &str, dedup: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    h.update([0]);
+    h.update(dedup.as_bytes());
+    h.finalize().into()
+}
+
+pub fn id_of(k: &[u8]) -> Result<EventId, StoreError> {
+    k.get(2..).and_then(EventId::from_slice).ok_or_else(|| corrupt(k, "bad event id"))
 }
 
 pub fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
@@ -98,26 +134,97 @@ pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreErr
     Ok((meta, Bytes::copy_from_slice(&v[body_at..])))
 }
 
-/// Adds an event's records to `batch`, unless its dedup key is live in sled
-/// or was claimed earlier in this batch.
+/// Changes to the targets' counts, written with the batch that makes them.
+#[derive(Debug, Default)]
+pub struct Tally(HashMap<String, (i64, i64)>);
+
+impl Tally {
+    pub fn add(&mut self, target: &str, queued: i64, dead: i64) {
+        let d = self.0.entry(target.to_string()).or_default();
+        d.0 += queued;
+        d.1 += dead;
+    }
+
+    /// Applies the changes to `counts` and adds the changed counts to `batch`.
+    pub fn write(self, counts: &mut HashMap<String, TargetCounts>, batch: &mut sled::Batch) {
+        for (target, (queued, dead)) in self.0 {
+            let c = counts.entry(target.clone()).or_default();
+            c.queued = c.queued.saturating_add_signed(queued);
+            c.dead = c.dead.saturating_add_signed(dead);
+            batch.insert(counts_key(&target), encode_counts(c));
+        }
+    }
+}
+
+pub fn encode_counts(c: &TargetCounts) -> Vec<u8> {
+    key(&c.queued.to_be_bytes(), &[&c.dead.to_be_bytes()])
+}
+
+pub fn decode_counts(k: &[u8], v: &[u8]) -> Result<TargetCounts, StoreError> {
+    match (v.get(..8), v.get(8..16)) {
+        (Some(q), Some(d)) if v.len() == 16 => Ok(TargetCounts {
+            queued: u64::from_be_bytes(q.try_into().unwrap_or_default()),
+            dead: u64::from_be_bytes(d.try_into().unwrap_or_default()),
+        }),
+        _ => Err(corrupt(k, "bad counts record")),
+    }
+}
+
+/// What a round of ingests needs besides sled: the dedup entries of the
+/// rounds before, and those claimed in this one.
+pub struct IngestRound<'a> {
+    pub index: &'a DedupIndex,
+    pub claimed: HashMap<[u8; 32], EventId>,
+    pub entries: Vec<(Entry, u64)>,
+}
+
+fn stamp(id: EventId) -> [u8; 8] {
+    let mut s = [0; 8];
+    s.copy_from_slice(&id.as_bytes()[..8]);
+    s
+}
+
+/// The live event whose dedup digest is `digest`, among the index's candidates.
+fn live_duplicate(
+    db: &sled::Db,
+    index: &DedupIndex,
+    hash: u64,
+    digest: &[u8; 32],
+    not_before_ms: u64,
+) -> Result<Option<EventId>, StoreError> {
+    for stamp in index.candidates(hash) {
+        let from = key(b"e/", &[&stamp]);
+        let to = key(b"e/", &[&u64::from_be_bytes(stamp).saturating_add(1).to_be_bytes()]);
+        for item in db.range(from..to) {
+            let (k, v) = item?;
+            let meta = decode_meta(&k, &v)?;
+            if meta.dedup.as_slice() == digest.as_slice() && meta.received_ms >= not_before_ms {
+                return Ok(Some(id_of(&k)?));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Adds an event's record to `batch` under `id`, unless a webhook with the
+/// same dedup key is live in sled or was claimed earlier in this round.
 pub fn plan_ingest(
     db: &sled::Db,
     batch: &mut sled::Batch,
-    claimed: &mut HashMap<Vec<u8>, EventId>,
+    round: &mut IngestRound,
+    tally: &mut Tally,
     ev: &NewEvent,
+    id: EventId,
 ) -> Result<Ingested, StoreError> {
-    let dedup = dedup_key(&ev.source, &ev.dedup_key);
-    if let Some(id) = claimed.get(&dedup) {
+    let digest = dedup_digest(&ev.source, &ev.dedup_key);
+    if let Some(id) = round.claimed.get(&digest) {
         return Ok(Ingested::Duplicate { id: *id });
     }
-    if let Some(found) = db.get(&dedup)? {
-        if let (Some(id), Some(expires)) = (EventId::from_slice(found.get(..16).unwrap_or_default()), found.get(16..24))
-        {
-            let expires = u64::from_be_bytes(expires.try_into().unwrap_or_default());
-            if expires > ev.received_ms {
-                return Ok(Ingested::Duplicate { id });
-            }
-        }
+    let hash = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
+    let window = ev.dedup_window.as_millis() as u64;
+    let not_before = ev.received_ms.saturating_sub(window).saturating_add(1);
+    if let Some(first) = live_duplicate(db, round.index, hash, &digest, not_before)? {
+        return Ok(Ingested::Duplicate { id: first });
     }
     let meta = EventMeta {
         source: ev.source.clone(),
@@ -125,16 +232,15 @@ pub fn plan_ingest(
         received_ms: ev.received_ms,
         content_type: ev.content_type.clone(),
         targets: ev.targets.clone(),
-        dedup: dedup.clone(),
+        dedup: digest.to_vec(),
     };
-    batch.insert(event_key(ev.id), encode_event(&meta, &ev.body)?);
+    batch.insert(event_key(id), encode_event(&meta, &ev.body)?);
     for target in &ev.targets {
-        batch.insert(queue_key(target, ev.received_ms, ev.id), &[]);
+        tally.add(target, 1, 0);
     }
-    let expires = ev.received_ms.saturating_add(ev.dedup_window.as_millis() as u64);
-    batch.insert(dedup.clone(), key(ev.id.as_bytes(), &[&expires.to_be_bytes()]));
-    claimed.insert(dedup, ev.id);
-    Ok(Ingested::Accepted { id: ev.id, targets: ev.targets.len() })
+    round.claimed.insert(digest, id);
+    round.entries.push((Entry { hash, stamp: stamp(id) }, ev.received_ms.saturating_add(window)));
+    Ok(Ingested::Accepted { id, targets: ev.targets.len() })
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -153,8 +259,57 @@ fn get_record(db: &sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, Store
     get_json(db, key)
 }
 
-/// Reads the due part of a target's queue.
+/// Events examined at most per [`read_due`] walk past the cursor.
+const WALK: usize = 4096;
+
+/// Reads a target's due deliveries: first those queued for a later attempt,
+/// then those never tried, walking the events after `cursor` up to
+/// `durable` (the newest event known durable). Returns them with the cursor
+/// moved over every event that no longer needs the walk.
 pub fn read_due(
+    db: &sled::Db,
+    target: &str,
+    now_ms: u64,
+    limit: usize,
+    skip: &std::collections::HashSet<EventId>,
+    cursor: Option<EventId>,
+    durable: Option<EventId>,
+) -> Result<(DueBatch, Option<EventId>), StoreError> {
+    let mut batch = read_queued(db, target, now_ms, limit, skip)?;
+    let Some(durable) = durable else { return Ok((batch, cursor)) };
+    let start = match cursor {
+        Some(id) => key(&event_key(id), &[b"\0"]),
+        None => b"e/".to_vec(),
+    };
+    let (mut moved, mut walked) = (cursor, 0);
+    let mut advancing = true;
+    for item in db.range(start..=event_key(durable)) {
+        if batch.due.len() >= limit || walked >= WALK {
+            // More may be due at once: look again without waiting.
+            batch.next_due_ms = Some(now_ms);
+            break;
+        }
+        walked += 1;
+        let (k, v) = item?;
+        let id = id_of(&k)?;
+        let meta = decode_meta(&k, &v)?;
+        let untried = meta.targets.iter().any(|t| t == target) && !db.contains_key(delivery_key(target, id))?;
+        if !untried {
+            if advancing {
+                moved = Some(id);
+            }
+            continue;
+        }
+        advancing = false;
+        if !skip.contains(&id) {
+            batch.due.push(DueDelivery { event_id: id, due_ms: meta.received_ms, tries: 0, made: 0, queued: false });
+        }
+    }
+    Ok((batch, moved))
+}
+
+/// Reads the due part of a target's queue of later attempts.
+fn read_queued(
     db: &sled::Db,
     target: &str,
     now_ms: u64,
@@ -182,7 +337,7 @@ pub fn read_due(
                 (0, 0)
             }
         };
-        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made });
+        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made, queued: true });
     }
     if let Some(item) = db.range(due_end..).next() {
         let (k, _) = item?;
@@ -204,6 +359,7 @@ fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreE
 /// The batch that records an attempt and moves the delivery on.
 pub fn plan_complete(
     db: &sled::Db,
+    tally: &mut Tally,
     target: &str,
     due: &DueDelivery,
     attempt: Attempt,
@@ -212,7 +368,21 @@ pub fn plan_complete(
 ) -> Result<sled::Batch, StoreError> {
     let id = due.event_id;
     let dkey = delivery_key(target, id);
-    let mut record = get_record(db, &dkey)?.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
+    let found = get_record(db, &dkey)?;
+    let mut batch = sled::Batch::default();
+    // Still where it was handed out? If an operator requeued it meanwhile,
+    // keep their position and record the attempt only.
+    let current = if due.queued {
+        let queued = queue_key(target, due.due_ms, id);
+        let current = db.contains_key(&queued)?;
+        if current {
+            batch.remove(queued);
+        }
+        current
+    } else {
+        found.is_none()
+    };
+    let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
     record.attempts.push(attempt);
     record.made += 1;
     if *next != NextStep::Hold {
@@ -222,13 +392,12 @@ pub fn plan_complete(
         let excess = record.attempts.len() - MAX_ATTEMPTS_KEPT;
         record.attempts.drain(..excess);
     }
-    let mut batch = sled::Batch::default();
-    let queued = queue_key(target, due.due_ms, id);
-    // Requeued by an operator meanwhile: keep their position, record the attempt only.
-    if db.contains_key(&queued)? {
-        batch.remove(queued);
+    if current {
         record.state = match next {
-            NextStep::Delivered => DeliveryState::Delivered { at_ms: now_ms },
+            NextStep::Delivered => {
+                tally.add(target, -1, 0);
+                DeliveryState::Delivered { at_ms: now_ms }
+            }
             NextStep::RetryAt(at) => {
                 batch.insert(queue_key(target, *at, id), &[]);
                 DeliveryState::Pending { due_ms: *at }
@@ -238,6 +407,7 @@ pub fn plan_complete(
                 DeliveryState::Pending { due_ms: now_ms }
             }
             NextStep::Dead(reason) => {
+                tally.add(target, -1, 1);
                 batch.insert(dead_key(target, id), reason.as_bytes());
                 DeliveryState::Dead { at_ms: now_ms, reason: reason.clone() }
             }
@@ -248,18 +418,24 @@ pub fn plan_complete(
 }
 
 /// The batch that purges up to `limit` events received before `cutoff_ms`
-/// whose deliveries are all finished, scanning after `after`.
+/// whose deliveries are all finished, scanning after `after`, and up to
+/// `limit` dedup records expired by `now_ms`.
 pub fn plan_purge(
     db: &sled::Db,
+    tally: &mut Tally,
     cutoff_ms: u64,
+    now_ms: u64,
     after: Option<EventId>,
     limit: usize,
 ) -> Result<(sled::Batch, usize, Option<EventId>), StoreError> {
+    let mut batch = sled::Batch::default();
+    for k in db.range(b"k/".to_vec()..key(b"k/", &[&now_ms.to_be_bytes()])).keys().take(limit) {
+        batch.remove(k?);
+    }
     let start = match after {
         Some(id) => key(&event_key(id), &[b"\0"]),
         None => b"e/".to_vec(),
     };
-    let mut batch = sled::Batch::default();
     let (mut purged, mut examined, mut last) = (0, 0, None);
     for item in db.range(start..b"e0".to_vec()) {
         if examined >= limit {
@@ -271,29 +447,24 @@ pub fn plan_purge(
             // Ids sort by arrival: everything after this is younger.
             return Ok((batch, purged, None));
         }
-        let id = EventId::from_slice(&k[2..]).ok_or_else(|| corrupt(&k, "bad event id"))?;
+        let id = id_of(&k)?;
         examined += 1;
         last = Some(id);
-        let mut finished = true;
+        let mut states = Vec::with_capacity(meta.targets.len());
         for t in &meta.targets {
-            let done = matches!(
-                get_record(db, &delivery_key(t, id))?.map(|r| r.state),
-                Some(DeliveryState::Delivered { .. } | DeliveryState::Dead { .. })
-            );
-            finished &= done;
+            states.push(get_record(db, &delivery_key(t, id))?.map(|r| r.state));
         }
-        if !finished {
+        let finished =
+            |s: &Option<DeliveryState>| matches!(s, Some(DeliveryState::Delivered { .. } | DeliveryState::Dead { .. }));
+        if !states.iter().all(finished) {
             continue;
         }
-        for t in &meta.targets {
+        for (t, state) in meta.targets.iter().zip(&states) {
+            if matches!(state, Some(DeliveryState::Dead { .. })) {
+                tally.add(t, 0, -1);
+            }
             batch.remove(delivery_key(t, id));
             batch.remove(dead_key(t, id));
-        }
-        // The dedup record goes too, unless a later event took it over.
-        if let Some(found) = db.get(&meta.dedup)? {
-            if found.get(..16) == Some(id.as_bytes().as_slice()) {
-                batch.remove(meta.dedup.clone());
-            }
         }
         batch.remove(k);
         purged += 1;
@@ -303,7 +474,13 @@ pub fn plan_purge(
 
 /// The batch that queues a delivery again, due at `now_ms`; `None` when the
 /// event is unknown or was not routed to `target`.
-pub fn plan_requeue(db: &sled::Db, target: &str, id: EventId, now_ms: u64) -> Result<Option<sled::Batch>, StoreError> {
+pub fn plan_requeue(
+    db: &sled::Db,
+    tally: &mut Tally,
+    target: &str,
+    id: EventId,
+    now_ms: u64,
+) -> Result<Option<sled::Batch>, StoreError> {
     let ekey = event_key(id);
     let Some(v) = db.get(&ekey)? else { return Ok(None) };
     let meta = decode_meta(&ekey, &v)?;
@@ -317,8 +494,11 @@ pub fn plan_requeue(db: &sled::Db, target: &str, id: EventId, now_ms: u64) -> Re
     let mut batch = sled::Batch::default();
     match record.state {
         DeliveryState::Pending { due_ms } => batch.remove(queue_key(target, due_ms, id)),
-        DeliveryState::Dead { .. } => batch.remove(dead_key(target, id)),
-        DeliveryState::Delivered { .. } => {}
+        DeliveryState::Dead { .. } => {
+            tally.add(target, 1, -1);
+            batch.remove(dead_key(target, id))
+        }
+        DeliveryState::Delivered { .. } => tally.add(target, 1, 0),
     }
     batch.insert(queue_key(target, now_ms, id), &[]);
     record.state = DeliveryState::Pending { due_ms: now_ms };

@@ -1,6 +1,7 @@
 //! Durable storage of events and their deliveries, behind the [`Store`] trait
 //! so that a networked backend can stand beside the embedded sled one.
 
+mod dedup;
 mod layout;
 mod null;
 mod records;

@@ -110,7 +110,8 @@ pub struct EventMeta {
     pub received_ms: u64,
     pub content_type: Option<String>,
     pub targets: Vec<String>,
-    /// The key of its dedup record (`k/...`), removed with the event at purge.
+    /// The SHA-256 of its source and dedup key: what a later webhook is
+    /// compared with.
     #[serde(default)]
     pub dedup: Vec<u8>,
 }
@@ -189,6 +190,8 @@ pub struct DueDelivery {
     pub tries: u32,
     /// Attempts made so far, all told.
     pub made: u32,
+    /// Handed out from the queue of later attempts, not a first attempt.
+    pub queued: bool,
 }
 
 /// What [`crate::store::Store::due`] found.

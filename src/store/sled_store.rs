@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use super::layout::{self, corrupt, decode_event, delivery_key, event_key};
+use super::layout::{self, decode_event, delivery_key, event_key};
 use super::writer::{CommitStats, Writer};
 use super::*;
 
@@ -25,6 +25,7 @@ impl SledStore {
             .cache_capacity(cache_bytes)
             .open()
             .map_err(|e| StoreError::Io(format!("cannot open storage at {}: {e}", path.display())))?;
+        check_layout(&db, path)?;
         let mut syncer = DiskSync::new(path, db.clone())?;
         let writer = Writer::start(db.clone(), move || syncer.sync())?;
         Ok(SledStore { db, writer })
@@ -38,6 +39,10 @@ impl SledStore {
     fn get_meta(&self, id: EventId) -> Result<Option<EventMeta>, StoreError> {
         let key = event_key(id);
         self.db.get(&key)?.map(|v| layout::decode_meta(&key, &v)).transpose()
+    }
+
+    fn progress(&self) -> Result<std::sync::MutexGuard<'_, super::writer::Progress>, StoreError> {
+        self.writer.progress.lock().map_err(|_| StoreError::Io("storage progress lock poisoned".into()))
     }
 
     fn get_event(&self, id: EventId) -> Result<Option<(EventMeta, bytes::Bytes)>, StoreError> {
@@ -64,7 +69,7 @@ impl Store for SledStore {
                 break;
             }
             let (k, v) = item?;
-            let id = EventId::from_slice(&k[2..]).ok_or_else(|| corrupt(&k, "bad event id"))?;
+            let id = layout::id_of(&k)?;
             let meta = layout::decode_meta(&k, &v)?;
             if source.is_none_or(|s| s == meta.source) {
                 out.push((id, meta));
@@ -94,7 +99,16 @@ impl Store for SledStore {
         limit: usize,
         skip: &HashSet<EventId>,
     ) -> Result<DueBatch, StoreError> {
-        layout::read_due(&self.db, target, now_ms, limit, skip)
+        let (cursor, durable) = {
+            let progress = self.progress()?;
+            (progress.cursors.get(target).map(|(id, _)| *id), progress.durable)
+        };
+        let (batch, moved) = layout::read_due(&self.db, target, now_ms, limit, skip, cursor, durable)?;
+        if let Some(moved) = moved.filter(|m| Some(*m) > cursor) {
+            // One worker per target reads its queue, so nothing moved it meanwhile.
+            self.progress()?.cursors.insert(target.to_string(), (moved, false));
+        }
+        Ok(batch)
     }
 
     async fn complete(
@@ -106,14 +120,16 @@ impl Store for SledStore {
     ) -> Result<(), StoreError> {
         let (target, due) = (target.to_string(), due.clone());
         self.writer
-            .mutate(move |db| Ok((layout::plan_complete(db, &target, &due, attempt, &next, now_ms())?, ())))
+            .mutate(move |db, tally| {
+                Ok((layout::plan_complete(db, tally, &target, &due, attempt, &next, now_ms())?, ()))
+            })
             .await
     }
 
     async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError> {
         let key = layout::pause_key(target);
         self.writer
-            .mutate(move |_| {
+            .mutate(move |_, _| {
                 let mut batch = sled::Batch::default();
                 if paused {
                     batch.insert(key, &[]);
@@ -134,17 +150,11 @@ impl Store for SledStore {
     }
 
     async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError> {
-        let db = self.db.clone();
-        let (queued, dead) = (layout::target_prefix(b"q/", target), layout::target_prefix(b"x/", target));
-        // Walks every key of the queue: off the async runtime.
-        tokio::task::spawn_blocking(move || {
-            Ok(TargetCounts {
-                queued: db.scan_prefix(queued).keys().count() as u64,
-                dead: db.scan_prefix(dead).keys().count() as u64,
-            })
-        })
-        .await
-        .map_err(|e| StoreError::Io(e.to_string()))?
+        let key = layout::counts_key(target);
+        match self.db.get(&key)? {
+            Some(v) => layout::decode_counts(&key, &v),
+            None => Ok(TargetCounts::default()),
+        }
     }
 
     async fn purge(
@@ -154,8 +164,8 @@ impl Store for SledStore {
         limit: usize,
     ) -> Result<(usize, Option<EventId>), StoreError> {
         self.writer
-            .mutate(move |db| {
-                let (batch, purged, last) = layout::plan_purge(db, cutoff_ms, after, limit)?;
+            .mutate(move |db, tally| {
+                let (batch, purged, last) = layout::plan_purge(db, tally, cutoff_ms, now_ms(), after, limit)?;
                 Ok((batch, (purged, last)))
             })
             .await
@@ -164,7 +174,7 @@ impl Store for SledStore {
     async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError> {
         let target = target.to_string();
         self.writer
-            .mutate(move |db| match layout::plan_requeue(db, &target, id, now_ms())? {
+            .mutate(move |db, tally| match layout::plan_requeue(db, tally, &target, id, now_ms())? {
                 Some(batch) => Ok((batch, true)),
                 None => Ok((sled::Batch::default(), false)),
             })
@@ -188,6 +198,25 @@ impl Store for SledStore {
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Io(e.to_string()))??;
         Ok(())
+    }
+}
+
+/// Marks a new store with the layout's version, and refuses a store that
+/// holds events in another layout (it would be misread).
+fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+    match db.get(layout::VERSION_KEY)? {
+        Some(v) if v == layout::VERSION => Ok(()),
+        None if db.scan_prefix(b"e/").next().is_none() => {
+            db.insert(layout::VERSION_KEY, layout::VERSION)?;
+            Ok(())
+        }
+        found => Err(StoreError::Io(format!(
+            "storage at {} is in layout {} but this hookrelay reads layout {}: deliver or move its events with \
+             the hookrelay that wrote them, or start from an empty storage.path",
+            path.display(),
+            found.map_or("1".into(), |v| String::from_utf8_lossy(&v).into_owned()),
+            String::from_utf8_lossy(layout::VERSION),
+        ))),
     }
 }
 
@@ -362,7 +391,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
         let id = accepted(&store, event(b"x".to_vec())).await;
-        let stale = DueDelivery { event_id: id, due_ms: 1, tries: 0, made: 0 };
+        let stale = DueDelivery { event_id: id, due_ms: 1, tries: 0, made: 0, queued: true };
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
         store.complete("search", &stale, attempt, NextStep::Delivered).await.unwrap();
         let d = &store.deliveries(id).await.unwrap()[0];

@@ -3,6 +3,12 @@
 //! their dedup keys, applies them as one sled batch, makes that durable with
 //! one flush, then answers each job. Group commit and write batching are one
 //! mechanism: concurrent requests share both the batch and the flush.
+//!
+//! The thread owns what every write must see: the dedup index, the
+//! targets' counts, and the newest event id (ids are made to rise in commit
+//! order, so a worker walking the events never finds an older one appear
+//! behind its cursor). It publishes the newest durable event and saves the
+//! workers' cursors in [`Progress`].
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -12,8 +18,9 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::layout;
-use super::{Ingested, NewEvent, StoreError};
+use super::dedup::{DedupIndex, Entry};
+use super::layout::{self, IngestRound, Tally};
+use super::{now_ms, EventId, Ingested, NewEvent, StoreError, TargetCounts};
 
 /// Jobs a round takes at most; more wait for the next round.
 const MAX_ROUND: usize = 1024;
@@ -31,8 +38,62 @@ pub struct CommitStats {
 
 type Answer = Box<dyn Any + Send>;
 
-/// Reads what it needs and returns the batch to apply, with an answer.
-type Plan = Box<dyn FnOnce(&sled::Db) -> Result<(sled::Batch, Answer), StoreError> + Send>;
+/// Reads what it needs and returns the batch to apply, with an answer, and
+/// notes in the tally how it changes the targets' counts.
+type Plan = Box<dyn FnOnce(&sled::Db, &mut Tally) -> Result<(sled::Batch, Answer), StoreError> + Send>;
+
+/// Shared by the writer and the workers' reads.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// The newest event whose round is durable: workers walk no further.
+    pub durable: Option<EventId>,
+    /// Per target, the cursor of its walk (see [`layout::read_due`]) and
+    /// whether the writer has saved it since it moved.
+    pub cursors: HashMap<String, (EventId, bool)>,
+}
+
+/// What the writer thread owns.
+struct State {
+    dedup: DedupIndex,
+    counts: HashMap<String, TargetCounts>,
+    newest: Option<EventId>,
+    /// When expired dedup entries were last dropped.
+    evicted_ms: u64,
+}
+
+impl State {
+    /// Reads the counts, the live dedup entries and the cursors from `db`.
+    fn load(db: &sled::Db) -> Result<(State, Progress), StoreError> {
+        let mut counts = HashMap::new();
+        for item in db.scan_prefix(b"n/") {
+            let (k, v) = item?;
+            counts.insert(String::from_utf8_lossy(&k[2..]).into_owned(), layout::decode_counts(&k, &v)?);
+        }
+        let mut dedup = DedupIndex::default();
+        for item in db.range(layout::key(b"k/", &[&now_ms().to_be_bytes()])..b"k0".to_vec()) {
+            let (k, v) = item?;
+            let expires = k.get(2..10).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
+            for entry in Entry::decode_all(&v).ok_or_else(|| layout::corrupt(&k, "bad dedup record"))? {
+                dedup.insert(entry, expires);
+            }
+        }
+        let mut progress = Progress::default();
+        for item in db.scan_prefix(b"c/") {
+            let (k, v) = item?;
+            let id = EventId::from_slice(&v).ok_or_else(|| layout::corrupt(&k, "bad cursor"))?;
+            progress.cursors.insert(String::from_utf8_lossy(&k[2..]).into_owned(), (id, true));
+        }
+        let newest = match db.scan_prefix(b"e/").keys().next_back() {
+            Some(k) => Some(layout::id_of(&k?)?),
+            None => None,
+        };
+        progress.durable = newest;
+        // New ids must also pass every cursor, even if the clock went back
+        // and the events a cursor passed were purged.
+        let newest = progress.cursors.values().map(|(id, _)| *id).chain(newest).max();
+        Ok((State { dedup, counts, newest, evicted_ms: 0 }, progress))
+    }
+}
 
 enum Job {
     Ingest {
@@ -50,6 +111,7 @@ enum Job {
 
 pub struct Writer {
     pub stats: Arc<CommitStats>,
+    pub progress: Arc<Mutex<Progress>>,
     /// Set for good when a sync fails with [`StoreError::Failed`].
     failed: Arc<AtomicBool>,
     queue: Mutex<Option<mpsc::Sender<Job>>>,
@@ -62,6 +124,9 @@ impl Writer {
         db: sled::Db,
         mut sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
     ) -> Result<Self, StoreError> {
+        let (mut state, progress) = State::load(&db)?;
+        let progress = Arc::new(Mutex::new(progress));
+        let thread_progress = progress.clone();
         let (tx, mut rx) = mpsc::channel::<Job>(QUEUE);
         let stats = Arc::new(CommitStats::default());
         let thread_stats = stats.clone();
@@ -80,11 +145,12 @@ impl Writer {
                 if thread_failed.load(Ordering::SeqCst) {
                     refuse(jobs);
                 } else {
-                    round(&db, jobs, &mut sync, &thread_stats, &thread_failed);
+                    let shared = Shared { stats: &thread_stats, failed: &thread_failed, progress: &thread_progress };
+                    round(&db, &mut state, jobs, &mut sync, shared);
                 }
             }
         })?;
-        Ok(Writer { stats, failed, queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
+        Ok(Writer { stats, progress, failed, queue: Mutex::new(Some(tx)), thread: Mutex::new(Some(thread)) })
     }
 
     async fn submit(&self, job: Job) -> Result<(), StoreError> {
@@ -103,10 +169,10 @@ impl Writer {
     /// returns its answer once durable.
     pub async fn mutate<T: Send + 'static>(
         &self,
-        plan: impl FnOnce(&sled::Db) -> Result<(sled::Batch, T), StoreError> + Send + 'static,
+        plan: impl FnOnce(&sled::Db, &mut Tally) -> Result<(sled::Batch, T), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let plan: Plan = Box::new(move |db| plan(db).map(|(batch, t)| (batch, Box::new(t) as Answer)));
+        let plan: Plan = Box::new(move |db, tally| plan(db, tally).map(|(batch, t)| (batch, Box::new(t) as Answer)));
         self.submit(Job::Mutate { plan, reply }).await?;
         let boxed = answer.await.map_err(|_| StoreError::Closed)??;
         boxed.downcast::<T>().map(|t| *t).map_err(|_| StoreError::Io("writer answered with the wrong type".into()))
@@ -154,35 +220,69 @@ fn refuse(jobs: Vec<Job>) {
     }
 }
 
-/// Runs one round; sets `failed` (before answering) when its sync failed for good.
+/// What the writer thread shares with the store.
+struct Shared<'a> {
+    stats: &'a CommitStats,
+    /// Set (before answering) when a round's sync failed for good.
+    failed: &'a AtomicBool,
+    progress: &'a Mutex<Progress>,
+}
+
+/// Runs one round: the ingests as one batch (with the round's dedup record,
+/// the changed counts and the moved cursors), then each mutation as its own.
 fn round(
     db: &sled::Db,
+    state: &mut State,
     jobs: Vec<Job>,
     sync: &mut impl FnMut() -> Result<(), StoreError>,
-    stats: &CommitStats,
-    failed: &AtomicBool,
+    shared: Shared,
 ) {
     let started = std::time::Instant::now();
+    let now = now_ms();
+    if now >= state.evicted_ms + 1_000 {
+        state.dedup.evict(now);
+        state.evicted_ms = now;
+    }
     let mut batch = sled::Batch::default();
-    // Dedup keys claimed earlier in this round, not yet in sled.
-    let mut claimed: HashMap<Vec<u8>, super::EventId> = HashMap::new();
+    let mut tally = Tally::default();
+    let mut ingest = IngestRound { index: &state.dedup, claimed: HashMap::new(), entries: Vec::new() };
     let mut ingests = Vec::new();
     let mut mutations = Vec::new();
+    let mut first = None;
     for job in jobs {
         match job {
             Job::Ingest { event, reply } => {
-                let outcome = layout::plan_ingest(db, &mut batch, &mut claimed, &event);
+                let id = next_id(&mut state.newest, event.id);
+                let outcome = layout::plan_ingest(db, &mut batch, &mut ingest, &mut tally, &event, id);
+                if matches!(outcome, Ok(Ingested::Accepted { .. })) {
+                    first.get_or_insert(id);
+                }
                 ingests.push((reply, outcome));
             }
             Job::Mutate { plan, reply } => mutations.push((plan, reply)),
         }
     }
+    let entries = ingest.entries;
+    if let Some(first) = first {
+        let expires = entries.iter().map(|(_, e)| *e).max().unwrap_or(now);
+        let mut packed = Vec::with_capacity(entries.len() * Entry::BYTES);
+        entries.iter().for_each(|(e, _)| e.encode(&mut packed));
+        batch.insert(layout::dedup_record_key(expires, first), packed);
+    }
+    tally.write(&mut state.counts, &mut batch);
+    save_cursors(shared.progress, &mut batch);
     let mut written = db.apply_batch(batch).map_err(sled_failed);
     let mut answers = Vec::with_capacity(mutations.len());
     for (plan, reply) in mutations {
         let answer = match &written {
             Err(e) => Err(e.clone()),
-            Ok(()) => plan(db).and_then(|(b, answer)| db.apply_batch(b).map(|()| answer).map_err(sled_failed)),
+            Ok(()) => {
+                let mut tally = Tally::default();
+                plan(db, &mut tally).and_then(|(mut b, answer)| {
+                    tally.write(&mut state.counts, &mut b);
+                    db.apply_batch(b).map(|()| answer).map_err(sled_failed)
+                })
+            }
         };
         if let Err(StoreError::Failed(e)) = &answer {
             // A write failure taints the round; a planning error is the job's own.
@@ -191,13 +291,23 @@ fn round(
         answers.push((reply, answer));
     }
     let written = written.and_then(|()| sync());
-    stats.flushes.fetch_add(1, Ordering::Relaxed);
-    stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-    if let Err(e) = &written {
-        tracing::error!(error = %e, jobs = ingests.len() + answers.len(), "storage write failed; those writes are refused");
-        if matches!(e, StoreError::Failed(_)) {
-            failed.store(true, Ordering::SeqCst);
-            tracing::error!("storage failed for good: refusing every write until restart");
+    shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
+    shared.stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    match &written {
+        Ok(()) => {
+            for (entry, expires) in entries {
+                state.dedup.insert(entry, expires);
+            }
+            if let Ok(mut progress) = shared.progress.lock() {
+                progress.durable = state.newest;
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, jobs = ingests.len() + answers.len(), "storage write failed; those writes are refused");
+            if matches!(e, StoreError::Failed(_)) {
+                shared.failed.store(true, Ordering::SeqCst);
+                tracing::error!("storage failed for good: refusing every write until restart");
+            }
         }
     }
     // Requesters may have gone (a client hung up): nothing to tell them.
@@ -206,6 +316,29 @@ fn round(
     }
     for (reply, answer) in answers {
         let _ = reply.send(written.clone().and(answer));
+    }
+}
+
+/// `proposed`, or just past `newest` if it is not newer; becomes the newest.
+fn next_id(newest: &mut Option<EventId>, proposed: EventId) -> EventId {
+    let id = match *newest {
+        Some(n) if proposed <= n => EventId(uuid::Uuid::from_u128(n.0.as_u128().wrapping_add(1))),
+        _ => proposed,
+    };
+    *newest = Some(id);
+    id
+}
+
+/// Adds the cursors moved since the last round to `batch`. A cursor only
+/// moves over events whose delivery records are applied already, so saving
+/// it in a later batch never gets ahead of them.
+fn save_cursors(progress: &Mutex<Progress>, batch: &mut sled::Batch) {
+    let Ok(mut progress) = progress.lock() else { return };
+    for (target, (id, saved)) in progress.cursors.iter_mut() {
+        if !*saved {
+            batch.insert(layout::cursor_key(target), id.as_bytes());
+            *saved = true;
+        }
     }
 }
 
@@ -266,7 +399,9 @@ mod tests {
         let rounds = writer.stats.flushes.load(Ordering::Relaxed);
         assert!(rounds < 80, "80 ingests took {rounds} rounds");
         assert_eq!(db.scan_prefix(b"e/").count(), 40);
-        assert_eq!(db.scan_prefix(b"q/").count(), 80);
+        assert_eq!(db.scan_prefix(b"q/").count(), 0, "first attempts need no queue entry");
+        let counts = |t: &str| layout::decode_counts(b"", &db.get(layout::counts_key(t)).unwrap().unwrap()).unwrap();
+        assert_eq!((counts("a").queued, counts("b").queued), (40, 40));
     }
 
     #[tokio::test]
@@ -294,7 +429,7 @@ mod tests {
         assert!(matches!(writer.ingest(event("x")).await, Err(StoreError::Failed(_))));
         assert!(writer.failed());
         assert!(matches!(writer.ingest(event("y")).await, Err(StoreError::Failed(_))));
-        assert!(matches!(writer.mutate(|_| Ok((sled::Batch::default(), ()))).await, Err(StoreError::Failed(_))));
+        assert!(matches!(writer.mutate(|_, _| Ok((sled::Batch::default(), ()))).await, Err(StoreError::Failed(_))));
     }
 
     #[tokio::test]

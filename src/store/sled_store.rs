@@ -400,6 +400,98 @@ mod tests {
         assert_eq!(store.counts("search").await.unwrap().queued, 1);
     }
 
+    fn ids(batch: &DueBatch) -> Vec<EventId> {
+        batch.due.iter().map(|d| d.event_id).collect()
+    }
+
+    #[tokio::test]
+    async fn first_attempts_are_found_by_walking_the_events_routed_to_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let one = accepted(&store, event_to(b"1".to_vec(), &["a"])).await;
+        let two = accepted(&store, event_to(b"2".to_vec(), &["b"])).await;
+        let three = accepted(&store, event_to(b"3".to_vec(), &["a", "b"])).await;
+        let batch = store.due("a", now_ms(), 100, &HashSet::new()).await.unwrap();
+        assert_eq!(ids(&batch), vec![one, three]);
+        assert!(batch.due.iter().all(|d| !d.queued && d.tries == 0));
+        assert_eq!(ids(&store.due("a", now_ms(), 100, &HashSet::from([one])).await.unwrap()), vec![three]);
+
+        finish(&store, "a", one, NextStep::Delivered).await;
+        assert_eq!(ids(&store.due("a", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
+        assert_eq!(store.progress().unwrap().cursors.get("a").map(|c| c.0), Some(two), "moved over one and two");
+        assert_eq!(ids(&store.due("b", now_ms(), 1, &HashSet::new()).await.unwrap()), vec![two]);
+        assert_eq!(store.counts("a").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
+    }
+
+    #[tokio::test]
+    async fn workers_walk_no_further_than_the_newest_durable_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let one = accepted(&store, event_to(b"1".to_vec(), &["a"])).await;
+        accepted(&store, event_to(b"2".to_vec(), &["a"])).await;
+        let none = HashSet::new();
+        let (batch, cursor) = layout::read_due(&store.db, "a", now_ms(), 100, &none, None, Some(one)).unwrap();
+        assert_eq!((ids(&batch), cursor), (vec![one], None));
+        let (batch, _) = layout::read_due(&store.db, "a", now_ms(), 100, &none, None, None).unwrap();
+        assert!(batch.due.is_empty(), "nothing is durable yet");
+    }
+
+    #[tokio::test]
+    async fn cursors_counts_and_dedup_keys_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (one, two, three) = {
+            let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+            let one = accepted(&store, event(b"1".to_vec())).await;
+            let two = accepted(&store, event(b"2".to_vec())).await;
+            let three = accepted(&store, event(b"3".to_vec())).await;
+            finish(&store, "search", one, NextStep::RetryAt(now_ms() + 60_000)).await;
+            finish(&store, "search", two, NextStep::Dead("gone".into())).await;
+            // A walk moves the cursor over both; the next round saves it.
+            assert_eq!(ids(&store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
+            store.set_paused("other", false).await.unwrap();
+            store.close().await.unwrap();
+            (one, two, three)
+        };
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        assert_eq!(store.progress().unwrap().cursors.get("search").map(|c| c.0), Some(two));
+        assert_eq!(ids(&store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
+        let later = store.due("search", now_ms() + 61_000, 100, &HashSet::new()).await.unwrap();
+        assert_eq!(ids(&later), vec![one, three], "the retry, then the untried one");
+        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 2, dead: 1 });
+        assert_eq!(store.ingest(event(b"2".to_vec())).await.unwrap(), Ingested::Duplicate { id: two });
+        assert!(store.requeue("search", two).await.unwrap());
+        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 3, dead: 0 });
+    }
+
+    #[tokio::test]
+    async fn a_dedup_key_is_new_again_once_its_window_has_passed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let mut first = event(b"x".to_vec());
+        first.dedup_window = Duration::from_millis(50);
+        let id = accepted(&store, first).await;
+        let mut again = event(b"x".to_vec());
+        again.dedup_window = Duration::from_millis(50);
+        assert_eq!(store.ingest(again).await.unwrap(), Ingested::Duplicate { id });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut later = event(b"x".to_vec());
+        later.received_ms = now_ms();
+        later.dedup_window = Duration::from_millis(50);
+        assert!(matches!(store.ingest(later).await.unwrap(), Ingested::Accepted { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_store_in_an_older_layout_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.insert(event_key(EventId::new()), b"old".to_vec()).unwrap();
+            db.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path(), 8 << 20).err().expect("refused").to_string();
+        assert!(err.contains("layout 1") && err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
     #[tokio::test]
     async fn a_large_body_goes_to_a_synced_blob_and_survives_reopening() {
         let dir = tempfile::tempdir().unwrap();

@@ -433,6 +433,19 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn ids_rise_in_commit_order_whatever_the_request_proposed() {
+        let (_dir, db) = temp_db();
+        let writer = Writer::start(db.clone(), || Ok(())).unwrap();
+        let Ingested::Accepted { id: newer, .. } = writer.ingest(event("x")).await.unwrap() else { panic!() };
+        let mut older = event("y");
+        older.id = EventId(uuid::Uuid::from_u128(1));
+        let Ingested::Accepted { id, .. } = writer.ingest(older).await.unwrap() else { panic!() };
+        assert!(id > newer, "{id} should follow {newer}");
+        assert_eq!(writer.progress.lock().unwrap().durable, Some(id));
+        assert!(db.contains_key(layout::event_key(id)).unwrap());
+    }
+
+    #[tokio::test]
     async fn after_stop_ingests_are_refused() {
         let (_dir, db) = temp_db();
         let writer = Writer::start(db, || Ok(())).unwrap();

@@ -99,6 +99,8 @@ async fn every_acked_webhook_reaches_every_target_across_kill_9() {
     while let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(500), target.received.recv()).await {
         note(got, &mut outstanding);
     }
+    // The stored counts came through every kill in step with the deliveries.
+    drained(child.admin).await;
     child.kill().unwrap();
     child.wait().unwrap();
     let duplicates: usize = seen.values().map(|n| n - 1).sum();

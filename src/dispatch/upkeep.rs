@@ -2,7 +2,7 @@
 //! keeping the queue-depth and dead-letter gauges in step with the store.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -13,7 +13,7 @@ use crate::store::{now_ms, Store};
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Events examined per writer job, so that ingest never waits long behind a purge.
 const PURGE_STEP: usize = 256;
-/// Least time between two counts of a target's queue.
+/// Time between two readings of a target's counts.
 const COUNT_EVERY: Duration = Duration::from_secs(5);
 
 /// Purges events older than `retention` whose deliveries are all finished.
@@ -50,11 +50,9 @@ pub async fn purge(store: Arc<dyn Store>, retention: Duration, shutdown: Cancell
 }
 
 /// Sets `hookrelay_queue_depth` and `hookrelay_dead_letters` of one target
-/// from the store. Counting a huge queue takes a while, so the pause between
-/// counts grows with it (at most 5 % of the time is spent counting).
+/// from the store's counts, every few seconds.
 pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics, shutdown: CancellationToken) {
     loop {
-        let started = Instant::now();
         match store.counts(&target).await {
             Ok(c) => {
                 metrics.queue_depth.with_label_values(&[&target]).set(c.queued as i64);
@@ -62,10 +60,9 @@ pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics
             }
             Err(e) => tracing::warn!(%target, error = %e, "cannot count the queue"),
         }
-        let pause = COUNT_EVERY.max(started.elapsed() * 20);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(COUNT_EVERY) => {}
         }
     }
 }

@@ -88,8 +88,7 @@ pub trait Store: Send + Sync + 'static {
     /// The targets paused by [`Store::set_paused`].
     async fn paused_targets(&self) -> Result<HashSet<String>, StoreError>;
 
-    /// Queued and dead deliveries of a target. Counts keys: run it sparingly
-    /// on large queues.
+    /// Queued and dead deliveries of a target (kept up to date by every write).
     async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError>;
 
     /// Removes events received before `cutoff_ms` whose deliveries are all

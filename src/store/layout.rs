@@ -292,17 +292,27 @@ pub fn read_due(
         walked += 1;
         let (k, v) = item?;
         let id = id_of(&k)?;
-        let meta = decode_meta(&k, &v)?;
-        let untried = meta.targets.iter().any(|t| t == target) && !db.contains_key(delivery_key(target, id))?;
-        if !untried {
+        // When it arrived, if its delivery to `target` was never tried.
+        let untried = match decode_meta(&k, &v) {
+            Ok(meta) if meta.targets.iter().any(|t| t == target) && !db.contains_key(delivery_key(target, id))? => {
+                Some(meta.received_ms)
+            }
+            Ok(_) => None,
+            Err(e) => {
+                // One bad record must not stop the whole queue; it cannot be delivered.
+                tracing::error!(%target, %id, error = %e, "unreadable event record; skipping its delivery");
+                None
+            }
+        };
+        let Some(received_ms) = untried else {
             if advancing {
                 moved = Some(id);
             }
             continue;
-        }
+        };
         advancing = false;
         if !skip.contains(&id) {
-            batch.due.push(DueDelivery { event_id: id, due_ms: meta.received_ms, tries: 0, made: 0, queued: false });
+            batch.due.push(DueDelivery { event_id: id, due_ms: received_ms, tries: 0, made: 0, queued: false });
         }
     }
     Ok((batch, moved))

@@ -424,6 +424,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unreadable_event_does_not_stop_the_walk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let bad = accepted(&store, event_to(b"1".to_vec(), &["a"])).await;
+        let good = accepted(&store, event_to(b"2".to_vec(), &["a"])).await;
+        store.db.insert(event_key(bad), b"garbage".to_vec()).unwrap();
+        assert_eq!(ids(&store.due("a", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![good]);
+    }
+
+    #[tokio::test]
     async fn workers_walk_no_further_than_the_newest_durable_event() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();

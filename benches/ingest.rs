@@ -114,16 +114,22 @@ fn row(name: &str, l: &Load) {
     );
 }
 
-fn snapshot(s: &CommitStats) -> (u64, u64) {
-    (s.flushes.load(Ordering::Relaxed), s.flush_micros.load(Ordering::Relaxed))
+/// Rounds, their total time, and the slowest since the last snapshot.
+fn snapshot(s: &CommitStats) -> (u64, u64, u64) {
+    (
+        s.flushes.load(Ordering::Relaxed),
+        s.flush_micros.load(Ordering::Relaxed),
+        s.slowest_micros.swap(0, Ordering::Relaxed),
+    )
 }
 
-fn flush_row(before: (u64, u64), after: (u64, u64), l: &Load) {
+fn flush_row(before: (u64, u64, u64), after: (u64, u64, u64), l: &Load) {
     let flushes = (after.0 - before.0).max(1);
     println!(
-        "  group commit: {:.0} flushes/s, {:.2} ms per flush, {:.1} acks per flush",
+        "  group commit: {:.0} flushes/s, {:.2} ms per flush (slowest {:.1} ms), {:.1} acks per flush",
         flushes as f64 / l.elapsed.as_secs_f64(),
         (after.1 - before.1) as f64 / flushes as f64 / 1000.0,
+        after.2 as f64 / 1000.0,
         l.acks as f64 / flushes as f64
     );
 }

@@ -34,6 +34,8 @@ pub struct CommitStats {
     pub flushes: AtomicU64,
     /// Time spent applying and flushing rounds, in microseconds.
     pub flush_micros: AtomicU64,
+    /// The slowest round, in microseconds (a reader may reset it).
+    pub slowest_micros: AtomicU64,
 }
 
 type Answer = Box<dyn Any + Send>;
@@ -292,7 +294,9 @@ fn round(
     }
     let written = written.and_then(|()| sync());
     shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
-    shared.stats.flush_micros.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+    let took = started.elapsed().as_micros() as u64;
+    shared.stats.flush_micros.fetch_add(took, Ordering::Relaxed);
+    shared.stats.slowest_micros.fetch_max(took, Ordering::Relaxed);
     match &written {
         Ok(()) => {
             for (entry, expires) in entries {

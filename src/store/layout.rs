@@ -292,16 +292,24 @@ pub fn read_due(
         walked += 1;
         let (k, v) = item?;
         let id = id_of(&k)?;
-        // When it arrived, if its delivery to `target` was never tried.
-        let untried = match decode_meta(&k, &v) {
-            Ok(meta) if meta.targets.iter().any(|t| t == target) && !db.contains_key(delivery_key(target, id))? => {
-                Some(meta.received_ms)
-            }
-            Ok(_) => None,
-            Err(e) => {
-                // One bad record must not stop the whole queue; it cannot be delivered.
-                tracing::error!(%target, %id, error = %e, "unreadable event record; skipping its delivery");
-                None
+        if skip.contains(&id) {
+            // In flight: the cursor waits for its outcome.
+            advancing = false;
+            continue;
+        }
+        // When it arrived, if its delivery to `target` was never tried. The
+        // record's absence is checked first: cheaper than reading the event.
+        let untried = if db.contains_key(delivery_key(target, id))? {
+            None
+        } else {
+            match decode_meta(&k, &v) {
+                Ok(meta) if meta.targets.iter().any(|t| t == target) => Some(meta.received_ms),
+                Ok(_) => None,
+                Err(e) => {
+                    // One bad record must not stop the whole queue; it cannot be delivered.
+                    tracing::error!(%target, %id, error = %e, "unreadable event record; skipping its delivery");
+                    None
+                }
             }
         };
         let Some(received_ms) = untried else {
@@ -311,9 +319,7 @@ pub fn read_due(
             continue;
         };
         advancing = false;
-        if !skip.contains(&id) {
-            batch.due.push(DueDelivery { event_id: id, due_ms: received_ms, tries: 0, made: 0, queued: false });
-        }
+        batch.due.push(DueDelivery { event_id: id, due_ms: received_ms, tries: 0, made: 0, queued: false });
     }
     Ok((batch, moved))
 }

@@ -69,7 +69,13 @@ impl DedupIndex {
     /// Adds an entry that expires at `expires_ms`. Entries come in arrival order.
     pub fn insert(&mut self, entry: Entry, expires_ms: u64) {
         self.window_ms = self.window_ms.max(expires_ms.saturating_sub(arrived_ms(&entry.stamp)));
-        self.partitions[Self::partition(entry.hash)].push_back(entry);
+        let p = &mut self.partitions[Self::partition(entry.hash)];
+        if p.len() == p.capacity() {
+            // Grow by a quarter, not double: the partitions fill at the same
+            // pace, so doubling would double them all at once.
+            p.reserve_exact(p.len() / 4 + 8);
+        }
+        p.push_back(entry);
     }
 
     /// The stamps recorded for `hash`, newest first.

@@ -61,8 +61,9 @@ pub trait Store: Send + Sync + 'static {
     /// The delivery records of one event, one per target.
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError>;
 
-    /// Up to `limit` deliveries of `target` due at `now_ms`, oldest first,
-    /// leaving out those in `skip` (in flight).
+    /// Up to `limit` deliveries of `target` due at `now_ms`, leaving out
+    /// those in `skip` (in flight): retries due first, then deliveries never
+    /// tried, by arrival. Only events whose ingest is durable are handed out.
     async fn due(
         &self,
         target: &str,

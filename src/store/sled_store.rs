@@ -400,6 +400,21 @@ mod tests {
         assert_eq!(store.counts("search").await.unwrap().queued, 1);
     }
 
+    /// Opens a closed store again. sled's background threads may hold the
+    /// old instance's file lock for a moment after it is dropped.
+    fn reopen(path: &Path) -> SledStore {
+        for _ in 0..100 {
+            match SledStore::open(path, 8 << 20) {
+                Ok(store) => return store,
+                Err(e) if e.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("the store is still locked after 5 s")
+    }
+
     fn ids(batch: &DueBatch) -> Vec<EventId> {
         batch.due.iter().map(|d| d.event_id).collect()
     }
@@ -462,7 +477,7 @@ mod tests {
             store.close().await.unwrap();
             (one, two, three)
         };
-        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let store = reopen(dir.path());
         assert_eq!(store.progress().unwrap().cursors.get("search").map(|c| c.0), Some(two));
         assert_eq!(ids(&store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
         let later = store.due("search", now_ms() + 61_000, 100, &HashSet::new()).await.unwrap();
@@ -516,7 +531,7 @@ mod tests {
             store.close().await.unwrap();
             id
         };
-        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let store = reopen(dir.path());
         let stored = store.event(id).await.unwrap().unwrap();
         assert_eq!(stored.body.as_ref(), body.as_slice());
         let deliveries = store.deliveries(id).await.unwrap();

@@ -13,14 +13,15 @@
 //! - `x/{target}\0{id}`: the reason; the dead letters of a target
 //! - `n/{target}`: queued and dead deliveries of a target (two u64), kept in
 //!   step by every batch that changes them
-//! - `k/{expires}{id}`: the dedup entries of one round (see [`super::dedup`]),
-//!   `{id}` the round's first event
+//! - `k/{expires}{id}`: `{window}` (u64) then the dedup entries of one round
+//!   with that window (see [`super::dedup`]), `{id}` the first of them
 //! - `p/{target}`: empty; the target is paused
 //! - `v`: the layout's version
 //!
 //! Ids are 16 bytes; times are u64 milliseconds, big-endian so keys sort by them.
-//! One event is one key on the ingest path (plus one dedup and one count key a
-//! round), because sled's cost grows with the keys written.
+//! One event is one key on the ingest path (plus, per round, a dedup record
+//! per window and a count key per target touched), because sled's cost grows
+//! with the keys written.
 
 use std::collections::HashMap;
 
@@ -75,10 +76,6 @@ pub fn counts_key(target: &str) -> Vec<u8> {
 
 pub fn cursor_key(target: &str) -> Vec<u8> {
     key(b"c/", &[target.as_bytes()])
-}
-
-pub fn dedup_record_key(expires_ms: u64, first: EventId) -> Vec<u8> {
-    key(b"k/", &[&expires_ms.to_be_bytes(), first.as_bytes()])
 }
 
 pub const VERSION_KEY: &[u8] = b"v";
@@ -175,7 +172,38 @@ pub fn decode_counts(k: &[u8], v: &[u8]) -> Result<TargetCounts, StoreError> {
 pub struct IngestRound<'a> {
     pub index: &'a DedupIndex,
     pub claimed: HashMap<[u8; 32], EventId>,
-    pub entries: Vec<(Entry, u64)>,
+    pub claims: Vec<Claim>,
+}
+
+/// A dedup key claimed by an event of this round.
+pub struct Claim {
+    pub entry: Entry,
+    pub id: EventId,
+    pub window_ms: u64,
+    pub expires_ms: u64,
+}
+
+/// Adds one `k/` record per dedup window among a round's claims.
+pub fn add_dedup_records(claims: &[Claim], batch: &mut sled::Batch) {
+    let mut by_window: std::collections::BTreeMap<u64, Vec<&Claim>> = Default::default();
+    for c in claims {
+        by_window.entry(c.window_ms).or_default().push(c);
+    }
+    for (window, group) in by_window {
+        let expires = group.iter().map(|c| c.expires_ms).max().unwrap_or(0);
+        let mut packed = Vec::with_capacity(8 + group.len() * Entry::BYTES);
+        packed.extend_from_slice(&window.to_be_bytes());
+        group.iter().for_each(|c| c.entry.encode(&mut packed));
+        batch.insert(key(b"k/", &[&expires.to_be_bytes(), group[0].id.as_bytes()]), packed);
+    }
+}
+
+/// A `k/` record: its window and entries.
+pub fn decode_dedup_record(k: &[u8], v: &[u8]) -> Result<(u64, Vec<Entry>), StoreError> {
+    let bad = || corrupt(k, "bad dedup record");
+    let window = v.get(..8).ok_or_else(bad)?;
+    let entries = Entry::decode_all(&v[8..]).ok_or_else(bad)?;
+    Ok((u64::from_be_bytes(window.try_into().unwrap_or_default()), entries))
 }
 
 fn stamp(id: EventId) -> [u8; 8] {
@@ -197,7 +225,8 @@ fn live_duplicate(
         let to = key(b"e/", &[&u64::from_be_bytes(stamp).saturating_add(1).to_be_bytes()]);
         for item in db.range(from..to) {
             let (k, v) = item?;
-            let meta = decode_meta(&k, &v)?;
+            // An unreadable record is nobody's duplicate (the walk logs it).
+            let Ok(meta) = decode_meta(&k, &v) else { continue };
             if meta.dedup.as_slice() == digest.as_slice() && meta.received_ms >= not_before_ms {
                 return Ok(Some(id_of(&k)?));
             }
@@ -239,7 +268,8 @@ pub fn plan_ingest(
         tally.add(target, 1, 0);
     }
     round.claimed.insert(digest, id);
-    round.entries.push((Entry { hash, stamp: stamp(id) }, ev.received_ms.saturating_add(window)));
+    let entry = Entry { hash, stamp: stamp(id) };
+    round.claims.push(Claim { entry, id, window_ms: window, expires_ms: ev.received_ms.saturating_add(window) });
     Ok(Ingested::Accepted { id, targets: ev.targets.len() })
 }
 
@@ -284,23 +314,27 @@ pub fn read_due(
     let (mut moved, mut walked) = (cursor, 0);
     let mut advancing = true;
     for item in db.range(start..=event_key(durable)) {
-        if batch.due.len() >= limit || walked >= WALK {
-            // More may be due at once: look again without waiting.
-            batch.next_due_ms = Some(now_ms);
+        let full = batch.due.len() >= limit;
+        if full || walked >= WALK {
+            // More may be due at once: look again without waiting, unless
+            // the cursor is held behind an attempt out (its report wakes the
+            // worker): that would only walk the same events again.
+            if full || advancing {
+                batch.next_due_ms = Some(now_ms);
+            }
             break;
         }
         walked += 1;
         let (k, v) = item?;
         let id = id_of(&k)?;
-        if skip.contains(&id) {
-            // In flight: the cursor waits for its outcome.
-            advancing = false;
-            continue;
-        }
         // When it arrived, if its delivery to `target` was never tried. The
         // record's absence is checked first: cheaper than reading the event.
         let untried = if db.contains_key(delivery_key(target, id))? {
             None
+        } else if skip.contains(&id) {
+            // A first attempt in flight: the cursor waits for its outcome.
+            advancing = false;
+            continue;
         } else {
             match decode_meta(&k, &v) {
                 Ok(meta) if meta.targets.iter().any(|t| t == target) => Some(meta.received_ms),
@@ -398,6 +432,12 @@ pub fn plan_complete(
     } else {
         found.is_none()
     };
+    if found.is_none() && (!current || !db.contains_key(event_key(id))?) {
+        // Neither a record to add the attempt to nor a delivery to move on
+        // (the event was purged meanwhile): writing one would leave a record
+        // that nothing purges, and a first attempt that looks tried.
+        return Ok(sled::Batch::default());
+    }
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
     record.attempts.push(attempt);
     record.made += 1;
@@ -458,7 +498,16 @@ pub fn plan_purge(
             return Ok((batch, purged, last));
         }
         let (k, v) = item?;
-        let meta = decode_meta(&k, &v)?;
+        let meta = match decode_meta(&k, &v) {
+            Ok(meta) => meta,
+            Err(e) => {
+                // Kept (an operator may look at it); the purge goes on past it.
+                tracing::error!(key = %String::from_utf8_lossy(&k), error = %e, "unreadable event record; not purged");
+                examined += 1;
+                last = Some(id_of(&k)?);
+                continue;
+            }
+        };
         if meta.received_ms >= cutoff_ms {
             // Ids sort by arrival: everything after this is younger.
             return Ok((batch, purged, None));

@@ -352,7 +352,7 @@ mod tests {
         assert!(store.event(unrouted).await.unwrap().is_none());
         assert!(store.event(half).await.unwrap().is_some(), "a pending delivery keeps its event");
         assert_eq!(store.counts("b").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
-        // The dedup record went with the event: the same webhook is new again.
+        // Its event is gone, so the dedup entry finds nothing: the same webhook is new again.
         assert!(matches!(store.ingest(event_to(b"1".to_vec(), &["a"])).await.unwrap(), Ingested::Accepted { .. }));
     }
 
@@ -391,13 +391,41 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
         let id = accepted(&store, event(b"x".to_vec())).await;
-        let stale = DueDelivery { event_id: id, due_ms: 1, tries: 0, made: 0, queued: true };
+        let first = due_of(&store, id).await;
+        // An operator requeues it while its first attempt is out.
+        assert!(store.requeue("search", id).await.unwrap());
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
-        store.complete("search", &stale, attempt, NextStep::Delivered).await.unwrap();
+        store.complete("search", &first, attempt, NextStep::Delivered).await.unwrap();
         let d = &store.deliveries(id).await.unwrap()[0];
         assert!(matches!(d.record.state, DeliveryState::Pending { .. }), "{:?}", d.record.state);
         assert_eq!(d.record.attempts.len(), 1);
         assert_eq!(store.counts("search").await.unwrap().queued, 1);
+        assert!(due_of(&store, id).await.queued, "due again from the queue");
+    }
+
+    #[tokio::test]
+    async fn an_attempt_reporting_after_its_event_was_purged_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let id = accepted(&store, event(b"x".to_vec())).await;
+        let due = due_of(&store, id).await;
+        store.db.remove(event_key(id)).unwrap();
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: None, error: Some("event gone".into()) };
+        store.complete("search", &due, attempt, NextStep::Dead("event gone".into())).await.unwrap();
+        assert!(store.db.scan_prefix(b"d/").next().is_none() && store.db.scan_prefix(b"x/").next().is_none());
+        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_event_does_not_stop_the_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let bad = accepted(&store, event_to(b"1".to_vec(), &[])).await;
+        let fine = accepted(&store, event_to(b"2".to_vec(), &[])).await;
+        store.db.insert(event_key(bad), b"garbage".to_vec()).unwrap();
+        assert_eq!(store.purge(now_ms() + 60_000, None, 100).await.unwrap(), (1, None));
+        assert!(store.db.contains_key(event_key(bad)).unwrap(), "kept for an operator");
+        assert!(store.event(fine).await.unwrap().is_none());
     }
 
     /// Opens a closed store again. sled's background threads may hold the

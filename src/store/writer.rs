@@ -18,7 +18,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::dedup::{DedupIndex, Entry};
+use super::dedup::DedupIndex;
 use super::layout::{self, IngestRound, Tally};
 use super::{now_ms, EventId, Ingested, NewEvent, StoreError, TargetCounts};
 
@@ -74,9 +74,9 @@ impl State {
         let mut dedup = DedupIndex::default();
         for item in db.range(layout::key(b"k/", &[&now_ms().to_be_bytes()])..b"k0".to_vec()) {
             let (k, v) = item?;
-            let expires = k.get(2..10).map_or(0, |b| u64::from_be_bytes(b.try_into().unwrap_or_default()));
-            for entry in Entry::decode_all(&v).ok_or_else(|| layout::corrupt(&k, "bad dedup record"))? {
-                dedup.insert(entry, expires);
+            let (window, entries) = layout::decode_dedup_record(&k, &v)?;
+            for entry in entries {
+                dedup.insert(entry, window);
             }
         }
         let mut progress = Progress::default();
@@ -247,33 +247,31 @@ fn round(
     }
     let mut batch = sled::Batch::default();
     let mut tally = Tally::default();
-    let mut ingest = IngestRound { index: &state.dedup, claimed: HashMap::new(), entries: Vec::new() };
+    let mut ingest = IngestRound { index: &state.dedup, claimed: HashMap::new(), claims: Vec::new() };
     let mut ingests = Vec::new();
     let mut mutations = Vec::new();
-    let mut first = None;
     for job in jobs {
         match job {
             Job::Ingest { event, reply } => {
                 let id = next_id(&mut state.newest, event.id);
                 let outcome = layout::plan_ingest(db, &mut batch, &mut ingest, &mut tally, &event, id);
-                if matches!(outcome, Ok(Ingested::Accepted { .. })) {
-                    first.get_or_insert(id);
-                }
                 ingests.push((reply, outcome));
             }
             Job::Mutate { plan, reply } => mutations.push((plan, reply)),
         }
     }
-    let entries = ingest.entries;
-    if let Some(first) = first {
-        let expires = entries.iter().map(|(_, e)| *e).max().unwrap_or(now);
-        let mut packed = Vec::with_capacity(entries.len() * Entry::BYTES);
-        entries.iter().for_each(|(e, _)| e.encode(&mut packed));
-        batch.insert(layout::dedup_record_key(expires, first), packed);
-    }
+    let claims = ingest.claims;
+    layout::add_dedup_records(&claims, &mut batch);
     tally.write(&mut state.counts, &mut batch);
     save_cursors(shared.progress, &mut batch);
     let mut written = db.apply_batch(batch).map_err(sled_failed);
+    if written.is_ok() {
+        // Applied, so findable by a later round even if the sync fails below
+        // (the events then stay stored, although their senders got 503).
+        for c in claims {
+            state.dedup.insert(c.entry, c.window_ms);
+        }
+    }
     let mut answers = Vec::with_capacity(mutations.len());
     for (plan, reply) in mutations {
         let answer = match &written {
@@ -299,9 +297,6 @@ fn round(
     shared.stats.slowest_micros.fetch_max(took, Ordering::Relaxed);
     match &written {
         Ok(()) => {
-            for (entry, expires) in entries {
-                state.dedup.insert(entry, expires);
-            }
             if let Ok(mut progress) = shared.progress.lock() {
                 progress.durable = state.newest;
             }

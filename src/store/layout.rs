@@ -98,14 +98,35 @@ pub fn corrupt(key: &[u8], e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), detail: e.to_string() }
 }
 
-pub fn encode_event(meta: &EventMeta, body: &[u8]) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_vec(meta).map_err(|e| StoreError::Io(e.to_string()))?;
-    let len = u32::try_from(json.len()).map_err(|_| StoreError::Io("event metadata too large".into()))?;
-    let mut v = Vec::with_capacity(5 + json.len() + body.len());
+/// [`EventMeta`] by reference: the same JSON, written without copying the
+/// event's strings first (this runs once per ingested event).
+#[derive(serde::Serialize)]
+struct EventMetaRef<'a> {
+    source: &'a str,
+    event: &'a str,
+    received_ms: u64,
+    content_type: Option<&'a str>,
+    targets: &'a [String],
+    dedup: &'a [u8],
+}
+
+/// The event record of `ev`, whose dedup digest is `digest`.
+pub fn encode_event(ev: &NewEvent, digest: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let meta = EventMetaRef {
+        source: &ev.source,
+        event: &ev.event,
+        received_ms: ev.received_ms,
+        content_type: ev.content_type.as_deref(),
+        targets: &ev.targets,
+        dedup: digest,
+    };
+    let mut v = Vec::with_capacity(512 + ev.body.len());
     v.push(EVENT_V1);
-    v.extend_from_slice(&len.to_be_bytes());
-    v.extend_from_slice(&json);
-    v.extend_from_slice(body);
+    v.extend_from_slice(&[0; 4]);
+    serde_json::to_writer(&mut v, &meta).map_err(|e| StoreError::Io(e.to_string()))?;
+    let len = u32::try_from(v.len() - 5).map_err(|_| StoreError::Io("event metadata too large".into()))?;
+    v[1..5].copy_from_slice(&len.to_be_bytes());
+    v.extend_from_slice(&ev.body);
     Ok(v)
 }
 
@@ -137,9 +158,13 @@ pub struct Tally(HashMap<String, (i64, i64)>);
 
 impl Tally {
     pub fn add(&mut self, target: &str, queued: i64, dead: i64) {
-        let d = self.0.entry(target.to_string()).or_default();
-        d.0 += queued;
-        d.1 += dead;
+        if !self.0.contains_key(target) {
+            self.0.insert(target.to_string(), (0, 0));
+        }
+        if let Some(d) = self.0.get_mut(target) {
+            d.0 += queued;
+            d.1 += dead;
+        }
     }
 
     /// Applies the changes to `counts` and adds the changed counts to `batch`.
@@ -255,15 +280,7 @@ pub fn plan_ingest(
     if let Some(first) = live_duplicate(db, round.index, hash, &digest, not_before)? {
         return Ok(Ingested::Duplicate { id: first });
     }
-    let meta = EventMeta {
-        source: ev.source.clone(),
-        event: ev.event.clone(),
-        received_ms: ev.received_ms,
-        content_type: ev.content_type.clone(),
-        targets: ev.targets.clone(),
-        dedup: digest.to_vec(),
-    };
-    batch.insert(event_key(id), encode_event(&meta, &ev.body)?);
+    batch.insert(event_key(id), encode_event(ev, &digest)?);
     for target in &ev.targets {
         tally.add(target, 1, 0);
     }
@@ -603,4 +620,37 @@ pub fn read_dead_letters(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_record_reads_back_as_written() {
+        let ev = NewEvent {
+            id: EventId::new(),
+            source: "butter\"cms".into(),
+            event: "page.published".into(),
+            dedup_key: "k".into(),
+            dedup_window: std::time::Duration::from_secs(600),
+            content_type: Some("application/json".into()),
+            body: Bytes::from_static(b"{\"a\":1}\xff"),
+            targets: vec!["search".into(), "cache".into()],
+            received_ms: 1_700_000_000_123,
+        };
+        let digest = dedup_digest(&ev.source, &ev.dedup_key);
+        let record = encode_event(&ev, &digest).unwrap();
+        let (meta, body) = decode_event(b"e/x", &record).unwrap();
+        let expected = EventMeta {
+            source: ev.source.clone(),
+            event: ev.event.clone(),
+            received_ms: ev.received_ms,
+            content_type: ev.content_type.clone(),
+            targets: ev.targets.clone(),
+            dedup: digest.to_vec(),
+        };
+        assert_eq!((meta, body), (expected, ev.body));
+        assert!(decode_event(b"e/x", &record[..7]).is_err(), "a truncated record is refused");
+    }
 }

@@ -37,10 +37,7 @@ impl Entry {
         }
         let entries = b.chunks_exact(Self::BYTES).map(|c| {
             let (hash, stamp) = c.split_at(8);
-            Entry {
-                hash: u64::from_be_bytes(hash.try_into().unwrap_or_default()),
-                stamp: stamp.try_into().unwrap_or_default(),
-            }
+            Entry { hash: super::layout::be_u64(hash), stamp: stamp.try_into().unwrap_or_default() }
         });
         Some(entries.collect())
     }

@@ -90,6 +90,19 @@ pub fn dedup_digest(source: &str, dedup: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The big-endian u64 in the first 8 bytes of `b` (callers check the length).
+pub fn be_u64(b: &[u8]) -> u64 {
+    b.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_be_bytes)
+}
+
+/// Where a walk over the events after `after` starts (all of them for `None`).
+fn events_after(after: Option<EventId>) -> Vec<u8> {
+    match after {
+        Some(id) => key(&event_key(id), &[b"\0"]),
+        None => b"e/".to_vec(),
+    }
+}
+
 pub fn id_of(k: &[u8]) -> Result<EventId, StoreError> {
     k.get(2..).and_then(EventId::from_slice).ok_or_else(|| corrupt(k, "bad event id"))
 }
@@ -158,12 +171,11 @@ pub struct Tally(HashMap<String, (i64, i64)>);
 
 impl Tally {
     pub fn add(&mut self, target: &str, queued: i64, dead: i64) {
-        if !self.0.contains_key(target) {
-            self.0.insert(target.to_string(), (0, 0));
-        }
-        if let Some(d) = self.0.get_mut(target) {
-            d.0 += queued;
-            d.1 += dead;
+        match self.0.get_mut(target) {
+            Some(d) => *d = (d.0 + queued, d.1 + dead),
+            None => {
+                self.0.insert(target.to_string(), (queued, dead));
+            }
         }
     }
 
@@ -183,11 +195,8 @@ pub fn encode_counts(c: &TargetCounts) -> Vec<u8> {
 }
 
 pub fn decode_counts(k: &[u8], v: &[u8]) -> Result<TargetCounts, StoreError> {
-    match (v.get(..8), v.get(8..16)) {
-        (Some(q), Some(d)) if v.len() == 16 => Ok(TargetCounts {
-            queued: u64::from_be_bytes(q.try_into().unwrap_or_default()),
-            dead: u64::from_be_bytes(d.try_into().unwrap_or_default()),
-        }),
+    match v.len() {
+        16 => Ok(TargetCounts { queued: be_u64(v), dead: be_u64(&v[8..]) }),
         _ => Err(corrupt(k, "bad counts record")),
     }
 }
@@ -225,10 +234,8 @@ pub fn add_dedup_records(claims: &[Claim], batch: &mut sled::Batch) {
 
 /// A `k/` record: its window and entries.
 pub fn decode_dedup_record(k: &[u8], v: &[u8]) -> Result<(u64, Vec<Entry>), StoreError> {
-    let bad = || corrupt(k, "bad dedup record");
-    let window = v.get(..8).ok_or_else(bad)?;
-    let entries = Entry::decode_all(&v[8..]).ok_or_else(bad)?;
-    Ok((u64::from_be_bytes(window.try_into().unwrap_or_default()), entries))
+    let entries = v.get(8..).and_then(Entry::decode_all).ok_or_else(|| corrupt(k, "bad dedup record"))?;
+    Ok((be_u64(v), entries))
 }
 
 fn stamp(id: EventId) -> [u8; 8] {
@@ -274,7 +281,7 @@ pub fn plan_ingest(
     if let Some(id) = round.claimed.get(&digest) {
         return Ok(Ingested::Duplicate { id: *id });
     }
-    let hash = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
+    let hash = be_u64(&digest);
     let window = ev.dedup_window.as_millis() as u64;
     let not_before = ev.received_ms.saturating_sub(window).saturating_add(1);
     if let Some(first) = live_duplicate(db, round.index, hash, &digest, not_before)? {
@@ -324,13 +331,9 @@ pub fn read_due(
 ) -> Result<(DueBatch, Option<EventId>), StoreError> {
     let mut batch = read_queued(db, target, now_ms, limit, skip)?;
     let Some(durable) = durable else { return Ok((batch, cursor)) };
-    let start = match cursor {
-        Some(id) => key(&event_key(id), &[b"\0"]),
-        None => b"e/".to_vec(),
-    };
     let (mut moved, mut walked) = (cursor, 0);
     let mut advancing = true;
-    for item in db.range(start..=event_key(durable)) {
+    for item in db.range(events_after(cursor)..=event_key(durable)) {
         let full = batch.due.len() >= limit;
         if full || walked >= WALK {
             // More may be due at once: look again without waiting, unless
@@ -418,7 +421,7 @@ fn read_queued(
 fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreError> {
     let rest = &k[prefix_len..];
     match (rest.get(..8), rest.get(8..).and_then(EventId::from_slice)) {
-        (Some(due), Some(id)) if rest.len() == 24 => Ok((u64::from_be_bytes(due.try_into().unwrap_or_default()), id)),
+        (Some(due), Some(id)) if rest.len() == 24 => Ok((be_u64(due), id)),
         _ => Err(corrupt(k, "bad queue key")),
     }
 }
@@ -505,23 +508,20 @@ pub fn plan_purge(
     for k in db.range(b"k/".to_vec()..key(b"k/", &[&now_ms.to_be_bytes()])).keys().take(limit) {
         batch.remove(k?);
     }
-    let start = match after {
-        Some(id) => key(&event_key(id), &[b"\0"]),
-        None => b"e/".to_vec(),
-    };
     let (mut purged, mut examined, mut last) = (0, 0, None);
-    for item in db.range(start..b"e0".to_vec()) {
+    for item in db.range(events_after(after)..b"e0".to_vec()) {
         if examined >= limit {
             return Ok((batch, purged, last));
         }
         let (k, v) = item?;
+        let id = id_of(&k)?;
+        examined += 1;
+        last = Some(id);
         let meta = match decode_meta(&k, &v) {
             Ok(meta) => meta,
             Err(e) => {
                 // Kept (an operator may look at it); the purge goes on past it.
-                tracing::error!(key = %String::from_utf8_lossy(&k), error = %e, "unreadable event record; not purged");
-                examined += 1;
-                last = Some(id_of(&k)?);
+                tracing::error!(%id, error = %e, "unreadable event record; not purged");
                 continue;
             }
         };
@@ -529,9 +529,6 @@ pub fn plan_purge(
             // Ids sort by arrival: everything after this is younger.
             return Ok((batch, purged, None));
         }
-        let id = id_of(&k)?;
-        examined += 1;
-        last = Some(id);
         let mut states = Vec::with_capacity(meta.targets.len());
         for t in &meta.targets {
             states.push(get_record(db, &delivery_key(t, id))?.map(|r| r.state));

@@ -47,9 +47,10 @@ impl From<std::io::Error> for StoreError {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     /// Stores a verified webhook with the targets it is to be delivered to
-    /// (each delivery pending from then on) in one atomic step, unless an event with the same dedup key was stored within
-    /// the source's window, and returns once that is durable on disk (a power
-    /// cut does not undo it). Concurrent calls share one disk flush.
+    /// (each delivery pending from then on) in one atomic step, unless an
+    /// event with the same dedup key was stored within the source's window,
+    /// and returns once that is durable on disk (a power cut does not undo
+    /// it). Concurrent calls share one disk flush.
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError>;
 
     /// One event with its payload, or `None`.

@@ -9,6 +9,8 @@
 //! - [`config`]: `routes.yaml`, parsed, validated and resolved into settings.
 //! - [`ingress`]: the listener (HTTP/1.1, HTTP/2, TLS), source authentication
 //!   ([`ingress::auth`]) and payload formats ([`ingress::formats`]).
+//! - [`jq`]: route filters and target transforms (jq programs, by jaq),
+//!   run in a sandbox process under a time and memory limit.
 //! - [`store`]: the [`store::Store`] trait and its sled implementation, with
 //!   a single writer thread doing group commit.
 //! - [`dispatch`]: a worker per target delivering from the store's queue with
@@ -24,6 +26,7 @@ pub mod app;
 pub mod config;
 pub mod dispatch;
 pub mod ingress;
+pub mod jq;
 pub mod listen;
 pub mod metrics;
 pub mod respond;

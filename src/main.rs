@@ -47,6 +47,9 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// The sandbox process that runs jq programs; started by the relay itself.
+    #[command(hide = true)]
+    JqSandbox,
     /// Ask a running relay whether it is alive (for container health checks); exit 1 unless it answers 2xx.
     Healthcheck {
         /// The admin listener's /healthz.
@@ -57,6 +60,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::JqSandbox = cli.command {
+        return hookrelay::jq::child::run();
+    }
     init_logging(cli.log_format);
     match cli.command {
         Command::Check(c) => match config::load(&c.config) {
@@ -71,6 +77,7 @@ fn main() -> ExitCode {
         },
         Command::Send { source, event, url, config } => send(&config.config, &source, &event, url.as_deref()),
         Command::Healthcheck { url } => healthcheck(&url),
+        Command::JqSandbox => hookrelay::jq::child::run(),
         Command::Serve(c) => {
             let settings = match config::load(&c.config) {
                 Ok(s) => s,

@@ -12,7 +12,7 @@ pub struct Metrics {
     pub ingress_requests: IntCounterVec,
     /// Request arrival to acknowledgement, per `source`.
     pub ingress_ack_seconds: HistogramVec,
-    /// `target`, `outcome` (delivered, retried, dead).
+    /// `target`, `outcome` (delivered, retried, dead, skipped).
     pub deliveries: IntCounterVec,
     pub delivery_attempt_seconds: HistogramVec,
     /// Receipt to successful delivery, per `target`.
@@ -22,6 +22,10 @@ pub struct Metrics {
     /// 0 closed, 1 half-open, 2 open.
     pub circuit_state: IntGaugeVec,
     pub rate_limited: IntCounterVec,
+    /// Route filters that failed (the route then matched), per `source`.
+    pub filter_errors: IntCounterVec,
+    /// Transforms that failed (the delivery then went to the dead letters), per `target`.
+    pub transform_errors: IntCounterVec,
 }
 
 /// The label values of `hookrelay_ingress_requests_total{outcome}`.
@@ -66,16 +70,20 @@ pub enum DeliveryOutcome {
     Delivered,
     Retried,
     Dead,
+    /// The target's transform gave no output: nothing was sent.
+    Skipped,
 }
 
 impl DeliveryOutcome {
-    pub const ALL: [DeliveryOutcome; 3] = [DeliveryOutcome::Delivered, DeliveryOutcome::Retried, DeliveryOutcome::Dead];
+    pub const ALL: [DeliveryOutcome; 4] =
+        [DeliveryOutcome::Delivered, DeliveryOutcome::Retried, DeliveryOutcome::Dead, DeliveryOutcome::Skipped];
 
     pub fn as_str(self) -> &'static str {
         match self {
             DeliveryOutcome::Delivered => "delivered",
             DeliveryOutcome::Retried => "retried",
             DeliveryOutcome::Dead => "dead",
+            DeliveryOutcome::Skipped => "skipped",
         }
     }
 }
@@ -138,6 +146,16 @@ impl Metrics {
                 "Deliveries held back by the target's rate limit.",
                 &["target"],
             )?,
+            filter_errors: counter(
+                "hookrelay_filter_errors_total",
+                "Route filters that failed on a webhook (the route matched), by source.",
+                &["source"],
+            )?,
+            transform_errors: counter(
+                "hookrelay_transform_errors_total",
+                "Transforms that failed on a delivery (dead-lettered), by target.",
+                &["target"],
+            )?,
             registry,
         })
     }
@@ -149,6 +167,7 @@ impl Metrics {
         for outcome in IngressOutcome::ALL {
             self.ingress_requests.with_label_values(&[source, outcome.as_str()]);
         }
+        self.filter_errors.with_label_values(&[source]);
     }
 
     /// Exports a target's counters at zero (see [`Metrics::declare_source`]).
@@ -157,6 +176,7 @@ impl Metrics {
             self.deliveries.with_label_values(&[target, outcome.as_str()]);
         }
         self.rate_limited.with_label_values(&[target]);
+        self.transform_errors.with_label_values(&[target]);
     }
 
     pub fn ingress(&self, source: &str, outcome: IngressOutcome, seconds: f64) {
@@ -204,10 +224,12 @@ mod tests {
                 format!(r#"hookrelay_ingress_requests_total{{outcome="{}",source="cometcms"}} 0"#, outcome.as_str());
             assert!(text.contains(&line), "{line} missing:\n{text}");
         }
-        for outcome in ["delivered", "retried", "dead"] {
+        for outcome in ["delivered", "retried", "dead", "skipped"] {
             let line = format!(r#"hookrelay_deliveries_total{{outcome="{outcome}",target="search"}} 0"#);
             assert!(text.contains(&line), "{line} missing:\n{text}");
         }
         assert!(text.contains(r#"hookrelay_rate_limited_total{target="search"} 0"#));
+        assert!(text.contains(r#"hookrelay_filter_errors_total{source="cometcms"} 0"#));
+        assert!(text.contains(r#"hookrelay_transform_errors_total{target="search"} 0"#));
     }
 }

@@ -144,6 +144,7 @@ async fn event(admin: &Admin, raw_id: &str) -> Result {
                 DeliveryState::Dead { at_ms, reason } => {
                     json!({ "status": "dead", "dead_at": time(*at_ms), "reason": reason })
                 }
+                DeliveryState::Skipped { at_ms } => json!({ "status": "skipped", "skipped_at": time(*at_ms) }),
             };
             v["target"] = json!(d.target);
             v["attempts"] = d.record.attempts.iter().map(attempt_json).collect();

@@ -136,6 +136,8 @@ pub struct RawTarget {
     #[serde(default)]
     pub circuit_breaker: RawBreaker,
     pub signing_secret: Option<String>,
+    /// A jq program whose first output is the body sent.
+    pub transform: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +172,8 @@ pub struct RawBreaker {
 pub struct RawRoute {
     pub source: String,
     pub events: Vec<String>,
+    /// A jq program: the route matches only when its first output is truthy.
+    pub filter: Option<String>,
     pub targets: Vec<String>,
 }
 

@@ -15,6 +15,7 @@ use super::raw::*;
 use super::settings::*;
 use super::units::{parse_duration, parse_size};
 use super::Problem;
+use crate::jq::{Kind, Program};
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
@@ -363,6 +364,7 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         .as_deref()
         .and_then(|s| p.take(format!("{key}.signing_secret"), standard_webhooks_secret(s)));
     let timeout = p.duration(format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(5));
+    let transform = raw.transform.as_deref().and_then(|t| p.take(format!("{key}.transform"), Program::compile(Kind::Transform, t)));
     Some(Target {
         name: raw.name.clone(),
         url: url?,
@@ -374,6 +376,7 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         retry,
         circuit_breaker,
         signing_secret,
+        transform,
     })
 }
 
@@ -403,5 +406,6 @@ fn route(raw: &RawRoute, key: &str, targets: &[RawTarget], p: &mut Problems) -> 
             p.push(format!("{key}.targets[{i}]"), format!("no target is named {t:?}"));
         }
     }
-    RouteRule { events, targets: raw.targets.clone() }
+    let filter = raw.filter.as_deref().and_then(|f| p.take(format!("{key}.filter"), Program::compile(Kind::Filter, f)));
+    RouteRule { key: key.to_string(), events, filter, targets: raw.targets.clone() }
 }

@@ -11,6 +11,8 @@ use http::{HeaderName, HeaderValue, Uri};
 use ipnet::IpNet;
 use rustls_pki_types::CertificateDer;
 
+use crate::jq::Program;
+
 /// The whole configuration, validated.
 #[derive(Debug)]
 pub struct Settings {
@@ -66,11 +68,13 @@ pub struct Source {
 }
 
 impl Source {
-    /// The names of the targets whose routes match `event`, each once, in the
-    /// order they first appear in the routes.
-    pub fn targets_for(&self, event: &str) -> Vec<&str> {
+    /// The names of the targets whose routes match `event` and pass their
+    /// filter (`passes`, asked only of routes with a filter whose events
+    /// match), each once, in the order they first appear in the routes.
+    pub fn targets_for(&self, event: &str, mut passes: impl FnMut(&RouteRule) -> bool) -> Vec<&str> {
         let mut out: Vec<&str> = Vec::new();
-        for route in self.routes.iter().filter(|r| r.matches(event)) {
+        let matching = self.routes.iter().filter(|r| r.matches(event) && (r.filter.is_none() || passes(r)));
+        for route in matching {
             for t in &route.targets {
                 if !out.contains(&t.as_str()) {
                     out.push(t);
@@ -189,7 +193,11 @@ impl fmt::Debug for Secret {
 /// One `routes[]` entry, compiled.
 #[derive(Debug)]
 pub struct RouteRule {
+    /// Its key path, `routes[2]`: how logs and `preview` name it.
+    pub key: String,
     pub events: Vec<EventPattern>,
+    /// Run at ingest on routes whose `events` match; see [`Source::targets_for`].
+    pub filter: Option<Program>,
     pub targets: Vec<String>,
 }
 
@@ -260,6 +268,8 @@ pub struct Target {
     pub circuit_breaker: BreakerSettings,
     /// Signs forwarded requests per Standard Webhooks when set.
     pub signing_secret: Option<Secret>,
+    /// Run at each attempt: its first output is the body sent; none: skipped.
+    pub transform: Option<Program>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,9 +312,11 @@ mod tests {
     }
 
     #[test]
-    fn targets_for_unions_routes_in_order_without_repeats() {
-        let rule = |events: &[&str], targets: &[&str]| RouteRule {
+    fn targets_for_unions_passing_routes_in_order_without_repeats() {
+        let rule = |events: &[&str], filter: Option<&str>, targets: &[&str]| RouteRule {
+            key: "routes[0]".into(),
             events: events.iter().map(|e| EventPattern::parse(e).unwrap()).collect(),
+            filter: filter.map(|f| Program::compile(crate::jq::Kind::Filter, f).unwrap()),
             targets: targets.iter().map(|t| t.to_string()).collect(),
         };
         let source = Source {
@@ -314,10 +326,21 @@ mod tests {
             dedup_window: Duration::from_secs(1),
             allow_ips: Some(vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()]),
             auth: Auth::None,
-            routes: vec![rule(&["page.*"], &["search", "cache"]), rule(&["*"], &["cache", "audit"])],
+            routes: vec![
+                rule(&["page.*"], None, &["search", "cache"]),
+                rule(&["*"], None, &["cache", "audit"]),
+                rule(&["post.*"], Some(".landing"), &["build"]),
+            ],
         };
-        assert_eq!(source.targets_for("page.published"), ["search", "cache", "audit"]);
-        assert_eq!(source.targets_for("post.published"), ["cache", "audit"]);
+        let mut asked = 0;
+        let targets = source.targets_for("page.published", |_| {
+            asked += 1;
+            true
+        });
+        assert_eq!(targets, ["search", "cache", "audit"]);
+        assert_eq!(asked, 0, "a filter is run only when its route's events match");
+        assert_eq!(source.targets_for("post.published", |_| false), ["cache", "audit"]);
+        assert_eq!(source.targets_for("post.published", |_| true), ["cache", "audit", "build"]);
         assert!(source.is_ip_allowed("10.1.2.3".parse().unwrap()));
         assert!(source.is_ip_allowed("::ffff:10.1.2.3".parse().unwrap()));
         assert!(source.is_ip_allowed("2001:db8::1".parse().unwrap()));

@@ -134,8 +134,8 @@ routes:
     // Relative paths are relative to the config file's folder.
     assert_eq!(s.storage.path, Path::new("/etc/hookrelay/./data"));
     let butter = &s.sources[0];
-    assert_eq!(butter.targets_for("page.published"), ["search", "cache"]);
-    assert!(butter.targets_for("collectionitem.published").is_empty());
+    assert_eq!(butter.targets_for("page.published", |_| true), ["search", "cache"]);
+    assert!(butter.targets_for("collectionitem.published", |_| true).is_empty());
     assert!(matches!(&butter.auth, Auth::Header { values, .. } if values[0].expose() == b"b-secret"));
     assert!(matches!(&s.sources[3].auth, Auth::Basic { passwords, .. } if passwords.len() == 2));
     assert_eq!(s.admin.token.as_ref().unwrap().expose(), b"0123456789abcdef");

@@ -79,16 +79,21 @@ pub fn http_client(roots: Arc<rustls::RootCertStore>, connect_timeout: Duration)
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https))
 }
 
-/// The forwarded request. `attempt` counts from 1.
+/// The forwarded request. `attempt` counts from 1. `transformed`: the
+/// body the target's transform made (JSON), sent instead of the original.
 pub fn build_request(
     target: &Target,
     event: &StoredEvent,
+    transformed: Option<Bytes>,
     attempt: u32,
     now: SystemTime,
 ) -> Result<Request<Full<Bytes>>, String> {
     let id = event.id.to_string();
     let timestamp = crate::store::unix_secs(now);
-    let content_type = event.meta.content_type.as_deref().unwrap_or("application/json");
+    let (content_type, body) = match transformed {
+        Some(body) => ("application/json", body),
+        None => (event.meta.content_type.as_deref().unwrap_or("application/json"), event.body.clone()),
+    };
     let mut req = Request::post(target.url.clone())
         .header(CONTENT_TYPE, content_type)
         .header(USER_AGENT, concat!("hookrelay/", env!("CARGO_PKG_VERSION")))
@@ -97,11 +102,11 @@ pub fn build_request(
         .header("x-hookrelay-source", &event.meta.source)
         .header("x-hookrelay-event", &event.meta.event)
         .header("x-hookrelay-attempt", attempt.to_string())
-        .body(Full::new(event.body.clone()))
+        .body(Full::new(body.clone()))
         .map_err(|e| format!("cannot build the request: {e}"))?;
     let headers = req.headers_mut();
     if let Some(secret) = &target.signing_secret {
-        let signature = standard_webhooks_signature(secret.expose(), &id, timestamp, &event.body);
+        let signature = standard_webhooks_signature(secret.expose(), &id, timestamp, &body);
         headers.insert("webhook-signature", HeaderValue::try_from(signature).map_err(|e| e.to_string())?);
     }
     for (name, value) in &target.headers {

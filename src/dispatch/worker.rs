@@ -7,6 +7,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{mpsc, Notify};
@@ -17,6 +18,7 @@ use super::breaker::{Breaker, CircuitState, Permit};
 use super::client::{self, HttpClient};
 use super::retry::{next_step, Verdict};
 use crate::config::Target;
+use crate::jq::{Lane, Output};
 use crate::metrics::{DeliveryOutcome, Metrics};
 use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store};
 
@@ -56,9 +58,19 @@ pub struct Links {
 /// What an attempt task tells its worker.
 struct Report {
     id: EventId,
-    /// `None` when nothing was sent or its outcome could not be recorded
-    /// (store trouble, or shutdown): the delivery stays where it was.
-    verdict: Option<Verdict>,
+    done: Done,
+}
+
+/// How an attempt ended, for the worker's breaker and pacing.
+enum Done {
+    /// Sent, and the outcome recorded.
+    Sent(Verdict),
+    /// Finished without contacting the target (skipped by its transform,
+    /// the transform failed, the event is gone), and recorded.
+    Unsent,
+    /// Nothing recorded (store or sandbox trouble, or shutdown): the
+    /// delivery stays where it was, and the worker waits before reading again.
+    Stalled,
 }
 
 pub struct Worker {
@@ -66,6 +78,8 @@ pub struct Worker {
     store: Arc<dyn Store>,
     client: HttpClient,
     metrics: Metrics,
+    /// Where the target's transform runs (its process starts on first use).
+    lane: Arc<Lane>,
     breaker: Breaker,
     limiter: Option<DefaultDirectRateLimiter>,
     /// Held by a 410 or an operator; persisted in the store.
@@ -99,6 +113,7 @@ impl Worker {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Ok(Worker {
             breaker: Breaker::new(target.circuit_breaker),
+            lane: Arc::new(Lane::new(format!("target {} transform", target.name))),
             target,
             store,
             client,
@@ -200,15 +215,16 @@ impl Worker {
             store: self.store.clone(),
             client: self.client.clone(),
             metrics: self.metrics.clone(),
+            lane: self.lane.clone(),
         };
         let (reports, shutdown) = (self.reports_tx.clone(), self.shutdown.clone());
         self.attempts.spawn(async move {
             let id = due.event_id;
-            let verdict = tokio::select! {
-                v = ctx.attempt(due) => v,
-                _ = shutdown.cancelled() => None,
+            let done = tokio::select! {
+                done = ctx.attempt(due) => done,
+                _ = shutdown.cancelled() => Done::Stalled,
             };
-            let _ = reports.send(Report { id, verdict });
+            let _ = reports.send(Report { id, done });
         });
     }
 
@@ -257,24 +273,25 @@ impl Worker {
     async fn on_report(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
         let name = &self.target.name;
-        match report.verdict {
-            None => {
+        match report.done {
+            Done::Stalled => {
                 self.breaker.on_abandoned();
                 self.store_retry_at = Some(Instant::now() + STORE_RETRY);
             }
-            Some(Verdict::Retry { .. }) => {
+            Done::Unsent => self.breaker.on_abandoned(),
+            Done::Sent(Verdict::Retry { .. }) => {
                 if self.breaker.on_failure(Instant::now()) {
                     tracing::warn!(target = %name, open_for = ?self.target.circuit_breaker.open_for, "circuit opened: deliveries wait");
                 }
             }
-            Some(Verdict::Pause) => {
+            Done::Sent(Verdict::Pause) => {
                 self.breaker.on_success();
                 if !self.paused {
                     tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
                     self.set_paused(true).await;
                 }
             }
-            Some(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),
+            Done::Sent(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),
         }
     }
 }
@@ -299,28 +316,50 @@ struct AttemptCtx {
     store: Arc<dyn Store>,
     client: HttpClient,
     metrics: Metrics,
+    /// Where the target's transform runs.
+    lane: Arc<Lane>,
 }
 
 impl AttemptCtx {
-    /// One attempt, recorded in the store. `None` when nothing was sent.
-    async fn attempt(&self, due: DueDelivery) -> Option<Verdict> {
+    /// One attempt, recorded in the store.
+    async fn attempt(&self, due: DueDelivery) -> Done {
         let name = &self.target.name;
         let number = due.made + 1;
         let event = match self.store.event(due.event_id).await {
             Ok(Some(event)) => event,
             Ok(None) => {
-                let attempt =
-                    Attempt { at_ms: now_ms(), duration_ms: 0, status: None, error: Some("event missing".into()) };
                 let dead = NextStep::Dead("the event is no longer stored".into());
-                return self.record(&due, number, attempt, dead).await.then_some(Verdict::Permanent);
+                return self.finish_unsent(&due, number, "event missing", dead).await;
             }
             Err(e) => {
                 tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot read the event");
-                return None;
+                return Done::Stalled;
+            }
+        };
+        let transformed = match &self.target.transform {
+            None => None,
+            Some(program) => {
+                match self.lane.transform(program, &event).await {
+                    Ok(Output::Value(json)) => Some(Bytes::from(json)),
+                    Ok(Output::Empty) => {
+                        let why = "not sent: the transform gave no output";
+                        return self.finish_unsent(&due, number, why, NextStep::Skipped).await;
+                    }
+                    Ok(Output::Failed(f)) => {
+                        self.metrics.transform_errors.with_label_values(&[name]).inc();
+                        let reason = format!("transform: {}", f.message);
+                        tracing::warn!(target = %name, id = %due.event_id, error = f.kind.as_str(), "transform failed; the delivery goes to the dead letters");
+                        return self.finish_unsent(&due, number, &reason, NextStep::Dead(reason.clone())).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot run the transform; trying again later");
+                        return Done::Stalled;
+                    }
+                }
             }
         };
         let started_ms = now_ms();
-        let result = match client::build_request(&self.target, &event, number, SystemTime::now()) {
+        let result = match client::build_request(&self.target, &event, transformed, number, SystemTime::now()) {
             Ok(req) => client::send(&self.client, self.target.timeout, req).await,
             Err(e) => client::AttemptResult {
                 status: None,
@@ -342,6 +381,7 @@ impl AttemptCtx {
             }
             NextStep::RetryAt(_) | NextStep::Hold => DeliveryOutcome::Retried,
             NextStep::Dead(_) => DeliveryOutcome::Dead,
+            NextStep::Skipped => DeliveryOutcome::Skipped,
         };
         self.metrics.deliveries.with_label_values(&[name, outcome.as_str()]).inc();
         let error = result.error.as_deref().unwrap_or("");
@@ -362,7 +402,26 @@ impl AttemptCtx {
             status: result.status,
             error: result.error,
         };
-        self.record(&due, number, attempt, next).await.then_some(result.verdict)
+        match self.record(&due, number, attempt, next).await {
+            true => Done::Sent(result.verdict),
+            false => Done::Stalled,
+        }
+    }
+
+    /// Ends a delivery that is not sent (skipped, transform failed, event
+    /// gone), recording why as its attempt.
+    async fn finish_unsent(&self, due: &DueDelivery, number: u32, why: &str, next: NextStep) -> Done {
+        let outcome = match next {
+            NextStep::Skipped => DeliveryOutcome::Skipped,
+            _ => DeliveryOutcome::Dead,
+        };
+        self.metrics.deliveries.with_label_values(&[&self.target.name, outcome.as_str()]).inc();
+        tracing::info!(target = %self.target.name, id = %due.event_id, attempt = number, outcome = outcome.as_str(), "delivery ended without sending");
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 0, status: None, error: Some(why.to_string()) };
+        match self.record(due, number, attempt, next).await {
+            true => Done::Unsent,
+            false => Done::Stalled,
+        }
     }
 
     /// Records the attempt; false when the store refused it (the delivery then

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
@@ -14,8 +15,9 @@ use tokio::sync::watch;
 
 use super::auth::{self, AuthFailure};
 use super::formats::{self, FormatError};
-use crate::config::{Settings, Source};
+use crate::config::{RouteRule, Settings, Source};
 use crate::dispatch::Workers;
+use crate::jq::Lane;
 use crate::metrics::{IngressOutcome, Metrics};
 use crate::respond::{self, Reply};
 use crate::store::{Ingested, NewEvent, Store, StoreError};
@@ -24,6 +26,8 @@ use crate::store::{Ingested, NewEvent, Store, StoreError};
 #[derive(Debug)]
 pub struct Routes {
     by_path: HashMap<String, Arc<Source>>,
+    /// Where each source's route filters run, for sources that have one.
+    filters: HashMap<String, Lane>,
     max_body: u64,
     request_timeout: Duration,
 }
@@ -32,6 +36,12 @@ impl Routes {
     pub fn new(settings: &Settings) -> Self {
         Routes {
             by_path: settings.sources.iter().map(|s| (s.path.clone(), s.clone())).collect(),
+            filters: settings
+                .sources
+                .iter()
+                .filter(|s| s.routes.iter().any(|r| r.filter.is_some()))
+                .map(|s| (s.name.clone(), Lane::new(format!("source {} filters", s.name))))
+                .collect(),
             max_body: settings.server.max_body,
             request_timeout: settings.server.request_timeout,
         }
@@ -191,7 +201,7 @@ impl Ingress {
             auth::verify(&source.auth, &parts.headers, body, SystemTime::now()).map_err(Reject::Unauthorized)?;
         let parsed = formats::parse(&source.format, &parts.headers, verified.body()).map_err(Reject::Invalid)?;
         let event = parsed.event.clone();
-        let targets: Vec<String> = source.targets_for(&event).into_iter().map(String::from).collect();
+        let targets = self.targets(routes, source, &event, verified.body()).await;
         let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
         let new = NewEvent::new(source, verified, parsed, content_type, targets.clone());
         // Storing and waking run in a task of their own: if the client hangs
@@ -209,5 +219,27 @@ impl Ingress {
         .unwrap_or_else(|e| Err(StoreError::Io(format!("the store task failed: {e}"))))
         .map_err(Reject::Unavailable)?;
         Ok((ingested, event))
+    }
+
+    /// The targets of a webhook: its routes' filters run first, each in
+    /// the source's sandbox lane. A filter that fails lets its route match
+    /// (a broken filter never drops a webhook), counted and logged without
+    /// the payload.
+    async fn targets(&self, routes: &Routes, source: &Source, event: &str, body: &Bytes) -> Vec<String> {
+        let mut verdicts: Vec<(&str, bool)> = Vec::new();
+        for route in source.routes.iter().filter(|r| r.matches(event)) {
+            let (Some(filter), Some(lane)) = (&route.filter, routes.filters.get(&source.name)) else {
+                continue;
+            };
+            let pass = lane.filter(filter, &source.name, event, body).await.unwrap_or_else(|failure| {
+                self.metrics.filter_errors.with_label_values(&[&source.name]).inc();
+                // The kind only: a runtime error's message can quote the payload.
+                tracing::warn!(source = %source.name, route = %route.key, event, error = failure.kind.as_str(), "route filter failed; the route matches");
+                true
+            });
+            verdicts.push((&route.key, pass));
+        }
+        let passes = |r: &RouteRule| verdicts.iter().any(|(key, pass)| *key == r.key && *pass);
+        source.targets_for(event, passes).into_iter().map(String::from).collect()
     }
 }

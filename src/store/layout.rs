@@ -474,6 +474,10 @@ pub fn plan_complete(
                 tally.add(target, -1, 0);
                 DeliveryState::Delivered { at_ms: now_ms }
             }
+            NextStep::Skipped => {
+                tally.add(target, -1, 0);
+                DeliveryState::Skipped { at_ms: now_ms }
+            }
             NextStep::RetryAt(at) => {
                 batch.insert(queue_key(target, *at, id), &[]);
                 DeliveryState::Pending { due_ms: *at }
@@ -533,8 +537,12 @@ pub fn plan_purge(
         for t in &meta.targets {
             states.push(get_record(db, &delivery_key(t, id))?.map(|r| r.state));
         }
-        let finished =
-            |s: &Option<DeliveryState>| matches!(s, Some(DeliveryState::Delivered { .. } | DeliveryState::Dead { .. }));
+        let finished = |s: &Option<DeliveryState>| {
+            matches!(
+                s,
+                Some(DeliveryState::Delivered { .. } | DeliveryState::Dead { .. } | DeliveryState::Skipped { .. })
+            )
+        };
         if !states.iter().all(finished) {
             continue;
         }
@@ -577,7 +585,7 @@ pub fn plan_requeue(
             tally.add(target, 1, -1);
             batch.remove(dead_key(target, id))
         }
-        DeliveryState::Delivered { .. } => tally.add(target, 1, 0),
+        DeliveryState::Delivered { .. } | DeliveryState::Skipped { .. } => tally.add(target, 1, 0),
     }
     batch.insert(queue_key(target, now_ms, id), &[]);
     record.state = DeliveryState::Pending { due_ms: now_ms };

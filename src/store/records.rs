@@ -167,6 +167,10 @@ pub enum DeliveryState {
         at_ms: u64,
         reason: String,
     },
+    /// The target's transform gave no output: nothing was sent, by design.
+    Skipped {
+        at_ms: u64,
+    },
 }
 
 /// One try at delivering.
@@ -212,6 +216,8 @@ pub enum NextStep {
     Dead(String),
     /// Keep it pending, due now, without counting against it (target paused).
     Hold,
+    /// Finished without sending: the transform gave no output.
+    Skipped,
 }
 
 /// A dead-lettered delivery.

@@ -118,6 +118,8 @@ pub async fn start_with(server_extra: &str, sources_extra: &str) -> TestRelay {
 /// A relay started from the config `text` makes for its temporary folder.
 pub async fn start_from(text: impl FnOnce(&Path) -> String) -> TestRelay {
     init_logs();
+    // jq programs run in `hookrelay jq-sandbox`, not in this test binary.
+    hookrelay::jq::set_worker_exe(PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &text(dir.path()));
     let settings = config::load(&path).unwrap_or_else(|e| panic!("{e}"));

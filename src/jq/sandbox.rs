@@ -1,0 +1,302 @@
+//! The relay's side of the sandbox: a [`Lane`] per source (its filters) or
+//! per target (its transform) sends program runs to a warm child process of
+//! its own and hands back the answers in order. A runaway program costs its
+//! own lane at most [`TIME_LIMIT`]; other lanes, and the relay, go on.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::frame::{self, HELLO};
+use super::{Failure, FailureKind, Output, Program, MEMORY_LIMIT, TIME_LIMIT};
+
+/// A child that neither answers nor dies for this long while runs wait is
+/// stopped (its own watchdog ends a run at [`TIME_LIMIT`]; this is the
+/// backstop for a process that is wedged as a whole).
+const BACKSTOP: Duration = Duration::from_secs(2);
+/// After a child could not be started, runs are refused for this long
+/// instead of trying to start one for each.
+const START_RETRY: Duration = Duration::from_secs(1);
+
+static WORKER_EXE: OnceLock<PathBuf> = OnceLock::new();
+
+/// The executable started as `EXE jq-sandbox`: by default the running one.
+/// Tests and benchmarks that run the relay inside their own process point
+/// it at the `hookrelay` binary.
+pub fn set_worker_exe(path: PathBuf) {
+    let _ = WORKER_EXE.set(path);
+}
+
+fn worker_exe() -> std::io::Result<PathBuf> {
+    match WORKER_EXE.get() {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe(),
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SandboxError {
+    /// Nothing ran: the sandbox process could not be started or reached.
+    /// Not the program's fault: a transform is tried again later.
+    #[error("the jq sandbox is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One program run, waiting for its answer.
+struct Job {
+    request: Vec<u8>,
+    reply: oneshot::Sender<Result<Output, SandboxError>>,
+}
+
+/// Runs programs for one source or one target, in a child process of its
+/// own, started on first use. Dropping the lane ends its task and its child.
+#[derive(Debug)]
+pub struct Lane {
+    name: String,
+    jobs: OnceLock<mpsc::UnboundedSender<Job>>,
+}
+
+impl Lane {
+    pub fn new(name: impl Into<String>) -> Lane {
+        Lane { name: name.into(), jobs: OnceLock::new() }
+    }
+
+    /// A route filter's verdict on a webhook (`$source`, `$event`): whether
+    /// its first output is truthy, or why it failed.
+    pub async fn filter(&self, filter: &Program, source: &str, event: &str, body: &[u8]) -> Result<bool, Failure> {
+        match self.run(filter, &[source, event], body).await {
+            Ok(Output::Failed(f)) => Err(f),
+            Ok(output) => Ok(output.truthy() == Some(true)),
+            Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+        }
+    }
+
+    /// A target's transform of an event (`$source`, `$event`, `$id`).
+    pub async fn transform(
+        &self,
+        transform: &Program,
+        event: &crate::store::StoredEvent,
+    ) -> Result<Output, SandboxError> {
+        let id = event.id.to_string();
+        self.run(transform, &[&event.meta.source, &event.meta.event, &id], &event.body).await
+    }
+
+    /// Runs `program` on `input` with its variables' values (in
+    /// [`super::Kind::vars`] order). Must be called within a Tokio runtime.
+    pub async fn run(&self, program: &Program, vars: &[&str], input: &[u8]) -> Result<Output, SandboxError> {
+        let jobs = self.jobs.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(lane_task(self.name.clone(), rx));
+            tx
+        });
+        let mut request = Vec::with_capacity(input.len() + program.text().len() + 64);
+        frame::encode_request(&mut request, program.kind(), program.text(), vars, input);
+        let (reply, answer) = oneshot::channel();
+        jobs.send(Job { request, reply }).map_err(|_| SandboxError::Unavailable("the lane has stopped".into()))?;
+        answer.await.map_err(|_| SandboxError::Unavailable("the lane has stopped".into()))?
+    }
+}
+
+/// A started child.
+struct Running {
+    process: Child,
+    stdin: ChildStdin,
+    /// Its answers, in order; closed when it exits or breaks the protocol.
+    /// An error when it never greeted: it is not a working sandbox.
+    answers: mpsc::UnboundedReceiver<Result<Output, String>>,
+    /// Its last answer was a time limit, after which it ends by itself: the
+    /// runs still waiting did not start, and are sent again.
+    timed_out: bool,
+    /// The lane stopped it for not answering within [`BACKSTOP`].
+    stopped: bool,
+}
+
+/// Owns the lane's child: sends it the runs, matches answers to runs in
+/// order, and replaces it when it dies. Ends when the [`Lane`] is dropped
+/// and the runs sent are answered.
+async fn lane_task(lane: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    let mut child: Option<Running> = None;
+    // Not yet sent to the current child; sent to it, waiting for answers.
+    let mut unsent: VecDeque<Job> = VecDeque::new();
+    let mut sent: VecDeque<Job> = VecDeque::new();
+    let mut open = true;
+    let mut refuse_until: Option<Instant> = None;
+    let mut progress = Instant::now();
+    loop {
+        if !unsent.is_empty() {
+            if child.is_none() && refuse_until.is_none_or(|t| Instant::now() >= t) {
+                match start().await {
+                    Ok(c) => child = Some(c),
+                    Err(e) => {
+                        tracing::error!(lane, error = %e, "cannot start the jq sandbox");
+                        refuse_until = Some(Instant::now() + START_RETRY);
+                    }
+                }
+            }
+            match child.as_mut() {
+                Some(c) => {
+                    if sent.is_empty() {
+                        progress = Instant::now();
+                    }
+                    let mut batch = Vec::new();
+                    for job in unsent.drain(..) {
+                        batch.extend_from_slice(&job.request);
+                        sent.push_back(job);
+                    }
+                    // A child that does not read is stopped; a dead one
+                    // shows as its answers ending.
+                    match tokio::time::timeout(BACKSTOP, c.stdin.write_all(&batch)).await {
+                        Ok(_) => {}
+                        Err(_) => stop(c).await,
+                    }
+                }
+                None => {
+                    for job in unsent.drain(..) {
+                        let _ = job.reply.send(Err(SandboxError::Unavailable("cannot start the sandbox process".into())));
+                    }
+                }
+            }
+        }
+        if !open && sent.is_empty() && unsent.is_empty() {
+            break;
+        }
+        let backstop = progress + BACKSTOP;
+        tokio::select! {
+            job = jobs.recv(), if open => match job {
+                Some(job) => {
+                    unsent.push_back(job);
+                    while let Ok(job) = jobs.try_recv() {
+                        unsent.push_back(job);
+                    }
+                }
+                None => open = false,
+            },
+            answer = next_answer(&mut child) => match answer {
+                Some(Err(e)) => {
+                    tracing::error!(lane, error = %e, "the jq sandbox did not start");
+                    if let Some(mut c) = child.take() {
+                        let _ = c.process.start_kill();
+                    }
+                    refuse_until = Some(Instant::now() + START_RETRY);
+                    for job in sent.drain(..).chain(unsent.drain(..)) {
+                        let _ = job.reply.send(Err(SandboxError::Unavailable(e.clone())));
+                    }
+                }
+                Some(Ok(output)) => {
+                    progress = Instant::now();
+                    let timed_out = matches!(&output, Output::Failed(f) if f.kind == FailureKind::TimeLimit);
+                    if let Some(c) = child.as_mut() {
+                        c.timed_out = timed_out;
+                    }
+                    if timed_out {
+                        tracing::warn!(lane, limit_ms = TIME_LIMIT.as_millis() as u64, "a jq program ran past its time limit and was stopped");
+                    }
+                    match sent.pop_front() {
+                        Some(job) => {
+                            let _ = job.reply.send(Ok(output));
+                        }
+                        None => tracing::error!(lane, "the jq sandbox answered a run it was not given"),
+                    }
+                }
+                None => {
+                    let Some(mut dead) = child.take() else { continue };
+                    let _ = dead.process.start_kill();
+                    if !dead.timed_out {
+                        if let Some(job) = sent.pop_front() {
+                            let failure = if dead.stopped {
+                                Failure::new(FailureKind::TimeLimit, format!("the program ran past its time limit of {} ms", TIME_LIMIT.as_millis()))
+                            } else {
+                                Failure::new(FailureKind::Crashed, format!("the program was stopped: it passed the sandbox's memory limit ({} MiB) or ran out of stack", MEMORY_LIMIT >> 20))
+                            };
+                            tracing::warn!(lane, reason = failure.kind.as_str(), "a jq program was stopped; its sandbox process is replaced");
+                            let _ = job.reply.send(Ok(Output::Failed(failure)));
+                        }
+                    }
+                    // The others never ran: they go to the next child, first.
+                    while let Some(job) = sent.pop_back() {
+                        unsent.push_front(job);
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(backstop), if !sent.is_empty() => {
+                if let Some(c) = child.as_mut() {
+                    tracing::warn!(lane, "the jq sandbox stopped answering; it is replaced");
+                    stop(c).await;
+                }
+                progress = Instant::now();
+            }
+        }
+    }
+}
+
+/// Kills a child that does not answer; its answers then end.
+async fn stop(c: &mut Running) {
+    c.stopped = true;
+    let _ = c.process.start_kill();
+}
+
+/// The current child's next answer; pending while there is none.
+async fn next_answer(child: &mut Option<Running>) -> Option<Result<Output, String>> {
+    match child {
+        Some(c) => c.answers.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn start() -> std::io::Result<Running> {
+    let exe = worker_exe()?;
+    // No environment: the relay's holds its secrets.
+    let mut process = Command::new(&exe)
+        .arg("jq-sandbox")
+        .env_clear()
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let (Some(stdin), Some(stdout)) = (process.stdin.take(), process.stdout.take()) else {
+        return Err(std::io::Error::other("the sandbox's pipes are missing"));
+    };
+    let (tx, answers) = mpsc::unbounded_channel();
+    tokio::spawn(read_answers(exe, stdout, tx));
+    Ok(Running { process, stdin, answers, timed_out: false, stopped: false })
+}
+
+/// Reads a child's greeting, then its answers, until it ends.
+async fn read_answers(exe: PathBuf, stdout: ChildStdout, answers: mpsc::UnboundedSender<Result<Output, String>>) {
+    let mut r = BufReader::with_capacity(64 << 10, stdout);
+    let mut hello = [0u8; HELLO.len()];
+    match r.read_exact(&mut hello).await {
+        Ok(_) if &hello == HELLO => {}
+        _ => {
+            let _ = answers.send(Err(format!("{} jq-sandbox did not answer as a hookrelay sandbox", exe.display())));
+            return;
+        }
+    }
+    loop {
+        let mut len = [0u8; 4];
+        if r.read_exact(&mut len).await.is_err() {
+            return;
+        }
+        let Ok(len) = frame::frame_len(len) else { return };
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        match frame::decode_output(&body) {
+            Ok(output) => {
+                if answers.send(Ok(output)).is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}

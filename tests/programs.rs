@@ -1,0 +1,200 @@
+//! Route filters and target transforms (README, "Filters and transforms")
+//! against the real relay, real HTTP targets and the real sandbox process.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+fn target(name: &str, url: &str, extra: &str) -> String {
+    format!("  - name: {name}\n    url: \"{url}\"\n{extra}")
+}
+
+async fn admin_json(t: &TestRelay, method: Method, path: &str, body: &str) -> Value {
+    let reply = admin_call(t.relay.admin_addr, method, path, Some(ADMIN_TOKEN), body).await;
+    assert!(reply.status.is_success(), "{path}: {} {:?}", reply.status, reply.body);
+    reply.json()
+}
+
+async fn delivery_status(t: &TestRelay, id: &str, target: &str) -> Value {
+    let ev = admin_json(t, Method::GET, &format!("/admin/events/{id}"), "").await;
+    let found = ev["deliveries"].as_array().unwrap().iter().find(|d| d["target"] == target).cloned();
+    found.unwrap_or(Value::Null)
+}
+
+async fn metrics(t: &TestRelay) -> String {
+    let reply = admin_call(t.relay.admin_addr, Method::GET, "/metrics", None, "").await;
+    String::from_utf8(reply.body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn a_filtered_route_counts_and_delivers_only_matching_webhooks() {
+    let mut build = FakeTarget::start().await;
+    let mut all = FakeTarget::start().await;
+    let targets = [target("build", &build.url("/"), ""), target("all", &all.url("/"), "")].join("");
+    let routes = r#"  - source: buttercms
+    events: ["page.*"]
+    filter: '.data.page_type == "landing" and .data.locale == null and $source == "buttercms" and ($event | startswith("page."))'
+    targets: [build]
+  - { source: buttercms, events: ["*"], targets: [all] }"#;
+    let t = start_relay(&targets, routes).await;
+
+    let landing = post_butter(t.addr, fixture("buttercms-page-published.json")).await;
+    assert_eq!(landing.status, StatusCode::ACCEPTED);
+    assert_eq!(landing.json()["targets"], 2);
+    let spanish = post_butter(t.addr, fixture("buttercms-page-published-es.json")).await;
+    assert_eq!(spanish.json()["targets"], 1, "the filter refused the Spanish page");
+
+    assert_eq!(build.next().await.headers["webhook-id"], landing.json()["id"].as_str().unwrap());
+    for _ in 0..2 {
+        all.next().await;
+    }
+    build.nothing_for(Duration::from_millis(300)).await;
+    let ev = admin_json(&t, Method::GET, &format!("/admin/events/{}", spanish.json()["id"].as_str().unwrap()), "").await;
+    assert_eq!(ev["deliveries"].as_array().unwrap().len(), 1, "only the matching target is stored: {ev}");
+    assert!(metrics(&t).await.contains(r#"hookrelay_filter_errors_total{source="buttercms"} 0"#));
+}
+
+#[tokio::test]
+async fn a_transform_sends_its_output_signed_over_the_bytes_sent() {
+    use base64::Engine;
+    use hmac::Mac;
+    let secret_b64 = "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let mut slack = FakeTarget::start().await;
+    let extra = format!(
+        "    signing_secret: \"whsec_{secret_b64}\"\n    transform: '{{text: \"\\($event): \\(.data.name)\", id: $id, from: $source}}'\n"
+    );
+    let t = start_relay(&target("slack", &slack.url("/"), &extra), "  - { source: buttercms, events: [\"*\"], targets: [slack] }").await;
+    let reply = post_butter(t.addr, fixture("buttercms-page-published.json")).await;
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+
+    let got = slack.next().await;
+    let expected = json!({ "text": "page.published: Product Launch Landing Page", "id": id, "from": "buttercms" });
+    assert_eq!(serde_json::from_slice::<Value>(&got.body).unwrap(), expected);
+    let compact = format!(r#"{{"text":"page.published: Product Launch Landing Page","id":"{id}","from":"buttercms"}}"#);
+    assert_eq!(std::str::from_utf8(&got.body).unwrap(), compact, "compact JSON, keys in the program's order");
+    assert_eq!(got.headers["content-type"], "application/json");
+    assert_eq!(got.headers["webhook-id"], id.as_str());
+    // Standard Webhooks over the body actually sent, computed here from the spec.
+    let ts = got.headers["webhook-timestamp"].to_str().unwrap();
+    let key = base64::engine::general_purpose::STANDARD.decode(secret_b64).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&got.body);
+    let signature = format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()));
+    assert_eq!(got.headers["webhook-signature"], signature.as_str());
+}
+
+#[tokio::test]
+async fn a_transform_with_no_output_skips_the_delivery() {
+    let mut site = FakeTarget::start().await;
+    let extra = "    transform: 'if .data.page_type == \"landing\" then {build: .data.id} else empty end'\n";
+    let t = start_relay(&target("site", &site.url("/"), extra), "  - { source: buttercms, events: [\"*\"], targets: [site] }").await;
+    let skipped = post_butter(t.addr, fixture("buttercms-page-published-es.json")).await;
+    let id = skipped.json()["id"].as_str().unwrap().to_string();
+    eventually("the delivery is skipped", || async { delivery_status(&t, &id, "site").await["status"] == "skipped" })
+        .await;
+    site.nothing_for(Duration::from_millis(300)).await;
+    post_butter(t.addr, fixture("buttercms-page-published.json")).await;
+    assert_eq!(site.next().await.body.as_ref(), br#"{"build":"product-launch"}"#);
+    let text = metrics(&t).await;
+    assert!(text.contains(r#"hookrelay_deliveries_total{outcome="skipped",target="site"} 1"#), "{text}");
+    // Neither the skipped delivery nor the sent one (once recorded) is queued.
+    eventually("nothing queued", || async {
+        admin_json(&t, Method::GET, "/admin/targets", "").await["targets"][0]["queued"] == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_failing_transform_is_dead_lettered_and_replayed_after_a_reload_fixes_it() {
+    let mut site = FakeTarget::start().await;
+    let broken = target("site", &site.url("/"), "    transform: '{page: (.data.nope | ascii_downcase)}'\n");
+    let routes = "  - { source: buttercms, events: [\"*\"], targets: [site] }";
+    let t = start_relay(&broken, routes).await;
+    let reply = post_butter(t.addr, fixture("buttercms-page-published.json")).await;
+    let id = reply.json()["id"].as_str().unwrap().to_string();
+    eventually("dead-lettered", || async { delivery_status(&t, &id, "site").await["status"] == "dead" }).await;
+    let dead = admin_json(&t, Method::GET, "/admin/dead-letters?target=site", "").await;
+    let reason = dead["dead_letters"][0]["reason"].as_str().unwrap().to_string();
+    assert!(reason.starts_with("transform: "), "{reason}");
+    assert!(metrics(&t).await.contains(r#"hookrelay_transform_errors_total{target="site"} 1"#));
+    site.nothing_for(Duration::from_millis(200)).await;
+
+    let fixed = target("site", &site.url("/"), "    transform: '{page: .data.id}'\n");
+    let path = write_config(t.dir.path(), &relay_config(t.dir.path(), &fixed, routes));
+    t.relay.reload(hookrelay::config::load(&path).unwrap()).await.unwrap();
+    let replayed = admin_json(&t, Method::POST, "/admin/dead-letters/replay", r#"{"target":"site"}"#).await;
+    assert_eq!(replayed["replayed"], 1);
+    let got = site.next().await;
+    assert_eq!(got.body.as_ref(), br#"{"page":"product-launch"}"#);
+    assert_eq!(got.headers["webhook-id"], id.as_str());
+}
+
+/// Programs that never end, allocate without bound or recurse without end
+/// are stopped; webhooks that do not run them are acknowledged in time, and
+/// the sandbox serves the next ones.
+#[tokio::test]
+async fn runaway_programs_are_stopped_while_other_webhooks_flow() {
+    let mut slow = FakeTarget::start().await;
+    let mut fast = FakeTarget::start().await;
+    let runaway = r#"if .data.id == "loop" then (reduce range(1e15) as $x (0; . + 1))
+      elif .data.id == "alloc" then ([range(1e10)] | length)
+      elif .data.id == "deep" then (def f: 1 + f; f)
+      else true end"#;
+    let targets = [
+        target("slow", &slow.url("/"), &format!("    transform: '{}'\n", runaway.replace('\n', " "))),
+        target("fast", &fast.url("/"), ""),
+    ]
+    .join("");
+    let routes = format!(
+        "  - source: buttercms\n    events: [\"page.*\"]\n    filter: '{}'\n    targets: [slow]\n  - {{ source: buttercms, events: [\"post.*\"], targets: [fast] }}",
+        runaway.replace('\n', " ")
+    );
+    let t = start_relay(&targets, &routes).await;
+    let page = |id: &str| {
+        format!(r#"{{"data":{{"id":"{id}","timestamp":"t"}},"webhook":{{"event":"page.published","target":"x"}}}}"#)
+    };
+    let runaways = ["loop", "alloc", "deep"].map(|id| {
+        let addr = t.addr;
+        let body = page(id);
+        tokio::spawn(async move { post_butter(addr, body).await })
+    });
+    // Meanwhile, webhooks that run no filter are acknowledged and delivered in time.
+    for n in 0..20 {
+        let started = Instant::now();
+        let reply = post_butter(t.addr, format!(r#"{{"data":{{"id":"post-{n}"}},"webhook":{{"event":"post.published"}}}}"#)).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        assert!(started.elapsed() < Duration::from_millis(500), "ack took {:?}", started.elapsed());
+        let delivered = Instant::now();
+        fast.next().await;
+        assert!(delivered.elapsed() < Duration::from_secs(1), "delivery took {:?}", delivered.elapsed());
+    }
+    // A failed filter matches: each runaway webhook goes to its target.
+    for r in runaways {
+        let reply = r.await.unwrap();
+        assert_eq!(reply.status, StatusCode::ACCEPTED);
+        assert_eq!(reply.json()["targets"], 1);
+    }
+    assert!(metrics(&t).await.contains(r#"hookrelay_filter_errors_total{source="buttercms"} 3"#));
+    // The same programs stop the transform: three dead letters, and the
+    // sandbox still serves a webhook that runs them to their end.
+    eventually("three transforms dead-lettered", || async {
+        admin_json(&t, Method::GET, "/admin/dead-letters?target=slow", "").await["dead_letters"].as_array().unwrap().len()
+            == 3
+    })
+    .await;
+    let dead = admin_json(&t, Method::GET, "/admin/dead-letters?target=slow", "").await;
+    for d in dead["dead_letters"].as_array().unwrap() {
+        let reason = d["reason"].as_str().unwrap();
+        assert!(reason.contains("time limit") || reason.contains("memory"), "{reason}");
+    }
+    let started = Instant::now();
+    let reply = post_butter(t.addr, page("fine")).await;
+    assert_eq!(reply.json()["targets"], 1);
+    assert_eq!(slow.next().await.body.as_ref(), b"true");
+    assert!(started.elapsed() < Duration::from_secs(2), "the sandbox came back in {:?}", started.elapsed());
+}

@@ -29,6 +29,8 @@ pub mod ingress;
 pub mod jq;
 pub mod listen;
 pub mod metrics;
+pub mod preview;
+pub mod receive;
 pub mod respond;
 pub mod send;
 pub mod store;

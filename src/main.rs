@@ -47,6 +47,30 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Show what a webhook would do (routes, filters, each target's request), storing and sending nothing.
+    Preview {
+        /// The source's name, from the configuration.
+        source: String,
+        /// The event name, e.g. page.published.
+        event: String,
+        /// A JSON payload to use instead of the source's sample webhook.
+        #[arg(long)]
+        payload: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// A receiver for trying a setup: prints each request, checks its signature, answers a status.
+    Receive {
+        /// Where to listen.
+        #[arg(long, default_value = hookrelay::receive::DEFAULT_LISTEN)]
+        listen: std::net::SocketAddr,
+        /// The target's signing_secret (whsec_…): webhook-signature is checked against it.
+        #[arg(long)]
+        secret: Option<String>,
+        /// The status to answer with.
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+    },
     /// The sandbox process that runs jq programs; started by the relay itself.
     #[command(hide = true)]
     JqSandbox,
@@ -66,15 +90,16 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     match cli.command {
         Command::Check(c) => match config::load(&c.config) {
-            Ok(settings) => {
-                print_summary(&settings);
-                ExitCode::SUCCESS
-            }
+            Ok(settings) => check(&settings),
             Err(e) => {
                 eprintln!("error: {e}");
                 ExitCode::FAILURE
             }
         },
+        Command::Preview { source, event, payload, config } => {
+            preview(&config.config, &source, &event, payload.as_deref())
+        }
+        Command::Receive { listen, secret, status } => receive(listen, secret.as_deref(), status),
         Command::Send { source, event, url, config } => send(&config.config, &source, &event, url.as_deref()),
         Command::Healthcheck { url } => healthcheck(&url),
         Command::JqSandbox => hookrelay::jq::child::run(),
@@ -105,6 +130,83 @@ fn main() -> ExitCode {
     }
 }
 
+/// The summary, then every filter and transform run on the sample webhooks.
+fn check(settings: &Settings) -> ExitCode {
+    print_summary(settings);
+    let runs = runtime().map(|rt| rt.block_on(hookrelay::preview::check_programs(settings)));
+    let (lines, problems) = match runs {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !lines.is_empty() {
+        println!("programs  run on the sample webhooks of their sources");
+        lines.iter().for_each(|l| println!("{l}"));
+    }
+    if problems.is_empty() {
+        return ExitCode::SUCCESS;
+    }
+    let all: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    eprintln!("error: {}: {}", settings.path.display(), all.join("\n  "));
+    ExitCode::FAILURE
+}
+
+fn preview(config: &std::path::Path, source: &str, event: &str, payload: Option<&std::path::Path>) -> ExitCode {
+    let result = config::load(config).map_err(|e| e.to_string()).and_then(|settings| {
+        let body = match payload {
+            Some(p) => Some(std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?),
+            None => None,
+        };
+        runtime()?.block_on(hookrelay::preview::preview(&settings, source, event, body))
+    });
+    match result {
+        Ok((report, ok)) => {
+            print!("{report}");
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("error: a program failed (above)");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn receive(listen: std::net::SocketAddr, secret: Option<&str>, status: u16) -> ExitCode {
+    let result = hookrelay::receive::Receiver::new(secret, status).and_then(|receiver| {
+        runtime()?.block_on(async {
+            let shutdown = tokio_util::sync::CancellationToken::new();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let _ = tokio::signal::ctrl_c().await;
+                stop.cancel();
+            });
+            hookrelay::receive::run(listen, receiver, shutdown).await
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A small runtime for one command.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 fn send(config: &std::path::Path, source: &str, event: &str, url: Option<&str>) -> ExitCode {
     let result = config::load(config).map_err(|e| e.to_string()).and_then(|settings| {
         let sample = hookrelay::send::sample(&settings, source, event, url)?;
@@ -122,11 +224,7 @@ fn healthcheck(url: &str) -> ExitCode {
 fn block_on(
     exchange: impl std::future::Future<Output = Result<(u16, String), String>>,
 ) -> Result<(u16, String), String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
-    runtime.block_on(exchange)
+    runtime()?.block_on(exchange)
 }
 
 /// Prints an exchange's status and answer; success for a 2xx.
@@ -182,18 +280,20 @@ fn print_summary(s: &Settings) {
         }
         for r in &src.routes {
             let events: Vec<String> = r.events.iter().map(|e| e.to_string()).collect();
-            println!("    route {} -> {}", events.join(", "), r.targets.join(", "));
+            let filter = if r.filter.is_some() { " (filtered)" } else { "" };
+            println!("    {} {}{filter} -> {}", r.key, events.join(", "), r.targets.join(", "));
         }
     }
     println!("targets   {}", s.targets.len());
     for t in &s.targets {
         println!(
-            "  {:<16} {} (timeout {}, concurrency {}, max_attempts {})",
+            "  {:<16} {} (timeout {}, concurrency {}, max_attempts {}{})",
             t.name,
             t.url,
             human(t.timeout),
             t.concurrency,
-            t.retry.max_attempts
+            t.retry.max_attempts,
+            if t.transform.is_some() { ", transformed" } else { "" }
         );
     }
 }

@@ -94,10 +94,19 @@ fn iso(now: SystemTime) -> String {
     humantime::format_rfc3339_seconds(now).to_string()
 }
 
-type Headers = Vec<(HeaderName, HeaderValue)>;
+pub type Headers = Vec<(HeaderName, HeaderValue)>;
+
+/// Event names to make samples of for a source's format: those its vendor sends most.
+pub fn sample_events(format: &Format) -> &'static [&'static str] {
+    match format {
+        Format::ButterCms => &["page.published", "page.delete", "post.published", "collectionitem.published"],
+        Format::CometCms => &["content.published", "content.deleted"],
+        Format::Generic(_) => &["sample.event"],
+    }
+}
 
 /// The body in the vendor's documented shape, and any header that carries the event.
-fn payload(src: &Source, event: &str, now: SystemTime) -> Result<(Vec<u8>, Headers), String> {
+pub fn payload(src: &Source, event: &str, now: SystemTime) -> Result<(Vec<u8>, Headers), String> {
     let millis = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
     let stamp = iso(now);
     let ts = stamp.trim_end_matches('Z');

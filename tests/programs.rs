@@ -53,7 +53,8 @@ async fn a_filtered_route_counts_and_delivers_only_matching_webhooks() {
         all.next().await;
     }
     build.nothing_for(Duration::from_millis(300)).await;
-    let ev = admin_json(&t, Method::GET, &format!("/admin/events/{}", spanish.json()["id"].as_str().unwrap()), "").await;
+    let ev =
+        admin_json(&t, Method::GET, &format!("/admin/events/{}", spanish.json()["id"].as_str().unwrap()), "").await;
     assert_eq!(ev["deliveries"].as_array().unwrap().len(), 1, "only the matching target is stored: {ev}");
     assert!(metrics(&t).await.contains(r#"hookrelay_filter_errors_total{source="buttercms"} 0"#));
 }
@@ -67,7 +68,11 @@ async fn a_transform_sends_its_output_signed_over_the_bytes_sent() {
     let extra = format!(
         "    signing_secret: \"whsec_{secret_b64}\"\n    transform: '{{text: \"\\($event): \\(.data.name)\", id: $id, from: $source}}'\n"
     );
-    let t = start_relay(&target("slack", &slack.url("/"), &extra), "  - { source: buttercms, events: [\"*\"], targets: [slack] }").await;
+    let t = start_relay(
+        &target("slack", &slack.url("/"), &extra),
+        "  - { source: buttercms, events: [\"*\"], targets: [slack] }",
+    )
+    .await;
     let reply = post_butter(t.addr, fixture("buttercms-page-published.json")).await;
     let id = reply.json()["id"].as_str().unwrap().to_string();
 
@@ -92,7 +97,11 @@ async fn a_transform_sends_its_output_signed_over_the_bytes_sent() {
 async fn a_transform_with_no_output_skips_the_delivery() {
     let mut site = FakeTarget::start().await;
     let extra = "    transform: 'if .data.page_type == \"landing\" then {build: .data.id} else empty end'\n";
-    let t = start_relay(&target("site", &site.url("/"), extra), "  - { source: buttercms, events: [\"*\"], targets: [site] }").await;
+    let t = start_relay(
+        &target("site", &site.url("/"), extra),
+        "  - { source: buttercms, events: [\"*\"], targets: [site] }",
+    )
+    .await;
     let skipped = post_butter(t.addr, fixture("buttercms-page-published-es.json")).await;
     let id = skipped.json()["id"].as_str().unwrap().to_string();
     eventually("the delivery is skipped", || async { delivery_status(&t, &id, "site").await["status"] == "skipped" })
@@ -166,7 +175,9 @@ async fn runaway_programs_are_stopped_while_other_webhooks_flow() {
     // Meanwhile, webhooks that run no filter are acknowledged and delivered in time.
     for n in 0..20 {
         let started = Instant::now();
-        let reply = post_butter(t.addr, format!(r#"{{"data":{{"id":"post-{n}"}},"webhook":{{"event":"post.published"}}}}"#)).await;
+        let reply =
+            post_butter(t.addr, format!(r#"{{"data":{{"id":"post-{n}"}},"webhook":{{"event":"post.published"}}}}"#))
+                .await;
         assert_eq!(reply.status, StatusCode::ACCEPTED);
         assert!(started.elapsed() < Duration::from_millis(500), "ack took {:?}", started.elapsed());
         let delivered = Instant::now();
@@ -183,7 +194,10 @@ async fn runaway_programs_are_stopped_while_other_webhooks_flow() {
     // The same programs stop the transform: three dead letters, and the
     // sandbox still serves a webhook that runs them to their end.
     eventually("three transforms dead-lettered", || async {
-        admin_json(&t, Method::GET, "/admin/dead-letters?target=slow", "").await["dead_letters"].as_array().unwrap().len()
+        admin_json(&t, Method::GET, "/admin/dead-letters?target=slow", "").await["dead_letters"]
+            .as_array()
+            .unwrap()
+            .len()
             == 3
     })
     .await;

@@ -364,7 +364,8 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         .as_deref()
         .and_then(|s| p.take(format!("{key}.signing_secret"), standard_webhooks_secret(s)));
     let timeout = p.duration(format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(5));
-    let transform = raw.transform.as_deref().and_then(|t| p.take(format!("{key}.transform"), Program::compile(Kind::Transform, t)));
+    let transform =
+        raw.transform.as_deref().and_then(|t| p.take(format!("{key}.transform"), Program::compile(Kind::Transform, t)));
     Some(Target {
         name: raw.name.clone(),
         url: url?,

@@ -338,25 +338,23 @@ impl AttemptCtx {
         };
         let transformed = match &self.target.transform {
             None => None,
-            Some(program) => {
-                match self.lane.transform(program, &event).await {
-                    Ok(Output::Value(json)) => Some(Bytes::from(json)),
-                    Ok(Output::Empty) => {
-                        let why = "not sent: the transform gave no output";
-                        return self.finish_unsent(&due, number, why, NextStep::Skipped).await;
-                    }
-                    Ok(Output::Failed(f)) => {
-                        self.metrics.transform_errors.with_label_values(&[name]).inc();
-                        let reason = format!("transform: {}", f.message);
-                        tracing::warn!(target = %name, id = %due.event_id, error = f.kind.as_str(), "transform failed; the delivery goes to the dead letters");
-                        return self.finish_unsent(&due, number, &reason, NextStep::Dead(reason.clone())).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot run the transform; trying again later");
-                        return Done::Stalled;
-                    }
+            Some(program) => match self.lane.transform(program, &event).await {
+                Ok(Output::Value(json)) => Some(Bytes::from(json)),
+                Ok(Output::Empty) => {
+                    let why = "not sent: the transform gave no output";
+                    return self.finish_unsent(&due, number, why, NextStep::Skipped).await;
                 }
-            }
+                Ok(Output::Failed(f)) => {
+                    self.metrics.transform_errors.with_label_values(&[name]).inc();
+                    let reason = format!("transform: {}", f.message);
+                    tracing::warn!(target = %name, id = %due.event_id, error = f.kind.as_str(), "transform failed; the delivery goes to the dead letters");
+                    return self.finish_unsent(&due, number, &reason, NextStep::Dead(reason.clone())).await;
+                }
+                Err(e) => {
+                    tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot run the transform; trying again later");
+                    return Done::Stalled;
+                }
+            },
         };
         let started_ms = now_ms();
         let result = match client::build_request(&self.target, &event, transformed, number, SystemTime::now()) {

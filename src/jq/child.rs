@@ -40,7 +40,8 @@ pub fn run() -> ExitCode {
         eprintln!("jq-sandbox: cannot limit memory: {e}");
         return ExitCode::FAILURE;
     }
-    let outgoing = Arc::new(Mutex::new(Outgoing { out: BufWriter::with_capacity(64 << 10, io::stdout()), running: None }));
+    let outgoing =
+        Arc::new(Mutex::new(Outgoing { out: BufWriter::with_capacity(64 << 10, io::stdout()), running: None }));
     {
         let mut o = lock(&outgoing);
         if o.out.write_all(HELLO).and_then(|_| o.out.flush()).is_err() {
@@ -108,9 +109,8 @@ fn run_one(programs: &mut HashMap<(Kind, String), Result<Compiled, String>>, req
     if programs.len() >= CACHED_PROGRAMS {
         programs.clear();
     }
-    let compiled = programs
-        .entry((request.kind, request.program))
-        .or_insert_with_key(|(kind, text)| compile(*kind, text));
+    let compiled =
+        programs.entry((request.kind, request.program)).or_insert_with_key(|(kind, text)| compile(*kind, text));
     match compiled {
         Ok(program) => eval(program, &request.input, &request.vars),
         Err(e) => Output::Failed(Failure::new(FailureKind::Runtime, format!("the program does not compile: {e}"))),

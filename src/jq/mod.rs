@@ -311,10 +311,9 @@ fn to_json(value: &Val) -> Output {
     let text = value.to_string();
     match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
         Ok(_) => Output::Value(text.into_bytes()),
-        Err(_) => Output::Failed(Failure::new(
-            FailureKind::Output,
-            "the output is not JSON (nan, infinite or a byte string)",
-        )),
+        Err(_) => {
+            Output::Failed(Failure::new(FailureKind::Output, "the output is not JSON (nan, infinite or a byte string)"))
+        }
     }
 }
 

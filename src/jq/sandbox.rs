@@ -159,7 +159,8 @@ async fn lane_task(lane: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
                 }
                 None => {
                     for job in unsent.drain(..) {
-                        let _ = job.reply.send(Err(SandboxError::Unavailable("cannot start the sandbox process".into())));
+                        let _ =
+                            job.reply.send(Err(SandboxError::Unavailable("cannot start the sandbox process".into())));
                     }
                 }
             }

@@ -76,11 +76,12 @@ fn variables_hold_source_event_and_id() {
 
 #[test]
 fn the_first_output_is_compact_json() {
-    let out = run(Kind::Transform, r#"{text: "\($event): \(.data.name)"}, 2"#, r#"{"data":{"name":"Home"}}"#, &[
-        "s",
-        "page.published",
-        "evt_1",
-    ]);
+    let out = run(
+        Kind::Transform,
+        r#"{text: "\($event): \(.data.name)"}, 2"#,
+        r#"{"data":{"name":"Home"}}"#,
+        &["s", "page.published", "evt_1"],
+    );
     assert_eq!(value(out), r#"{"text":"page.published: Home"}"#);
     assert_eq!(run(Kind::Transform, "empty", "{}", &["s", "e", "i"]), Output::Empty);
     // Big numbers and unicode come through unchanged.

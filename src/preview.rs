@@ -1,0 +1,279 @@
+//! `hookrelay preview` and the sample runs of `hookrelay check`: what a
+//! webhook would do, through the real filters and transforms in the sandbox,
+//! without storing or sending anything.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::HeaderName;
+
+use crate::config::{EventPattern, Problem, RouteRule, Settings, Source, Target};
+use crate::dispatch::client::build_request;
+use crate::jq::{Failure, FailureKind, Lane, Output, Program};
+use crate::send::{payload, sample_events};
+use crate::store::{now_ms, EventId, EventMeta, StoredEvent};
+
+/// The event names to try a route with: the format's usual events that its
+/// `events` match, else a name made from each pattern.
+fn route_events(source: &Source, route: &RouteRule) -> Vec<String> {
+    let usual: Vec<String> =
+        sample_events(&source.format).iter().filter(|e| route.matches(e)).map(|e| e.to_string()).collect();
+    if !usual.is_empty() {
+        return usual;
+    }
+    route
+        .events
+        .iter()
+        .map(|p| match p {
+            EventPattern::Exact(e) => e.clone(),
+            EventPattern::Prefix(prefix) => format!("{prefix}published"),
+            EventPattern::Any => "sample.event".to_string(),
+        })
+        .collect()
+}
+
+/// A stored event as a target would get it, for a transform to run on.
+fn event_for(source: &Source, event: &str, body: Vec<u8>, target: &str) -> StoredEvent {
+    StoredEvent {
+        id: EventId::new(),
+        meta: EventMeta {
+            source: source.name.clone(),
+            event: event.to_string(),
+            received_ms: now_ms(),
+            content_type: Some("application/json".into()),
+            targets: vec![target.to_string()],
+            dedup: Vec::new(),
+        },
+        body: Bytes::from(body),
+    }
+}
+
+/// How one program did on the samples.
+#[derive(Default)]
+struct Tally {
+    runs: usize,
+    /// Per kind of result: true/false for a filter; body/skipped for a transform.
+    yes: usize,
+    no: usize,
+    /// Each failure, with the sample it failed on.
+    failures: Vec<(String, Failure)>,
+}
+
+impl Tally {
+    /// The problem with this program, if any: it passed a limit, could not
+    /// run, or failed on every sample.
+    fn problem(&self, key: String) -> Option<Problem> {
+        let limit = self
+            .failures
+            .iter()
+            .find(|(_, f)| matches!(f.kind, FailureKind::TimeLimit | FailureKind::Crashed | FailureKind::Unavailable));
+        let message = match (limit, self.failures.first()) {
+            (Some((sample, f)), _) => format!("on the sample {sample}: {f}"),
+            (None, Some((sample, f))) if self.failures.len() == self.runs => {
+                format!("fails on every sample webhook ({}); on {sample}: {f}", self.runs)
+            }
+            _ => return None,
+        };
+        Some(Problem { key, message })
+    }
+}
+
+/// Runs every filter and transform on the sample webhooks of its sources'
+/// formats (those `hookrelay send` posts). Returns a line per program and
+/// the problems: a program that passes its time or memory limit, or fails on
+/// every sample.
+pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) {
+    let (mut lines, mut problems) = (Vec::new(), Vec::new());
+    let now = SystemTime::now();
+    for source in &settings.sources {
+        let lane = Lane::new(format!("check {}", source.name));
+        for route in &source.routes {
+            let Some(filter) = &route.filter else { continue };
+            let mut tally = Tally::default();
+            for event in route_events(source, route) {
+                let Ok((body, _)) = payload(source, &event, now) else { continue };
+                tally.runs += 1;
+                match lane.filter(filter, &source.name, &event, &body).await {
+                    Ok(true) => tally.yes += 1,
+                    Ok(false) => tally.no += 1,
+                    Err(f) => tally.failures.push((format!("{} {event}", source.name), f)),
+                }
+            }
+            let key = format!("{}.filter", route.key);
+            lines.push(format!(
+                "  {key}: {} samples, {} true, {} false, {} failed",
+                tally.runs,
+                tally.yes,
+                tally.no,
+                tally.failures.len()
+            ));
+            problems.extend(tally.problem(key));
+        }
+    }
+    for (i, target) in settings.targets.iter().enumerate() {
+        let Some(transform) = &target.transform else { continue };
+        let lane = Lane::new(format!("check {}", target.name));
+        let mut tally = Tally::default();
+        for (source, event) in target_samples(settings, target) {
+            let Ok((body, _)) = payload(source, &event, now) else { continue };
+            tally.runs += 1;
+            match lane.transform(transform, &event_for(source, &event, body, &target.name)).await {
+                Ok(Output::Value(_)) => tally.yes += 1,
+                Ok(Output::Empty) => tally.no += 1,
+                Ok(Output::Failed(f)) => tally.failures.push((format!("{} {event}", source.name), f)),
+                Err(e) => tally
+                    .failures
+                    .push((format!("{} {event}", source.name), Failure::new(FailureKind::Unavailable, e.to_string()))),
+            }
+        }
+        let key = format!("targets[{i}].transform");
+        lines.push(format!(
+            "  {key}: {} samples, {} bodies, {} skipped, {} failed",
+            tally.runs,
+            tally.yes,
+            tally.no,
+            tally.failures.len()
+        ));
+        problems.extend(tally.problem(key));
+    }
+    (lines, problems)
+}
+
+/// The (source, event) samples a target's transform is tried on: those of
+/// the routes that lead to it, else every source's usual events.
+fn target_samples<'a>(settings: &'a Settings, target: &Target) -> Vec<(&'a Source, String)> {
+    let mut out = Vec::new();
+    for source in &settings.sources {
+        for route in source.routes.iter().filter(|r| r.targets.contains(&target.name)) {
+            out.extend(route_events(source, route).into_iter().map(|e| (source.as_ref(), e)));
+        }
+    }
+    if out.is_empty() {
+        for source in &settings.sources {
+            out.extend(sample_events(&source.format).iter().map(|e| (source.as_ref(), e.to_string())));
+        }
+    }
+    out.dedup_by(|a, b| a.0.name == b.0.name && a.1 == b.1);
+    out
+}
+
+/// Header values that may be credentials, shown redacted.
+fn is_secret_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    ["auth", "key", "token", "secret", "password", "cookie", "signature", "session"].iter().any(|w| n.contains(w))
+}
+
+/// `hookrelay preview`: the routes a webhook matches (each filter's verdict)
+/// and, for every target, the request it would get. Returns the report and
+/// whether every program ran without failing.
+pub async fn preview(
+    settings: &Settings,
+    source: &str,
+    event: &str,
+    payload_file: Option<Vec<u8>>,
+) -> Result<(String, bool), String> {
+    let src = settings.sources.iter().find(|s| s.name == source).ok_or_else(|| {
+        let names: Vec<&str> = settings.sources.iter().map(|s| s.name.as_str()).collect();
+        format!("no source is named {source:?} (sources: {})", names.join(", "))
+    })?;
+    let (body, origin) = match payload_file {
+        Some(body) => (body, "from the file"),
+        None => (payload(src, event, SystemTime::now())?.0, "a sample"),
+    };
+    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| format!("the payload is not JSON: {e}"))?;
+    let mut out = String::new();
+    let mut ok = true;
+    let _ = writeln!(out, "webhook: source {source}, event {event}, {} bytes ({origin})", body.len());
+
+    let lane = Lane::new(format!("preview {source}"));
+    let mut verdicts: Vec<(&str, bool)> = Vec::new();
+    for route in &src.routes {
+        let events: Vec<String> = route.events.iter().map(|e| e.to_string()).collect();
+        let head = format!("{} [{}] -> {}", route.key, events.join(", "), route.targets.join(", "));
+        if !route.matches(event) {
+            let _ = writeln!(out, "  {head}: the event does not match");
+            continue;
+        }
+        let Some(filter) = &route.filter else {
+            let _ = writeln!(out, "  {head}: matches");
+            continue;
+        };
+        let verdict = match lane.filter(filter, source, event, &body).await {
+            Ok(pass) => {
+                verdicts.push((&route.key, pass));
+                format!(
+                    "filter gives {}: {}",
+                    if pass { "true" } else { "false" },
+                    if pass { "matches" } else { "no match" }
+                )
+            }
+            Err(f) => {
+                ok = false;
+                verdicts.push((&route.key, true));
+                format!("filter FAILED ({f}): matches, as a failing filter does")
+            }
+        };
+        let _ = writeln!(out, "  {head}: {verdict}");
+    }
+    let targets = src.targets_for(event, |r| verdicts.iter().any(|(key, pass)| *key == r.key && *pass));
+    let _ = writeln!(out, "targets: {}", targets.len());
+    let mut stored = event_for(src, event, body, "");
+    stored.meta.targets = targets.iter().map(|t| t.to_string()).collect();
+    for name in targets {
+        let Some(target) = settings.targets.iter().find(|t| t.name == name) else { continue };
+        ok &= show_target(&mut out, target, &stored).await;
+    }
+    Ok((out, ok))
+}
+
+/// Appends the request `target` would get; false when its transform failed.
+async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEvent) -> bool {
+    let _ = writeln!(out, "\ntarget {}", target.name);
+    let transformed = match &target.transform {
+        None => None,
+        Some(program) => match transform(program, stored, &target.name).await {
+            Ok(Some(json)) => Some(json),
+            Ok(None) => {
+                let _ = writeln!(out, "  skipped: the transform gives no output, nothing is sent");
+                return true;
+            }
+            Err(why) => {
+                let _ = writeln!(out, "  transform FAILED: {why}\n  the delivery would go to the dead letters");
+                return false;
+            }
+        },
+    };
+    let request = match build_request(target, stored, transformed, 1, SystemTime::now()) {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = writeln!(out, "  cannot build the request: {e}");
+            return false;
+        }
+    };
+    let _ = writeln!(out, "  POST {}", request.uri());
+    for (name, value) in request.headers() {
+        let shown = if is_secret_header(name) && name.as_str() != "webhook-signature" {
+            "<redacted>".to_string()
+        } else {
+            String::from_utf8_lossy(value.as_bytes()).into_owned()
+        };
+        let _ = writeln!(out, "  {name}: {shown}");
+    }
+    let sent = request.into_body();
+    let bytes = http_body_util::BodyExt::collect(sent).await.map(|c| c.to_bytes()).unwrap_or_default();
+    let _ = writeln!(out, "\n{}", String::from_utf8_lossy(&bytes));
+    true
+}
+
+/// The transform's body, `None` for no output, or why it failed.
+async fn transform(program: &Program, event: &StoredEvent, target: &str) -> Result<Option<Bytes>, String> {
+    let lane = Lane::new(format!("preview {target}"));
+    match lane.transform(program, event).await {
+        Ok(Output::Value(json)) => Ok(Some(Bytes::from(json))),
+        Ok(Output::Empty) => Ok(None),
+        Ok(Output::Failed(f)) => Err(f.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}

@@ -1,0 +1,204 @@
+//! The commands for trying programs and setups (README, "Filters and
+//! transforms"): `check` runs every program on sample webhooks, `preview`
+//! shows what a webhook would do, `receive` prints what arrives.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Instant;
+
+use common::*;
+
+fn hookrelay(args: &[&str], config: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hookrelay")).args(args).arg("--config").arg(config).output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn config_with(dir: &Path, targets: &str, routes: &str) -> std::path::PathBuf {
+    write_config(dir, &relay_config(dir, targets, routes))
+}
+
+const SLACK: &str = r#"  - name: slack
+    url: "http://127.0.0.1:9/slack"
+    headers: { X-Api-Key: "do-not-show-me", X-Team: "web" }
+    transform: '{text: "\($event): \(.data.name // .data.id)"}'
+  - name: build
+    url: "http://127.0.0.1:9/build"
+"#;
+
+#[test]
+fn check_runs_every_program_on_the_samples() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "  - { source: buttercms, events: [\"page.*\"], filter: '.data.page_type == \"landing\"', targets: [build] }\n  - { source: buttercms, events: [\"*\"], targets: [slack] }";
+    let out = hookrelay(&["check"], &config_with(dir.path(), SLACK, routes));
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("routes[0].filter: 2 samples, 2 true, 0 false, 0 failed"), "{stdout}");
+    assert!(stdout.contains("targets[0].transform: 4 samples, 4 bodies"), "{stdout}");
+}
+
+#[test]
+fn check_refuses_programs_that_do_not_compile_fail_everywhere_or_run_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        // A syntax error: jaq's message with its position, under the key path.
+        ("  - { source: buttercms, events: [\"*\"], filter: '.data | if . then 1', targets: [build] }", "", "routes[0].filter: expected else or end at the end of the program"),
+        ("  - { source: buttercms, events: [\"*\"], filter: '.a | nosuch', targets: [build] }", "", "routes[0].filter: undefined filter nosuch at line 1, column 6"),
+        // Fails on every sample.
+        ("  - { source: buttercms, events: [\"*\"], targets: [build] }", "    transform: '.data.nope | ascii_downcase'\n", "targets[0].transform: fails on every sample webhook (4)"),
+        // Passes its time limit on one sample only: still refused.
+        ("  - { source: buttercms, events: [\"*\"], filter: 'if $event == \"page.delete\" then last(range(1e15)) else true end', targets: [build] }", "", "routes[0].filter: on the sample buttercms page.delete: the program ran past its time limit of 100 ms"),
+    ];
+    for (routes, transform, expected) in cases {
+        let targets = format!("  - name: build\n    url: \"http://127.0.0.1:9/build\"\n{transform}");
+        let out = hookrelay(&["check"], &config_with(dir.path(), &targets, routes));
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{routes}: accepted\n{stdout}");
+        assert!(stderr.contains(expected), "{routes}: expected {expected:?} in\n{stderr}");
+    }
+}
+
+#[test]
+fn preview_shows_routes_filters_and_each_request_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let routes = "  - { source: buttercms, events: [\"page.*\"], filter: '.data.page_type == \"landing\"', targets: [build] }\n  - { source: buttercms, events: [\"*\"], targets: [slack] }\n  - { source: buttercms, events: [\"post.*\"], targets: [build] }";
+    let config = config_with(dir.path(), SLACK, routes);
+    let payload = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/buttercms-page-published-es.json");
+    let out = hookrelay(&["preview", "buttercms", "page.published", "--payload", payload.to_str().unwrap()], &config);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    for expected in [
+        "routes[0] [page.*] -> build: filter gives false: no match",
+        "routes[1] [*] -> slack: matches",
+        "routes[2] [post.*] -> build: the event does not match",
+        "targets: 1",
+        "target slack",
+        "POST http://127.0.0.1:9/slack",
+        "x-api-key: <redacted>",
+        "x-team: web",
+        "content-type: application/json",
+        r#"{"text":"page.published: Inicio"}"#,
+    ] {
+        assert!(stdout.contains(expected), "{expected:?} missing from\n{stdout}");
+    }
+    assert!(!stdout.contains("do-not-show-me"));
+    assert!(!stdout.contains("target build"), "build's filter said no:\n{stdout}");
+    assert!(dir.path().join("data").read_dir().is_err(), "preview stores nothing");
+
+    // A transform that fails: shown, and exit 1.
+    let broken = SLACK.replace(r#"{text: "\($event): \(.data.name // .data.id)"}"#, ".data.nope | ascii_downcase");
+    let out = hookrelay(&["preview", "buttercms", "page.published"], &config_with(dir.path(), &broken, routes));
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success());
+    assert!(stdout.contains("transform FAILED: cannot use null as string"), "{stdout}");
+}
+
+/// A `hookrelay receive` process; killed when dropped.
+struct Receive {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    addr: String,
+}
+
+impl Drop for Receive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Receive {
+    fn start(args: &[&str]) -> Receive {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+            .args(["receive", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut r = Receive { child, lines, addr: String::new() };
+        let first = r.line();
+        r.addr = first.strip_prefix("listening on ").unwrap_or_else(|| panic!("{first}")).to_string();
+        r
+    }
+
+    fn line(&self) -> String {
+        self.lines.recv_timeout(WAIT).expect("receive printed nothing")
+    }
+
+    /// The lines of the next request, up to its `-->` line.
+    fn request(&self) -> Vec<String> {
+        let deadline = Instant::now() + WAIT;
+        let mut out = Vec::new();
+        while Instant::now() < deadline {
+            let line = self.line();
+            let end = line.starts_with("--> ");
+            out.push(line);
+            if end {
+                return out;
+            }
+        }
+        panic!("no whole request within {WAIT:?}: {out:?}");
+    }
+}
+
+#[tokio::test]
+async fn receive_prints_each_request_and_checks_its_signature() {
+    let receive = Receive::start(&["--secret", WHSEC, "--status", "202"]);
+    let targets = format!(
+        "  - name: slack\n    url: \"{}/slack\"\n    signing_secret: \"{WHSEC}\"\n    transform: '{{text: $event}}'\n",
+        receive.addr
+    );
+    let t = start_relay(&targets, "  - { source: buttercms, events: [\"*\"], targets: [slack] }").await;
+    let id =
+        post_butter(t.addr, fixture("buttercms-page-published.json")).await.json()["id"].as_str().unwrap().to_string();
+    let lines = tokio::task::spawn_blocking(move || (receive.request(), receive)).await.unwrap();
+    let (request, receive) = lines;
+    let all = request.join("\n");
+    assert!(all.starts_with("--- POST /slack HTTP/1.1 from 127.0.0.1:"), "{all}");
+    assert!(all.contains(&format!("webhook-id: {id}")), "{all}");
+    assert!(all.contains("signature: verified"), "{all}");
+    assert!(all.contains(r#"{"text":"page.published"}"#), "{all}");
+    assert!(all.ends_with("--> 202"), "{all}");
+
+    // A forged signature is called out.
+    let forged = post(
+        std::net::SocketAddr::from(([127, 0, 0, 1], receive.addr.rsplit(':').next().unwrap().parse::<u16>().unwrap())),
+        "/x",
+        &[("webhook-id", "msg_1"), ("webhook-timestamp", "1700000000"), ("webhook-signature", "v1,AAAA")],
+        "{}",
+    )
+    .await;
+    assert_eq!(forged.status.as_u16(), 202);
+    let all = tokio::task::spawn_blocking(move || receive.request().join("\n")).await.unwrap();
+    assert!(all.contains("signature: INVALID"), "{all}");
+}
+
+#[test]
+fn receive_refuses_a_bad_secret_or_status() {
+    for (args, expected) in [(&["--secret", "nope!"][..], "--secret"), (&["--status", "99"][..], "--status 99")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+            .args(["receive", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}

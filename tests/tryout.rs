@@ -202,3 +202,57 @@ fn receive_refuses_a_bad_secret_or_status() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+/// README's first steps: the shipped routes.yaml passes `check`, and a first
+/// `send` ends in deliveries that `receive` prints, signature checked.
+#[tokio::test]
+async fn the_shipped_config_delivers_a_first_send_to_receive() {
+    let shipped_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("routes.yaml");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_hookrelay")).arg("check").arg("--config").arg(&shipped_path).output().unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    let receive = Receive::start(&["--secret", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"]);
+    let shipped = std::fs::read_to_string(&shipped_path).unwrap();
+    let local = |dir: &Path| {
+        let mut text = shipped.clone();
+        for (from, to) in [
+            ("http://127.0.0.1:9101", receive.addr.clone()),
+            ("127.0.0.1:8443", "127.0.0.1:0".to_string()),
+            ("127.0.0.1:9090", "127.0.0.1:0".to_string()),
+            ("\"./data\"", format!("\"{}\"", dir.join("data").display())),
+        ] {
+            assert!(text.contains(from), "the shipped routes.yaml no longer holds {from}");
+            text = text.replace(from, &to);
+        }
+        text
+    };
+    let t = common::start_from(local).await;
+    let url = format!("http://{}/hooks/buttercms", t.addr);
+    let config = t.dir.path().join("routes.yaml");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+            .args(["send", "buttercms", "page.published", "--url", &url, "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success() && stdout.contains(r#""targets":3"#), "{stdout}\n{stderr}");
+
+    let requests =
+        tokio::task::spawn_blocking(move || (0..3).map(|_| receive.request().join("\n")).collect::<Vec<_>>())
+            .await
+            .unwrap();
+    let find = |path: &str| {
+        requests
+            .iter()
+            .find(|r| r.starts_with(&format!("--- POST {path} ")))
+            .unwrap_or_else(|| panic!("{path}: {requests:?}"))
+    };
+    assert!(find("/reindex").contains("signature: verified"), "{}", find("/reindex"));
+    assert!(find("/slack").contains(r#"{"text":"ButterCMS page.published: Sample Page"}"#), "{}", find("/slack"));
+    assert!(find("/build").contains(r#""page_type":"landing""#));
+}

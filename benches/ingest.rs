@@ -4,16 +4,13 @@
 //! `cargo bench --bench ingest` (env: BENCH_SECS per phase, default 5;
 //! BENCH_CONNS, default 64; BENCH_RATE for the fixed-rate phase, default 2000).
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use http_body_util::BodyExt;
+use std::time::Duration;
 
 mod common;
 
-use common::{connect, env_or, request, settings};
+use common::{drive, env_or, row, settings, Load};
 use hookrelay::app::Relay;
 use hookrelay::store::{CommitStats, NullStore, SledStore};
 
@@ -21,97 +18,6 @@ use hookrelay::store::{CommitStats, NullStore, SledStore};
 fn bench_settings(dir: &std::path::Path) -> hookrelay::config::Settings {
     let targets = ["search", "cache"].map(|t| (t.to_string(), format!("http://127.0.0.1:9/{t}")));
     settings(dir, &targets)
-}
-
-struct Load {
-    acks: u64,
-    errors: u64,
-    elapsed: Duration,
-    /// Ack latencies in microseconds, sorted.
-    latencies: Vec<u64>,
-}
-
-impl Load {
-    fn quantile(&self, q: f64) -> f64 {
-        if self.latencies.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
-        self.latencies[i] as f64 / 1000.0
-    }
-}
-
-/// Drives `conns` keep-alive connections for `secs`. With `rate`, each
-/// connection sends on a fixed schedule and latency counts from the scheduled
-/// time (no coordinated omission); without, each sends back to back.
-async fn drive(addr: SocketAddr, conns: u64, secs: u64, rate: Option<u64>, counter: Arc<AtomicU64>) -> Load {
-    let deadline = Duration::from_secs(secs);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..conns)
-        .map(|c| {
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let mut sender = connect(addr).await;
-                let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
-                let offset = interval.map(|i| i.mul_f64(c as f64 / conns as f64)).unwrap_or_default();
-                let (mut acks, mut errors, mut lat) = (0u64, 0u64, Vec::new());
-                let mut k = 0u32;
-                loop {
-                    let scheduled = match interval {
-                        Some(i) => {
-                            let at = started + offset + i * k;
-                            tokio::time::sleep_until(at.into()).await;
-                            at
-                        }
-                        None => Instant::now(),
-                    };
-                    if scheduled.duration_since(started) >= deadline {
-                        break;
-                    }
-                    k += 1;
-                    match sender.send_request(request(counter.fetch_add(1, Ordering::Relaxed))).await {
-                        Ok(resp) => {
-                            let ok = resp.status() == http::StatusCode::ACCEPTED;
-                            let _ = resp.into_body().collect().await;
-                            if ok {
-                                acks += 1;
-                                lat.push(scheduled.elapsed().as_micros() as u64);
-                            } else {
-                                errors += 1;
-                            }
-                        }
-                        Err(_) => {
-                            errors += 1;
-                            break;
-                        }
-                    }
-                }
-                (acks, errors, lat)
-            })
-        })
-        .collect();
-    let mut load = Load { acks: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
-    for t in tasks {
-        let (a, e, l) = t.await.expect("load task");
-        load.acks += a;
-        load.errors += e;
-        load.latencies.extend(l);
-    }
-    load.elapsed = started.elapsed();
-    load.latencies.sort_unstable();
-    load
-}
-
-fn row(name: &str, l: &Load) {
-    println!(
-        "{name:<28} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
-        l.acks as f64 / l.elapsed.as_secs_f64(),
-        l.quantile(0.50),
-        l.quantile(0.99),
-        l.quantile(0.999),
-        l.latencies.last().map(|&m| m as f64 / 1000.0).unwrap_or(f64::NAN),
-        l.errors
-    );
 }
 
 /// Rounds, their total time, and the slowest since the last snapshot.

@@ -35,7 +35,7 @@ fn route_events(source: &Source, route: &RouteRule) -> Vec<String> {
 }
 
 /// A stored event as a target would get it, for a transform to run on.
-fn event_for(source: &Source, event: &str, body: Vec<u8>, target: &str) -> StoredEvent {
+fn event_for(source: &Source, event: &str, body: impl Into<Bytes>, target: &str) -> StoredEvent {
     StoredEvent {
         id: EventId::new(),
         meta: EventMeta {
@@ -46,7 +46,7 @@ fn event_for(source: &Source, event: &str, body: Vec<u8>, target: &str) -> Store
             targets: vec![target.to_string()],
             dedup: Vec::new(),
         },
-        body: Bytes::from(body),
+        body: body.into(),
     }
 }
 
@@ -95,7 +95,7 @@ pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) 
             for event in route_events(source, route) {
                 let Ok((body, _)) = payload(source, &event, now) else { continue };
                 tally.runs += 1;
-                match lane.filter(filter, &source.name, &event, &body).await {
+                match lane.filter(filter, &source.name, &event, &Bytes::from(body)).await {
                     Ok(true) => tally.yes += 1,
                     Ok(false) => tally.no += 1,
                     Err(f) => tally.failures.push((format!("{} {event}", source.name), f)),
@@ -179,8 +179,8 @@ pub async fn preview(
         format!("no source is named {source:?} (sources: {})", names.join(", "))
     })?;
     let (body, origin) = match payload_file {
-        Some(body) => (body, "from the file"),
-        None => (payload(src, event, SystemTime::now())?.0, "a sample"),
+        Some(body) => (Bytes::from(body), "from the file"),
+        None => (Bytes::from(payload(src, event, SystemTime::now())?.0), "a sample"),
     };
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| format!("the payload is not JSON: {e}"))?;
     let mut out = String::new();

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -20,9 +20,21 @@ pub fn env_or(name: &str, default: u64) -> u64 {
 /// A config with one ButterCMS source; `targets` are (name, url) pairs, all
 /// routed `page.*`.
 pub fn settings(dir: &Path, targets: &[(String, String)]) -> hookrelay::config::Settings {
+    settings_with(dir, targets, None, None)
+}
+
+/// [`settings`] with a jq `filter` on the route and a `transform` on every target.
+pub fn settings_with(
+    dir: &Path,
+    targets: &[(String, String)],
+    filter: Option<&str>,
+    transform: Option<&str>,
+) -> hookrelay::config::Settings {
+    let transform = transform.map(|t| format!(", transform: '{t}'")).unwrap_or_default();
+    let filter = filter.map(|f| format!(", filter: '{f}'")).unwrap_or_default();
     let list: String = targets
         .iter()
-        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 32, timeout: 2s }}\n"))
+        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 32, timeout: 2s{transform} }}\n"))
         .collect();
     let names: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
     let text = format!(
@@ -38,7 +50,7 @@ sources:
 targets:
 {list}
 routes:
-  - {{ source: buttercms, events: ["page.*"], targets: [{}] }}
+  - {{ source: buttercms, events: ["page.*"], targets: [{}]{filter} }}
 "#,
         dir.join("data").display(),
         std::env::var("BENCH_CACHE").unwrap_or_else(|_| "64MiB".into()),
@@ -46,6 +58,8 @@ routes:
     );
     let path = dir.join("routes.yaml");
     std::fs::write(&path, text).expect("write config");
+    // jq programs run in `hookrelay jq-sandbox`, not in this benchmark's binary.
+    hookrelay::jq::set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
     hookrelay::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
 }
 
@@ -152,4 +166,140 @@ pub fn disk_bytes(path: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+/// Webhooks acknowledged by a load run, and their latencies.
+pub struct Load {
+    pub acks: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    /// Ack latencies in microseconds, sorted.
+    pub latencies: Vec<u64>,
+}
+
+impl Load {
+    pub fn quantile(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies.len() as f64 - 1.0) * q).round() as usize;
+        self.latencies[i] as f64 / 1000.0
+    }
+}
+
+/// Drives `conns` keep-alive connections for `secs`. With `rate`, each
+/// connection sends on a fixed schedule and latency counts from the scheduled
+/// time (no coordinated omission); without, each sends back to back.
+pub async fn drive(addr: SocketAddr, conns: u64, secs: u64, rate: Option<u64>, counter: Arc<AtomicU64>) -> Load {
+    let deadline = Duration::from_secs(secs);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..conns)
+        .map(|c| {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut sender = connect(addr).await;
+                let interval = rate.map(|r| Duration::from_secs_f64(conns as f64 / r as f64));
+                let offset = interval.map(|i| i.mul_f64(c as f64 / conns as f64)).unwrap_or_default();
+                let (mut acks, mut errors, mut lat) = (0u64, 0u64, Vec::new());
+                let mut k = 0u32;
+                loop {
+                    let scheduled = match interval {
+                        Some(i) => {
+                            let at = started + offset + i * k;
+                            tokio::time::sleep_until(at.into()).await;
+                            at
+                        }
+                        None => Instant::now(),
+                    };
+                    if scheduled.duration_since(started) >= deadline {
+                        break;
+                    }
+                    k += 1;
+                    match sender.send_request(request(counter.fetch_add(1, Ordering::Relaxed))).await {
+                        Ok(resp) => {
+                            let ok = resp.status() == http::StatusCode::ACCEPTED;
+                            let _ = resp.into_body().collect().await;
+                            if ok {
+                                acks += 1;
+                                lat.push(scheduled.elapsed().as_micros() as u64);
+                            } else {
+                                errors += 1;
+                            }
+                        }
+                        Err(_) => {
+                            errors += 1;
+                            break;
+                        }
+                    }
+                }
+                (acks, errors, lat)
+            })
+        })
+        .collect();
+    let mut load = Load { acks: 0, errors: 0, elapsed: Duration::ZERO, latencies: Vec::new() };
+    for t in tasks {
+        let (a, e, l) = t.await.expect("load task");
+        load.acks += a;
+        load.errors += e;
+        load.latencies.extend(l);
+    }
+    load.elapsed = started.elapsed();
+    load.latencies.sort_unstable();
+    load
+}
+
+pub fn row(name: &str, l: &Load) {
+    println!("{}", row_text(name, l));
+}
+
+/// One phase's figures: acks/s, latency quantiles in ms, errors.
+pub fn row_text(name: &str, l: &Load) -> String {
+    format!(
+        "{name:<28} {:>10.0} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>7}",
+        l.acks as f64 / l.elapsed.as_secs_f64(),
+        l.quantile(0.50),
+        l.quantile(0.99),
+        l.quantile(0.999),
+        l.latencies.last().map(|&m| m as f64 / 1000.0).unwrap_or(f64::NAN),
+        l.errors
+    )
+}
+
+/// CPU seconds (user + system) used so far by this process and its live
+/// children (the jq sandboxes), from `/proc/PID/stat`.
+pub fn cpu_secs() -> f64 {
+    let me = std::process::id();
+    let ticks = |stat: &str| -> Option<(u32, f64)> {
+        // The fields after the command name, which is in parentheses.
+        let rest = stat.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let (utime, stime): (f64, f64) = (f.get(11)?.parse().ok()?, f.get(12)?.parse().ok()?);
+        Some((ppid, (utime + stime) / 100.0))
+    };
+    let mut total = std::fs::read_to_string("/proc/self/stat").ok().as_deref().and_then(ticks).map_or(0.0, |t| t.1);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some((ppid, secs)) = std::fs::read_to_string(entry.path().join("stat")).ok().as_deref().and_then(ticks) {
+            if ppid == me {
+                total += secs;
+            }
+        }
+    }
+    total
+}
+
+/// Resident memory of this process's live children, in MiB.
+pub fn children_rss_mib() -> f64 {
+    let me = std::process::id().to_string();
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let status = std::fs::read_to_string(entry.path().join("status")).unwrap_or_default();
+        let field =
+            |name: &str| status.lines().find(|l| l.starts_with(name)).map(|l| l[name.len()..].trim().to_string());
+        if field("PPid:").as_deref() == Some(me.as_str()) {
+            let kib = field("VmRSS:").and_then(|v| v.split_whitespace().next().and_then(|n| n.parse::<f64>().ok()));
+            total += kib.unwrap_or(0.0) / 1024.0;
+        }
+    }
+    total
 }

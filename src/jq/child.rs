@@ -84,19 +84,19 @@ pub fn run() -> ExitCode {
 /// Answers requests until the input ends.
 fn serve(outgoing: &Mutex<Outgoing>) -> io::Result<()> {
     let mut input = BufReader::with_capacity(64 << 10, io::stdin().lock());
-    let mut programs: HashMap<(Kind, String), Result<Compiled, String>> = HashMap::new();
-    let mut answer = Vec::new();
+    let mut programs = Programs::default();
+    let (mut body, mut answer) = (Vec::new(), Vec::new());
     loop {
         // Nothing more is waiting: send the answers before blocking on input.
         if input.buffer().is_empty() {
             lock(outgoing).out.flush()?;
         }
-        let Some(body) = frame::read_frame(&mut input)? else {
+        if !frame::read_frame(&mut input, &mut body)? {
             return lock(outgoing).out.flush();
-        };
+        }
         let request = frame::decode_request(&body)?;
         lock(outgoing).running = Some(Instant::now());
-        let output = run_one(&mut programs, request);
+        let output = programs.run(request);
         answer.clear();
         frame::encode_output(&mut answer, &output);
         let mut o = lock(outgoing);
@@ -105,14 +105,31 @@ fn serve(outgoing: &Mutex<Outgoing>) -> io::Result<()> {
     }
 }
 
-fn run_one(programs: &mut HashMap<(Kind, String), Result<Compiled, String>>, request: frame::Request) -> Output {
-    if programs.len() >= CACHED_PROGRAMS {
-        programs.clear();
-    }
-    let compiled =
-        programs.entry((request.kind, request.program)).or_insert_with_key(|(kind, text)| compile(*kind, text));
-    match compiled {
-        Ok(program) => eval(program, &request.input, &request.vars),
-        Err(e) => Output::Failed(Failure::new(FailureKind::Runtime, format!("the program does not compile: {e}"))),
+/// Compiled programs by kind and text, so that each compiles once.
+#[derive(Default)]
+struct Programs {
+    filters: HashMap<String, Result<Compiled, String>>,
+    transforms: HashMap<String, Result<Compiled, String>>,
+}
+
+impl Programs {
+    fn run(&mut self, request: frame::Request) -> Output {
+        let cache = match request.kind {
+            Kind::Filter => &mut self.filters,
+            Kind::Transform => &mut self.transforms,
+        };
+        if !cache.contains_key(request.program) {
+            if cache.len() >= CACHED_PROGRAMS {
+                cache.clear();
+            }
+            cache.insert(request.program.to_string(), compile(request.kind, request.program));
+        }
+        match cache.get(request.program) {
+            Some(Ok(program)) => eval(program, request.input, &request.vars),
+            Some(Err(e)) => {
+                Output::Failed(Failure::new(FailureKind::Runtime, format!("the program does not compile: {e}")))
+            }
+            None => Output::Failed(Failure::new(FailureKind::Runtime, "the program was not compiled")),
+        }
     }
 }

@@ -12,13 +12,13 @@ pub const HELLO: &[u8; 16] = b"hookrelay-jq/1.0";
 /// `server.max_body`; an output this large is not a webhook body).
 pub const MAX_FRAME: usize = 64 << 20;
 
-/// One program run, as the child receives it.
+/// One program run, as the child receives it, borrowed from its frame.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Request {
+pub struct Request<'a> {
     pub kind: Kind,
-    pub program: String,
-    pub vars: Vec<String>,
-    pub input: Vec<u8>,
+    pub program: &'a str,
+    pub vars: Vec<&'a str>,
+    pub input: &'a [u8],
 }
 
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -26,19 +26,27 @@ fn put(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(bytes);
 }
 
-/// Appends a request frame to `out`.
-pub fn encode_request(out: &mut Vec<u8>, kind: Kind, program: &str, vars: &[&str], input: &[u8]) {
-    let start = out.len();
+/// A request frame up to its input, which follows it (`input_len` bytes):
+/// the input is written after it without being copied first.
+pub fn encode_request_head(kind: Kind, program: &str, vars: &[&str], input_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + program.len() + vars.iter().map(|v| v.len() + 4).sum::<usize>());
     out.extend_from_slice(&[0; 4]);
     out.push(kind.code());
-    put(out, program.as_bytes());
+    put(&mut out, program.as_bytes());
     out.push(vars.len() as u8);
     for v in vars {
-        put(out, v.as_bytes());
+        put(&mut out, v.as_bytes());
     }
+    let len = (out.len() - 4 + input_len) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Appends a whole request frame to `out`.
+#[cfg(test)]
+pub fn encode_request(out: &mut Vec<u8>, kind: Kind, program: &str, vars: &[&str], input: &[u8]) {
+    out.extend_from_slice(&encode_request_head(kind, program, vars, input.len()));
     out.extend_from_slice(input);
-    let len = (out.len() - start - 4) as u32;
-    out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 /// Appends an answer frame to `out`.
@@ -61,18 +69,19 @@ pub fn encode_output(out: &mut Vec<u8>, output: &Output) {
     out[start..start + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Reads one frame's body; `None` at a clean end of input.
-pub fn read_frame(r: &mut impl Read) -> io::Result<Option<Vec<u8>>> {
+/// Reads one frame's body into `body` (its buffer reused); false at a
+/// clean end of input.
+pub fn read_frame(r: &mut impl Read, body: &mut Vec<u8>) -> io::Result<bool> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len) {
         Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(false),
         Err(e) => return Err(e),
     }
-    let len = frame_len(len)?;
-    let mut body = vec![0; len];
-    r.read_exact(&mut body)?;
-    Ok(Some(body))
+    body.clear();
+    body.resize(frame_len(len)?, 0);
+    r.read_exact(body)?;
+    Ok(true)
 }
 
 /// A frame's length, refused past [`MAX_FRAME`].
@@ -94,21 +103,21 @@ fn take<'a>(rest: &mut &'a [u8], n: usize) -> io::Result<&'a [u8]> {
     Ok(head)
 }
 
-fn take_str(rest: &mut &[u8]) -> io::Result<String> {
+fn take_str<'a>(rest: &mut &'a [u8]) -> io::Result<&'a str> {
     let len = take(rest, 4)?;
     let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
     let bytes = take(rest, len)?;
-    String::from_utf8(bytes.to_vec()).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "text is not UTF-8"))
+    std::str::from_utf8(bytes).map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "text is not UTF-8"))
 }
 
-pub fn decode_request(body: &[u8]) -> io::Result<Request> {
+pub fn decode_request(body: &[u8]) -> io::Result<Request<'_>> {
     let mut rest = body;
     let kind = Kind::from_code(take(&mut rest, 1)?[0])
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown program kind"))?;
     let program = take_str(&mut rest)?;
     let count = take(&mut rest, 1)?[0];
     let vars = (0..count).map(|_| take_str(&mut rest)).collect::<io::Result<Vec<_>>>()?;
-    Ok(Request { kind, program, vars, input: rest.to_vec() })
+    Ok(Request { kind, program, vars, input: rest })
 }
 
 pub fn decode_output(body: &[u8]) -> io::Result<Output> {
@@ -132,15 +141,16 @@ mod tests {
     fn requests_and_answers_read_back_as_written() {
         let mut buf = Vec::new();
         encode_request(&mut buf, Kind::Transform, ".a", &["src", "page.published", "evt_1"], b"{\"a\":1}");
-        let body = read_frame(&mut buf.as_slice()).unwrap().unwrap();
+        let mut body = Vec::new();
+        assert!(read_frame(&mut buf.as_slice(), &mut body).unwrap());
         let req = decode_request(&body).unwrap();
         assert_eq!(
             req,
             Request {
                 kind: Kind::Transform,
-                program: ".a".into(),
-                vars: vec!["src".into(), "page.published".into(), "evt_1".into()],
-                input: b"{\"a\":1}".to_vec(),
+                program: ".a",
+                vars: vec!["src", "page.published", "evt_1"],
+                input: b"{\"a\":1}",
             }
         );
         for output in [
@@ -150,7 +160,8 @@ mod tests {
         ] {
             let mut buf = Vec::new();
             encode_output(&mut buf, &output);
-            let body = read_frame(&mut buf.as_slice()).unwrap().unwrap();
+            let mut body = Vec::new();
+            assert!(read_frame(&mut buf.as_slice(), &mut body).unwrap());
             assert_eq!(decode_output(&body).unwrap(), output);
         }
     }
@@ -160,8 +171,9 @@ mod tests {
         let mut buf = Vec::new();
         encode_request(&mut buf, Kind::Filter, ".", &["a"], b"{}");
         assert!(decode_request(&buf[4..8]).is_err());
-        assert!(read_frame(&mut &buf[..buf.len() - 1]).is_err());
-        assert!(read_frame(&mut &[0xff, 0xff, 0xff, 0xff][..]).is_err());
-        assert_eq!(read_frame(&mut &[][..]).unwrap(), None);
+        let mut body = Vec::new();
+        assert!(read_frame(&mut &buf[..buf.len() - 1], &mut body).is_err());
+        assert!(read_frame(&mut &[0xff, 0xff, 0xff, 0xff][..], &mut body).is_err());
+        assert!(!read_frame(&mut &[][..], &mut body).unwrap());
     }
 }

@@ -270,12 +270,12 @@ fn place(code: &str, at: &str) -> String {
 /// Runs a compiled program on a JSON payload with its variables' values (in
 /// [`Kind::vars`] order) and keeps the first output. Without a time or
 /// memory bound: only the sandbox calls it on a webhook.
-pub(crate) fn eval(program: &Compiled, input: &[u8], vars: &[String]) -> Output {
+pub(crate) fn eval(program: &Compiled, input: &[u8], vars: &[&str]) -> Output {
     let input = match jaq_json::read::parse_single(input) {
         Ok(v) => v,
         Err(e) => return Output::Failed(Failure::new(FailureKind::Input, format!("the payload is not JSON: {e}"))),
     };
-    let vars = Vars::new(vars.iter().cloned().map(Val::from));
+    let vars = Vars::new(vars.iter().map(|v| Val::from(v.to_string())));
     let ctx = Ctx::<jaq_core::data::JustLut<Val>>::new(&program.lut, vars);
     let first = program.id.run((ctx, input)).next();
     match first {

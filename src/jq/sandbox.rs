@@ -9,6 +9,7 @@ use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
@@ -51,7 +52,9 @@ pub enum SandboxError {
 
 /// One program run, waiting for its answer.
 struct Job {
-    request: Vec<u8>,
+    /// The request's frame up to the input.
+    head: Vec<u8>,
+    input: Bytes,
     reply: oneshot::Sender<Result<Output, SandboxError>>,
 }
 
@@ -70,7 +73,7 @@ impl Lane {
 
     /// A route filter's verdict on a webhook (`$source`, `$event`): whether
     /// its first output is truthy, or why it failed.
-    pub async fn filter(&self, filter: &Program, source: &str, event: &str, body: &[u8]) -> Result<bool, Failure> {
+    pub async fn filter(&self, filter: &Program, source: &str, event: &str, body: &Bytes) -> Result<bool, Failure> {
         match self.run(filter, &[source, event], body).await {
             Ok(Output::Failed(f)) => Err(f),
             Ok(output) => Ok(output.truthy() == Some(true)),
@@ -90,16 +93,16 @@ impl Lane {
 
     /// Runs `program` on `input` with its variables' values (in
     /// [`super::Kind::vars`] order). Must be called within a Tokio runtime.
-    pub async fn run(&self, program: &Program, vars: &[&str], input: &[u8]) -> Result<Output, SandboxError> {
+    pub async fn run(&self, program: &Program, vars: &[&str], input: &Bytes) -> Result<Output, SandboxError> {
         let jobs = self.jobs.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             tokio::spawn(lane_task(self.name.clone(), rx));
             tx
         });
-        let mut request = Vec::with_capacity(input.len() + program.text().len() + 64);
-        frame::encode_request(&mut request, program.kind(), program.text(), vars, input);
+        let head = frame::encode_request_head(program.kind(), program.text(), vars, input.len());
         let (reply, answer) = oneshot::channel();
-        jobs.send(Job { request, reply }).map_err(|_| SandboxError::Unavailable("the lane has stopped".into()))?;
+        jobs.send(Job { head, input: input.clone(), reply })
+            .map_err(|_| SandboxError::Unavailable("the lane has stopped".into()))?;
         answer.await.map_err(|_| SandboxError::Unavailable("the lane has stopped".into()))?
     }
 }
@@ -147,7 +150,8 @@ async fn lane_task(lane: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
                     }
                     let mut batch = Vec::new();
                     for job in unsent.drain(..) {
-                        batch.extend_from_slice(&job.request);
+                        batch.extend_from_slice(&job.head);
+                        batch.extend_from_slice(&job.input);
                         sent.push_back(job);
                     }
                     // A child that does not read is stopped; a dead one

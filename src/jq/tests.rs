@@ -2,8 +2,7 @@ use super::*;
 
 fn run(kind: Kind, program: &str, input: &str, vars: &[&str]) -> Output {
     let compiled = compile(kind, program).unwrap_or_else(|e| panic!("{program}: {e}"));
-    let vars: Vec<String> = vars.iter().map(|v| v.to_string()).collect();
-    eval(&compiled, input.as_bytes(), &vars)
+    eval(&compiled, input.as_bytes(), vars)
 }
 
 fn filter(program: &str, input: &str) -> Output {

@@ -1,6 +1,8 @@
 //! Durable storage of events and their deliveries, behind the [`Store`] trait
 //! so that a networked backend can stand beside the embedded sled one.
 
+#[cfg(test)]
+pub(crate) mod conformance;
 mod dedup;
 mod layout;
 mod null;

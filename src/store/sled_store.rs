@@ -292,7 +292,20 @@ impl DiskSync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::time::Duration;
+
+    #[tokio::test]
+    async fn meets_the_store_contract() {
+        super::super::conformance::run(Box::new(|| {
+            Box::pin(async {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).expect("open"));
+                (store, dir)
+            })
+        }))
+        .await;
+    }
 
     fn event(body: Vec<u8>) -> NewEvent {
         event_to(body, &["search"])
@@ -330,77 +343,6 @@ mod tests {
         let due = batch.due.into_iter().find(|d| d.event_id == id).expect("due");
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
         store.complete(target, &due, attempt, next).await.unwrap();
-    }
-
-    #[tokio::test]
-    async fn purge_removes_finished_events_and_keeps_pending_ones() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-        let finished = accepted(&store, event_to(b"1".to_vec(), &["a", "b"])).await;
-        let half = accepted(&store, event_to(b"2".to_vec(), &["a", "b"])).await;
-        let unrouted = accepted(&store, event_to(b"3".to_vec(), &[])).await;
-        finish(&store, "a", finished, NextStep::Delivered).await;
-        finish(&store, "b", finished, NextStep::Dead("no".into())).await;
-        finish(&store, "a", half, NextStep::Delivered).await;
-        assert_eq!(store.counts("b").await.unwrap(), TargetCounts { queued: 1, dead: 1 });
-
-        // Nothing is old enough yet.
-        assert_eq!(store.purge(0, None, 100).await.unwrap(), (0, None));
-        let (purged, cursor) = store.purge(now_ms() + 60_000, None, 100).await.unwrap();
-        assert_eq!((purged, cursor), (2, None));
-        assert!(store.event(finished).await.unwrap().is_none());
-        assert!(store.event(unrouted).await.unwrap().is_none());
-        assert!(store.event(half).await.unwrap().is_some(), "a pending delivery keeps its event");
-        assert_eq!(store.counts("b").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
-        // Its event is gone, so the dedup entry finds nothing: the same webhook is new again.
-        assert!(matches!(store.ingest(event_to(b"1".to_vec(), &["a"])).await.unwrap(), Ingested::Accepted { .. }));
-    }
-
-    #[tokio::test]
-    async fn holds_do_not_count_toward_max_attempts_and_a_requeue_starts_afresh() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-        let id = accepted(&store, event(b"x".to_vec())).await;
-        finish(&store, "search", id, NextStep::Hold).await;
-        finish(&store, "search", id, NextStep::RetryAt(now_ms())).await;
-        let d = due_of(&store, id).await;
-        assert_eq!((d.tries, d.made), (1, 2), "the 410 hold is made but does not count");
-        finish(&store, "search", id, NextStep::Dead("gave up".into())).await;
-        assert!(store.requeue("search", id).await.unwrap());
-        let d = due_of(&store, id).await;
-        assert_eq!((d.tries, d.made), (0, 3), "a replay starts the count afresh, numbering goes on");
-        assert!(!store.requeue("nowhere", id).await.unwrap(), "not routed there");
-    }
-
-    #[tokio::test]
-    async fn purge_goes_on_from_its_cursor() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-        for n in 0..5 {
-            accepted(&store, event_to(vec![b'0' + n], &[])).await;
-        }
-        let cutoff = now_ms() + 60_000;
-        let (n, cursor) = store.purge(cutoff, None, 3).await.unwrap();
-        assert_eq!(n, 3);
-        assert_eq!(store.purge(cutoff, cursor, 3).await.unwrap(), (2, None));
-        assert!(store.recent_events(None, 10).await.unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_requeued_delivery_keeps_its_new_position_when_a_late_attempt_reports() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
-        let id = accepted(&store, event(b"x".to_vec())).await;
-        let first = due_of(&store, id).await;
-        // An operator requeues it while its first attempt is out.
-        assert!(store.requeue("search", id).await.unwrap());
-        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
-        store.complete("search", &first, attempt, NextStep::Delivered).await.unwrap();
-        let d = &store.deliveries(id).await.unwrap()[0];
-        assert!(matches!(d.record.state, DeliveryState::Pending { .. }), "{:?}", d.record.state);
-        assert_eq!(d.record.attempts.len(), 1);
-        assert_eq!(store.counts("search").await.unwrap().queued, 1);
-        assert!(due_of(&store, id).await.queued, "due again from the queue");
     }
 
     #[tokio::test]

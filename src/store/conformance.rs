@@ -1,0 +1,389 @@
+//! The [`Store`] contract as tests: every backend runs [`run`] with a
+//! function that opens a fresh, empty store, one per scenario. A guarantee
+//! lives here, in the contract, not in one backend's accident.
+//!
+//! Each scenario is `async fn name(store: &dyn Store)`; [`run`] names the
+//! scenario that failed. Backend-specific behaviour (sled's walk cursor,
+//! its layout version, blobs) is tested beside the backend.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+
+/// Opens a fresh, empty store; what it returns with the store (a temporary
+/// folder, a database schema) is kept until the scenario ends.
+pub type Fresh<G> = Box<dyn Fn() -> Pin<Box<dyn Future<Output = (Arc<dyn Store>, G)>>>>;
+
+type Scenario = for<'a> fn(&'a dyn Store) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), |s| Box::pin($name(s)))),*]
+    };
+}
+
+/// Every scenario of the contract.
+const SCENARIOS: &[(&str, Scenario)] = scenarios![
+    an_ingested_event_is_stored_whole_with_a_pending_delivery_per_target,
+    a_duplicate_within_the_window_answers_the_first_id,
+    concurrent_copies_of_one_webhook_store_one_event,
+    a_dedup_key_is_new_again_after_its_window,
+    first_attempts_come_in_arrival_order_and_skip_what_is_in_flight,
+    retries_come_first_once_due_and_tell_when_the_next_is_due,
+    a_delivered_delivery_is_done_and_keeps_its_attempts,
+    holds_do_not_count_toward_max_attempts_and_a_requeue_starts_afresh,
+    dead_letters_are_listed_with_their_reason_and_last_attempt,
+    a_requeue_queues_any_delivery_again_due_now,
+    a_late_attempt_after_a_requeue_keeps_the_new_position,
+    a_skipped_delivery_is_finished,
+    pause_is_remembered,
+    counts_follow_every_change,
+    recent_events_are_newest_first_per_source,
+    purge_removes_finished_old_events_only_and_goes_on_from_its_cursor,
+    concurrent_completions_keep_the_counts_exact,
+];
+
+/// Runs every scenario on a fresh store from `fresh`.
+pub async fn run<G>(fresh: Fresh<G>) {
+    for (name, scenario) in SCENARIOS {
+        let (store, guard) = fresh().await;
+        let outcome = tokio::spawn(async move {
+            scenario(store.as_ref()).await;
+            store.close().await.expect("close");
+        });
+        if let Err(e) = outcome.await {
+            panic!("store contract, scenario `{name}` failed: {e}");
+        }
+        drop(guard);
+    }
+}
+
+fn event(source: &str, dedup: &str, targets: &[&str]) -> NewEvent {
+    NewEvent {
+        id: EventId::new(),
+        source: source.into(),
+        event: "page.published".into(),
+        dedup_key: dedup.into(),
+        dedup_window: Duration::from_secs(600),
+        content_type: Some("application/json".into()),
+        body: bytes::Bytes::from(format!(r#"{{"dedup":"{dedup}","bytes":"é\u0000"}}"#)),
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+        received_ms: now_ms(),
+    }
+}
+
+async fn accepted(store: &dyn Store, ev: NewEvent) -> EventId {
+    match store.ingest(ev).await.expect("ingest") {
+        Ingested::Accepted { id, .. } => id,
+        other => panic!("expected a new event, got {other:?}"),
+    }
+}
+
+async fn due(store: &dyn Store, target: &str, at_ms: u64) -> DueBatch {
+    store.due(target, at_ms, 100, &HashSet::new()).await.expect("due")
+}
+
+fn ids(batch: &DueBatch) -> Vec<EventId> {
+    batch.due.iter().map(|d| d.event_id).collect()
+}
+
+fn attempt(status: Option<u16>) -> Attempt {
+    Attempt { at_ms: now_ms(), duration_ms: 3, status, error: status.is_none().then(|| "refused".to_string()) }
+}
+
+/// Hands out `id`'s delivery to `target` and records an attempt ending in `next`.
+async fn finish(store: &dyn Store, target: &str, id: EventId, next: NextStep) {
+    let batch = due(store, target, now_ms() + 1).await;
+    let handed = batch.due.into_iter().find(|d| d.event_id == id).expect("the delivery is due");
+    let status = matches!(next, NextStep::Delivered).then_some(200);
+    store.complete(target, &handed, attempt(status.or(Some(503))), next).await.expect("complete");
+}
+
+async fn state(store: &dyn Store, id: EventId, target: &str) -> DeliveryRecord {
+    let all = store.deliveries(id).await.expect("deliveries");
+    all.into_iter().find(|d| d.target == target).map(|d| d.record).expect("a delivery to the target")
+}
+
+async fn an_ingested_event_is_stored_whole_with_a_pending_delivery_per_target(store: &dyn Store) {
+    let ev = event("cms", "k1", &["a", "b"]);
+    let body = ev.body.clone();
+    let id = match store.ingest(ev).await.expect("ingest") {
+        Ingested::Accepted { id, targets } => {
+            assert_eq!(targets, 2);
+            id
+        }
+        other => panic!("{other:?}"),
+    };
+    let stored = store.event(id).await.expect("event").expect("stored");
+    assert_eq!(stored.body, body, "the body byte for byte");
+    assert_eq!((stored.meta.source.as_str(), stored.meta.event.as_str()), ("cms", "page.published"));
+    assert_eq!(stored.meta.targets, ["a", "b"]);
+    assert_eq!(stored.meta.content_type.as_deref(), Some("application/json"));
+    let deliveries = store.deliveries(id).await.expect("deliveries");
+    assert_eq!(deliveries.iter().map(|d| d.target.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+    for d in deliveries {
+        assert!(matches!(d.record.state, DeliveryState::Pending { .. }) && d.record.attempts.is_empty());
+    }
+    assert!(store.event(EventId::new()).await.expect("event").is_none());
+    assert!(store.deliveries(EventId::new()).await.expect("deliveries").is_empty());
+    let unrouted = accepted(store, event("cms", "k2", &[])).await;
+    assert!(store.deliveries(unrouted).await.expect("deliveries").is_empty());
+}
+
+async fn a_duplicate_within_the_window_answers_the_first_id(store: &dyn Store) {
+    let first = accepted(store, event("cms", "same", &["a"])).await;
+    assert_eq!(store.ingest(event("cms", "same", &["a"])).await.expect("ingest"), Ingested::Duplicate { id: first });
+    // The key is the source's: another source's webhook is new.
+    accepted(store, event("other", "same", &["a"])).await;
+    assert_eq!(store.counts("a").await.expect("counts").queued, 2);
+}
+
+/// Ten copies of each of five webhooks at once: exactly five events, and
+/// every copy answered with its webhook's one id.
+async fn concurrent_copies_of_one_webhook_store_one_event(store: &dyn Store) {
+    let answers = futures_join((0..50).map(|n| store.ingest(event("cms", &format!("race-{}", n % 5), &["a"])))).await;
+    let mut by_key: std::collections::HashMap<usize, HashSet<EventId>> = Default::default();
+    let mut new = 0;
+    for (n, answer) in answers.into_iter().enumerate() {
+        let id = match answer.expect("ingest") {
+            Ingested::Accepted { id, .. } => {
+                new += 1;
+                id
+            }
+            Ingested::Duplicate { id } => id,
+        };
+        by_key.entry(n % 5).or_default().insert(id);
+    }
+    assert_eq!(new, 5, "one event per webhook");
+    assert!(by_key.values().all(|ids| ids.len() == 1), "{by_key:?}");
+    assert_eq!(store.counts("a").await.expect("counts").queued, 5);
+}
+
+/// Polls every future to its end, concurrently, in the calling task.
+async fn futures_join<F: Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut pending: Vec<Pin<Box<F>>> = futures.map(Box::pin).collect();
+    let mut done: Vec<Option<F::Output>> = pending.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (f, slot) in pending.iter_mut().zip(done.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    done.into_iter().map(|v| v.expect("every future finished")).collect()
+}
+
+async fn a_dedup_key_is_new_again_after_its_window(store: &dyn Store) {
+    let mut ev = event("cms", "brief", &["a"]);
+    ev.dedup_window = Duration::from_millis(50);
+    let first = accepted(store, ev).await;
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let mut again = event("cms", "brief", &["a"]);
+    again.dedup_window = Duration::from_millis(50);
+    let second = accepted(store, again).await;
+    assert_ne!(first, second);
+}
+
+async fn first_attempts_come_in_arrival_order_and_skip_what_is_in_flight(store: &dyn Store) {
+    let one = accepted(store, event("cms", "1", &["a"])).await;
+    let other = accepted(store, event("cms", "2", &["b"])).await;
+    let two = accepted(store, event("cms", "3", &["a", "b"])).await;
+    let batch = due(store, "a", now_ms()).await;
+    assert_eq!(ids(&batch), [one, two], "routed to a, by arrival");
+    assert!(batch.due.iter().all(|d| d.tries == 0 && d.made == 0));
+    assert_eq!(ids(&due(store, "b", now_ms()).await), [other, two]);
+    let skipped = store.due("a", now_ms(), 100, &HashSet::from([one])).await.expect("due");
+    assert_eq!(ids(&skipped), [two], "what is in flight is left out");
+    let limited = store.due("a", now_ms(), 1, &HashSet::new()).await.expect("due");
+    assert_eq!(ids(&limited), [one], "at most `limit`");
+    assert!(due(store, "nowhere", now_ms()).await.due.is_empty());
+}
+
+async fn retries_come_first_once_due_and_tell_when_the_next_is_due(store: &dyn Store) {
+    let early = accepted(store, event("cms", "1", &["a"])).await;
+    let later = accepted(store, event("cms", "2", &["a"])).await;
+    let retry_at = now_ms() + 60_000;
+    finish(store, "a", early, NextStep::RetryAt(retry_at)).await;
+    let now = due(store, "a", now_ms()).await;
+    assert_eq!(ids(&now), [later], "a retry is not due before its time");
+    assert_eq!(now.next_due_ms, Some(retry_at));
+    let then = due(store, "a", retry_at).await;
+    assert_eq!(ids(&then), [early, later], "once due, retries come first");
+    let retry = &then.due[0];
+    assert_eq!((retry.tries, retry.made), (1, 1));
+    assert!(matches!(state(store, early, "a").await.state, DeliveryState::Pending { due_ms } if due_ms == retry_at));
+}
+
+async fn a_delivered_delivery_is_done_and_keeps_its_attempts(store: &dyn Store) {
+    let id = accepted(store, event("cms", "1", &["a", "b"])).await;
+    finish(store, "a", id, NextStep::RetryAt(now_ms())).await;
+    finish(store, "a", id, NextStep::Delivered).await;
+    let record = state(store, id, "a").await;
+    assert!(matches!(record.state, DeliveryState::Delivered { .. }));
+    assert_eq!(record.attempts.len(), 2);
+    assert_eq!(record.attempts[0].status, Some(503));
+    assert_eq!(record.attempts[1].status, Some(200));
+    assert_eq!((record.tries, record.made), (2, 2));
+    assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
+    assert!(matches!(state(store, id, "b").await.state, DeliveryState::Pending { .. }), "b is its own delivery");
+}
+
+async fn holds_do_not_count_toward_max_attempts_and_a_requeue_starts_afresh(store: &dyn Store) {
+    let id = accepted(store, event("cms", "x", &["a"])).await;
+    finish(store, "a", id, NextStep::Hold).await;
+    finish(store, "a", id, NextStep::RetryAt(now_ms())).await;
+    let d = due(store, "a", now_ms() + 1).await.due.remove(0);
+    assert_eq!((d.tries, d.made), (1, 2), "the 410 hold is made but does not count");
+    finish(store, "a", id, NextStep::Dead("gave up".into())).await;
+    assert!(store.requeue("a", id).await.expect("requeue"));
+    let d = due(store, "a", now_ms() + 1).await.due.remove(0);
+    assert_eq!((d.tries, d.made), (0, 3), "a replay starts the count afresh, numbering goes on");
+}
+
+async fn dead_letters_are_listed_with_their_reason_and_last_attempt(store: &dyn Store) {
+    let a = accepted(store, event("cms", "1", &["a"])).await;
+    let b = accepted(store, event("cms", "2", &["b"])).await;
+    finish(store, "a", a, NextStep::Dead("gave up after 12 attempts".into())).await;
+    finish(store, "b", b, NextStep::Dead("permanent".into())).await;
+    let of_a = store.dead_letters(Some("a"), 10).await.expect("dead letters");
+    assert_eq!(of_a.len(), 1);
+    assert_eq!((of_a[0].event_id, of_a[0].target.as_str()), (a, "a"));
+    assert_eq!(of_a[0].reason, "gave up after 12 attempts");
+    assert_eq!(of_a[0].last_attempt.as_ref().and_then(|t| t.status), Some(503));
+    assert!(of_a[0].at_ms > 0);
+    assert_eq!(store.dead_letters(None, 10).await.expect("dead letters").len(), 2);
+    assert_eq!(store.dead_letters(None, 1).await.expect("dead letters").len(), 1, "at most `limit`");
+    assert!(
+        matches!(state(store, a, "a").await.state, DeliveryState::Dead { ref reason, .. } if reason == "gave up after 12 attempts")
+    );
+    assert!(due(store, "a", now_ms() + 1).await.due.is_empty(), "a dead letter is not due");
+}
+
+async fn a_requeue_queues_any_delivery_again_due_now(store: &dyn Store) {
+    let dead = accepted(store, event("cms", "1", &["a"])).await;
+    let delivered = accepted(store, event("cms", "2", &["a"])).await;
+    let pending = accepted(store, event("cms", "3", &["a"])).await;
+    finish(store, "a", dead, NextStep::Dead("no".into())).await;
+    finish(store, "a", delivered, NextStep::Delivered).await;
+    finish(store, "a", pending, NextStep::RetryAt(now_ms() + 3_600_000)).await;
+    for id in [dead, delivered, pending] {
+        assert!(store.requeue("a", id).await.expect("requeue"));
+    }
+    let now = due(store, "a", now_ms() + 1).await;
+    let mut got = ids(&now);
+    got.sort();
+    assert_eq!(got, [dead, delivered, pending], "all three due now");
+    assert!(now.due.iter().all(|d| d.tries == 0));
+    assert!(store.dead_letters(Some("a"), 10).await.expect("dead letters").is_empty());
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0 });
+    assert!(!store.requeue("nowhere", dead).await.expect("requeue"), "not routed there");
+    assert!(!store.requeue("a", EventId::new()).await.expect("requeue"), "no such event");
+}
+
+async fn a_late_attempt_after_a_requeue_keeps_the_new_position(store: &dyn Store) {
+    let id = accepted(store, event("cms", "x", &["a"])).await;
+    let first = due(store, "a", now_ms()).await.due.remove(0);
+    // An operator requeues it while its first attempt is out.
+    assert!(store.requeue("a", id).await.expect("requeue"));
+    store.complete("a", &first, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let record = state(store, id, "a").await;
+    assert!(matches!(record.state, DeliveryState::Pending { .. }), "{:?}", record.state);
+    assert_eq!(record.attempts.len(), 1, "the attempt is recorded");
+    assert_eq!(store.counts("a").await.expect("counts").queued, 1);
+    assert_eq!(ids(&due(store, "a", now_ms() + 1).await), [id], "due again");
+}
+
+async fn a_skipped_delivery_is_finished(store: &dyn Store) {
+    let id = accepted(store, event("cms", "x", &["a"])).await;
+    finish(store, "a", id, NextStep::Skipped).await;
+    assert!(matches!(state(store, id, "a").await.state, DeliveryState::Skipped { .. }));
+    assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 0 });
+    assert_eq!(store.purge(now_ms() + 60_000, None, 10).await.expect("purge").0, 1, "finished, so purged");
+}
+
+async fn pause_is_remembered(store: &dyn Store) {
+    assert!(store.paused_targets().await.expect("paused").is_empty());
+    store.set_paused("a", true).await.expect("pause");
+    store.set_paused("b", true).await.expect("pause");
+    store.set_paused("b", false).await.expect("resume");
+    assert_eq!(store.paused_targets().await.expect("paused"), HashSet::from(["a".to_string()]));
+}
+
+async fn counts_follow_every_change(store: &dyn Store) {
+    let ids: Vec<EventId> = futures_join((0..4).map(|n| accepted(store, event("cms", &n.to_string(), &["a"])))).await;
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 4, dead: 0 });
+    finish(store, "a", ids[0], NextStep::Delivered).await;
+    finish(store, "a", ids[1], NextStep::Dead("no".into())).await;
+    finish(store, "a", ids[2], NextStep::RetryAt(now_ms() + 60_000)).await;
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 2, dead: 1 });
+    store.requeue("a", ids[1]).await.expect("requeue");
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0 });
+    assert_eq!(store.counts("unknown").await.expect("counts"), TargetCounts::default());
+}
+
+async fn recent_events_are_newest_first_per_source(store: &dyn Store) {
+    let a1 = accepted(store, event("a", "1", &[])).await;
+    let b1 = accepted(store, event("b", "1", &[])).await;
+    let a2 = accepted(store, event("a", "2", &[])).await;
+    let all: Vec<EventId> = store.recent_events(None, 10).await.expect("recent").into_iter().map(|e| e.0).collect();
+    assert_eq!(all, [a2, b1, a1]);
+    let of_a: Vec<EventId> =
+        store.recent_events(Some("a"), 10).await.expect("recent").into_iter().map(|e| e.0).collect();
+    assert_eq!(of_a, [a2, a1]);
+    assert_eq!(store.recent_events(None, 1).await.expect("recent").len(), 1);
+}
+
+async fn purge_removes_finished_old_events_only_and_goes_on_from_its_cursor(store: &dyn Store) {
+    let finished = accepted(store, event("cms", "1", &["a", "b"])).await;
+    let half = accepted(store, event("cms", "2", &["a", "b"])).await;
+    let unrouted = accepted(store, event("cms", "3", &[])).await;
+    finish(store, "a", finished, NextStep::Delivered).await;
+    finish(store, "b", finished, NextStep::Dead("no".into())).await;
+    finish(store, "a", half, NextStep::Delivered).await;
+    assert_eq!(store.purge(0, None, 100).await.expect("purge"), (0, None), "nothing is old enough");
+    let cutoff = now_ms() + 60_000;
+    let (first, cursor) = store.purge(cutoff, None, 1).await.expect("purge");
+    assert!(first <= 1 && cursor.is_some(), "at most `limit` examined, and where to go on");
+    let (rest, end) = store.purge(cutoff, cursor, 100).await.expect("purge");
+    assert_eq!((first + rest, end), (2, None));
+    assert!(store.event(finished).await.expect("event").is_none());
+    assert!(store.event(unrouted).await.expect("event").is_none());
+    assert!(store.event(half).await.expect("event").is_some(), "a pending delivery keeps its event");
+    assert_eq!(
+        store.counts("b").await.expect("counts"),
+        TargetCounts { queued: 1, dead: 0 },
+        "its dead letter went with it"
+    );
+    // Its event is gone, so the same webhook is new again.
+    accepted(store, event("cms", "1", &["a"])).await;
+}
+
+/// Deliveries completed at once, each exactly once: the counts end exact.
+async fn concurrent_completions_keep_the_counts_exact(store: &dyn Store) {
+    let ids: Vec<EventId> = futures_join((0..20).map(|n| accepted(store, event("cms", &n.to_string(), &["a"])))).await;
+    let handed = store.due("a", now_ms() + 1, 100, &HashSet::new()).await.expect("due").due;
+    assert_eq!(handed.len(), ids.len());
+    let outcomes = futures_join(handed.iter().enumerate().map(|(n, d)| {
+        let next = if n % 4 == 0 { NextStep::Dead("no".into()) } else { NextStep::Delivered };
+        store.complete("a", d, attempt(Some(200)), next)
+    }))
+    .await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 5 });
+    assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
+}

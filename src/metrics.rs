@@ -12,13 +12,15 @@ pub struct Metrics {
     pub ingress_requests: IntCounterVec,
     /// Request arrival to acknowledgement, per `source`.
     pub ingress_ack_seconds: HistogramVec,
-    /// `target`, `outcome` (delivered, retried, dead, skipped).
+    /// `target`, `outcome` (delivered, retried, dead, skipped, coalesced).
     pub deliveries: IntCounterVec,
     pub delivery_attempt_seconds: HistogramVec,
     /// Receipt to successful delivery, per `target`.
     pub delivery_lag_seconds: HistogramVec,
     pub queue_depth: IntGaugeVec,
     pub dead_letters: IntGaugeVec,
+    /// Queued deliveries waiting for an earlier one of their key, or for their group's time.
+    pub held_deliveries: IntGaugeVec,
     /// 0 closed, 1 half-open, 2 open.
     pub circuit_state: IntGaugeVec,
     pub rate_limited: IntCounterVec,
@@ -72,11 +74,18 @@ pub enum DeliveryOutcome {
     Dead,
     /// The target's transform gave no output: nothing was sent.
     Skipped,
+    /// One of a debounce group's events, delivered as the group's newest.
+    Coalesced,
 }
 
 impl DeliveryOutcome {
-    pub const ALL: [DeliveryOutcome; 4] =
-        [DeliveryOutcome::Delivered, DeliveryOutcome::Retried, DeliveryOutcome::Dead, DeliveryOutcome::Skipped];
+    pub const ALL: [DeliveryOutcome; 5] = [
+        DeliveryOutcome::Delivered,
+        DeliveryOutcome::Retried,
+        DeliveryOutcome::Dead,
+        DeliveryOutcome::Skipped,
+        DeliveryOutcome::Coalesced,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -84,6 +93,7 @@ impl DeliveryOutcome {
             DeliveryOutcome::Retried => "retried",
             DeliveryOutcome::Dead => "dead",
             DeliveryOutcome::Skipped => "skipped",
+            DeliveryOutcome::Coalesced => "coalesced",
         }
     }
 }
@@ -140,6 +150,10 @@ impl Metrics {
             )?,
             queue_depth: gauge("hookrelay_queue_depth", "Deliveries waiting, per target.")?,
             dead_letters: gauge("hookrelay_dead_letters", "Dead-lettered deliveries, per target.")?,
+            held_deliveries: gauge(
+                "hookrelay_held_deliveries",
+                "Queued deliveries waiting for an earlier one of their key, or for their group's time.",
+            )?,
             circuit_state: gauge("hookrelay_circuit_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.")?,
             rate_limited: counter(
                 "hookrelay_rate_limited_total",
@@ -177,6 +191,7 @@ impl Metrics {
         }
         self.rate_limited.with_label_values(&[target]);
         self.transform_errors.with_label_values(&[target]);
+        self.held_deliveries.with_label_values(&[target]);
     }
 
     pub fn ingress(&self, source: &str, outcome: IngressOutcome, seconds: f64) {
@@ -224,7 +239,7 @@ mod tests {
                 format!(r#"hookrelay_ingress_requests_total{{outcome="{}",source="cometcms"}} 0"#, outcome.as_str());
             assert!(text.contains(&line), "{line} missing:\n{text}");
         }
-        for outcome in ["delivered", "retried", "dead", "skipped"] {
+        for outcome in ["delivered", "retried", "dead", "skipped", "coalesced"] {
             let line = format!(r#"hookrelay_deliveries_total{{outcome="{outcome}",target="search"}} 0"#);
             assert!(text.contains(&line), "{line} missing:\n{text}");
         }

@@ -9,8 +9,8 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderName;
 
-use crate::config::{EventPattern, Problem, RouteRule, Settings, Source, Target};
-use crate::dispatch::client::build_request;
+use crate::config::{Debounce, EventPattern, Problem, RouteRule, Sequencing, Settings, Source, Target};
+use crate::dispatch::client::{build_request, Sent};
 use crate::jq::{Failure, FailureKind, Lane, Output, Program};
 use crate::send::{payload, sample_events};
 use crate::store::{now_ms, EventId, EventMeta, StoredEvent};
@@ -45,6 +45,8 @@ fn event_for(source: &Source, event: &str, body: impl Into<Bytes>, target: &str)
             content_type: Some("application/json".into()),
             targets: vec![target.to_string()],
             dedup: Vec::new(),
+            order: Default::default(),
+            group: Default::default(),
         },
         body: body.into(),
     }
@@ -113,24 +115,47 @@ pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) 
         }
     }
     for (i, target) in settings.targets.iter().enumerate() {
-        let Some(transform) = &target.transform else { continue };
         let lane = Lane::new(format!("check {}", target.name));
+        if let Some(transform) = &target.transform {
+            let mut tally = Tally::default();
+            for (source, event) in target_samples(settings, target) {
+                let Ok((body, _)) = payload(source, &event, now) else { continue };
+                tally.runs += 1;
+                let sample = format!("{} {event}", source.name);
+                match lane.transform(transform, &event_for(source, &event, body, &target.name)).await {
+                    Ok(Output::Value(_)) => tally.yes += 1,
+                    Ok(Output::Empty) => tally.no += 1,
+                    Ok(Output::Failed(f)) => tally.failures.push((sample, f)),
+                    Err(e) => tally.failures.push((sample, Failure::new(FailureKind::Unavailable, e.to_string()))),
+                }
+            }
+            let key = format!("targets[{i}].transform");
+            lines.push(format!(
+                "  {key}: {} samples, {} bodies, {} skipped, {} failed",
+                tally.runs,
+                tally.yes,
+                tally.no,
+                tally.failures.len()
+            ));
+            problems.extend(tally.problem(key));
+        }
+        let (key_program, key) = match &target.sequencing {
+            Some(Sequencing::Ordered(p)) => (p, format!("targets[{i}].order_by")),
+            Some(Sequencing::Debounced(Debounce { key: Some(p), .. })) => (p, format!("targets[{i}].debounce.key")),
+            _ => continue,
+        };
         let mut tally = Tally::default();
         for (source, event) in target_samples(settings, target) {
             let Ok((body, _)) = payload(source, &event, now) else { continue };
             tally.runs += 1;
-            match lane.transform(transform, &event_for(source, &event, body, &target.name)).await {
-                Ok(Output::Value(_)) => tally.yes += 1,
-                Ok(Output::Empty) => tally.no += 1,
-                Ok(Output::Failed(f)) => tally.failures.push((format!("{} {event}", source.name), f)),
-                Err(e) => tally
-                    .failures
-                    .push((format!("{} {event}", source.name), Failure::new(FailureKind::Unavailable, e.to_string()))),
+            match lane.key(key_program, &source.name, &event, &Bytes::from(body)).await {
+                Ok(Some(_)) => tally.yes += 1,
+                Ok(None) => tally.no += 1,
+                Err(f) => tally.failures.push((format!("{} {event}", source.name), f)),
             }
         }
-        let key = format!("targets[{i}].transform");
         lines.push(format!(
-            "  {key}: {} samples, {} bodies, {} skipped, {} failed",
+            "  {key}: {} samples, {} keys, {} without a key, {} failed",
             tally.runs,
             tally.yes,
             tally.no,
@@ -231,6 +256,30 @@ pub async fn preview(
 /// Appends the request `target` would get; false when its transform failed.
 async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEvent) -> bool {
     let _ = writeln!(out, "\ntarget {}", target.name);
+    let key_program = match &target.sequencing {
+        Some(Sequencing::Ordered(p)) => Some(("order_by key", p)),
+        Some(Sequencing::Debounced(d)) => {
+            let _ = writeln!(
+                out,
+                "  debounce: window {}, max_wait {}",
+                humantime::format_duration(d.window),
+                humantime::format_duration(d.max_wait)
+            );
+            d.key.as_ref().map(|p| ("debounce key", p))
+        }
+        None => None,
+    };
+    if let Some((what, program)) = key_program {
+        let lane = Lane::new(format!("preview {}", target.name));
+        match lane.key(program, &stored.meta.source, &stored.meta.event, &stored.body).await {
+            Ok(Some(key)) => drop(writeln!(out, "  {what}: {key:?}")),
+            Ok(None) => drop(writeln!(out, "  {what}: none (not held)")),
+            Err(f) => {
+                let _ = writeln!(out, "  {what} FAILED: {f} (no key: not held)");
+                return false;
+            }
+        }
+    }
     let transformed = match &target.transform {
         None => None,
         Some(program) => match transform(program, stored, &target.name).await {
@@ -245,7 +294,8 @@ async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEven
             }
         },
     };
-    let request = match build_request(target, stored, transformed, 1, SystemTime::now()) {
+    let sent = Sent { transformed, attempt: 1, coalesced: 0 };
+    let request = match build_request(target, stored, sent, SystemTime::now()) {
         Ok(r) => r,
         Err(e) => {
             let _ = writeln!(out, "  cannot build the request: {e}");

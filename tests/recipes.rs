@@ -92,6 +92,8 @@ async fn bodies(settings: &Settings) -> Vec<(String, String, Value)> {
                 content_type: Some("application/json".into()),
                 targets: targets.iter().map(|t| t.to_string()).collect(),
                 dedup: vec![],
+                order: Default::default(),
+                group: Default::default(),
             },
             body: Bytes::from(body.clone()),
         };

@@ -101,6 +101,7 @@ async fn targets(admin: &Admin) -> Result {
             "queued": counts.queued,
             "in_flight": status.map_or(0, |s| s.in_flight),
             "dead": counts.dead,
+            "held": counts.held,
             "circuit": status.map_or("closed", |s| s.circuit.as_str()),
             "paused": status.is_some_and(|s| s.paused),
         }));
@@ -145,7 +146,16 @@ async fn event(admin: &Admin, raw_id: &str) -> Result {
                     json!({ "status": "dead", "dead_at": time(*at_ms), "reason": reason })
                 }
                 DeliveryState::Skipped { at_ms } => json!({ "status": "skipped", "skipped_at": time(*at_ms) }),
+                DeliveryState::Coalesced { at_ms, into } => {
+                    json!({ "status": "coalesced", "coalesced_at": time(*at_ms), "into": into })
+                }
             };
+            if let Some(head) = d.waiting_for {
+                v["waiting_for"] = json!(head.to_string());
+            }
+            if d.record.coalesced > 0 {
+                v["coalesced"] = json!(d.record.coalesced);
+            }
             v["target"] = json!(d.target);
             v["attempts"] = d.record.attempts.iter().map(attempt_json).collect();
             v

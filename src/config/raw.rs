@@ -138,6 +138,18 @@ pub struct RawTarget {
     pub signing_secret: Option<String>,
     /// A jq program whose first output is the body sent.
     pub transform: Option<String>,
+    /// Deliver one event per burst (per key).
+    pub debounce: Option<RawDebounce>,
+    /// A jq program: deliveries with the same key go one at a time, in order.
+    pub order_by: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDebounce {
+    pub window: String,
+    pub max_wait: Option<String>,
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -366,6 +366,7 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
     let timeout = p.duration(format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(5));
     let transform =
         raw.transform.as_deref().and_then(|t| p.take(format!("{key}.transform"), Program::compile(Kind::Transform, t)));
+    let sequencing = sequencing(raw, key, p);
     Some(Target {
         name: raw.name.clone(),
         url: url?,
@@ -378,7 +379,40 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         circuit_breaker,
         signing_secret,
         transform,
+        sequencing,
     })
+}
+
+/// `order_by` or `debounce`, checked: not both, `max_wait` at least `window`.
+fn sequencing(raw: &RawTarget, key: &str, p: &mut Problems) -> Option<Sequencing> {
+    let program = |p: &mut Problems, k: String, text: &str| p.take(k, Program::compile(Kind::Key, text));
+    match (&raw.order_by, &raw.debounce) {
+        (Some(_), Some(_)) => {
+            p.push(
+                key.to_string(),
+                "a target has order_by or debounce, not both (debounce's key already orders its groups)",
+            );
+            None
+        }
+        (Some(text), None) => program(p, format!("{key}.order_by"), text).map(Sequencing::Ordered),
+        (None, Some(d)) => {
+            let dk = format!("{key}.debounce");
+            let window = p.duration(format!("{dk}.window"), Some(&d.window), Duration::ZERO);
+            let max_wait = p.duration(format!("{dk}.max_wait"), d.max_wait.as_deref(), Duration::from_secs(300));
+            if window.is_zero() {
+                p.push(format!("{dk}.window"), "must be more than 0");
+            }
+            if max_wait < window {
+                p.push(format!("{dk}.max_wait"), "must be at least window");
+            }
+            let group_key = match &d.key {
+                Some(text) => Some(program(p, format!("{dk}.key"), text)?),
+                None => None,
+            };
+            Some(Sequencing::Debounced(Debounce { window, max_wait, key: group_key }))
+        }
+        (None, None) => None,
+    }
 }
 
 fn parse_target_url(raw: &str) -> Result<Uri, String> {

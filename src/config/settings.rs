@@ -270,6 +270,37 @@ pub struct Target {
     pub signing_secret: Option<Secret>,
     /// Run at each attempt: its first output is the body sent; none: skipped.
     pub transform: Option<Program>,
+    /// `order_by` or `debounce`: how its deliveries are sequenced, if at all.
+    pub sequencing: Option<Sequencing>,
+}
+
+/// How a target's deliveries are sequenced (a target has one or the other).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sequencing {
+    /// `order_by`: deliveries with the same key are attempted one at a
+    /// time, in the order they were queued.
+    Ordered(Program),
+    /// `debounce`: the pending events of a key are one group, delivered once.
+    Debounced(Debounce),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Debounce {
+    /// A group is attempted once it has been quiet this long...
+    pub window: Duration,
+    /// ...or once its oldest event has waited this long, whichever is first.
+    pub max_wait: Duration,
+    /// One group per key; `None`: one group for the target.
+    pub key: Option<Program>,
+}
+
+impl Debounce {
+    /// When a group whose events arrived from `oldest_ms` to `newest_ms` is due.
+    pub fn due_ms(&self, oldest_ms: u64, newest_ms: u64) -> u64 {
+        let quiet = newest_ms.saturating_add(self.window.as_millis() as u64);
+        let longest = oldest_ms.saturating_add(self.max_wait.as_millis() as u64);
+        quiet.min(longest)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -79,15 +79,25 @@ pub fn http_client(roots: Arc<rustls::RootCertStore>, connect_timeout: Duration)
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(https))
 }
 
-/// The forwarded request. `attempt` counts from 1. `transformed`: the
-/// body the target's transform made (JSON), sent instead of the original.
+/// What one attempt sends besides the event.
+#[derive(Debug, Default)]
+pub struct Sent {
+    /// The body the target's transform made (JSON), sent instead of the original.
+    pub transformed: Option<Bytes>,
+    /// The attempt's number, from 1.
+    pub attempt: u32,
+    /// The events a debounce group's delivery stands for (0: not a group's).
+    pub coalesced: u32,
+}
+
+/// The forwarded request.
 pub fn build_request(
     target: &Target,
     event: &StoredEvent,
-    transformed: Option<Bytes>,
-    attempt: u32,
+    sent: Sent,
     now: SystemTime,
 ) -> Result<Request<Full<Bytes>>, String> {
+    let Sent { transformed, attempt, coalesced } = sent;
     let id = event.id.to_string();
     let timestamp = crate::store::unix_secs(now);
     let (content_type, body) = match transformed {
@@ -108,6 +118,9 @@ pub fn build_request(
     if let Some(secret) = &target.signing_secret {
         let signature = standard_webhooks_signature(secret.expose(), &id, timestamp, &body);
         headers.insert("webhook-signature", HeaderValue::try_from(signature).map_err(|e| e.to_string())?);
+    }
+    if coalesced > 0 {
+        headers.insert("x-hookrelay-coalesced", HeaderValue::from(coalesced));
     }
     for (name, value) in &target.headers {
         headers.insert(name.clone(), value.clone());

@@ -49,7 +49,7 @@ pub async fn purge(store: Arc<dyn Store>, retention: Duration, shutdown: Cancell
     }
 }
 
-/// Sets `hookrelay_queue_depth` and `hookrelay_dead_letters` of one target
+/// Sets `hookrelay_queue_depth`, `hookrelay_dead_letters` and `hookrelay_held_deliveries` of one target
 /// from the store's counts, every few seconds.
 pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics, shutdown: CancellationToken) {
     loop {
@@ -57,6 +57,7 @@ pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics
             Ok(c) => {
                 metrics.queue_depth.with_label_values(&[&target]).set(c.queued as i64);
                 metrics.dead_letters.with_label_values(&[&target]).set(c.dead as i64);
+                metrics.held_deliveries.with_label_values(&[&target]).set(c.held as i64);
             }
             Err(e) => tracing::warn!(%target, error = %e, "cannot count the queue"),
         }

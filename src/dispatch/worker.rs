@@ -324,6 +324,27 @@ impl AttemptCtx {
     /// One attempt, recorded in the store.
     async fn attempt(&self, due: DueDelivery) -> Done {
         let name = &self.target.name;
+        // A debounce group is closed as its attempt starts: later events form the next one.
+        let due = if due.group {
+            match self.store.close_group(name, &due).await {
+                Ok(Some(closed)) => {
+                    let others = closed.coalesced.saturating_sub(1);
+                    self.metrics
+                        .deliveries
+                        .with_label_values(&[name, DeliveryOutcome::Coalesced.as_str()])
+                        .inc_by(others.into());
+                    closed
+                }
+                // A newer event joined the group since: it is due later.
+                Ok(None) => return Done::Unsent,
+                Err(e) => {
+                    tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot close the debounce group");
+                    return Done::Stalled;
+                }
+            }
+        } else {
+            due
+        };
         let number = due.made + 1;
         let event = match self.store.event(due.event_id).await {
             Ok(Some(event)) => event,
@@ -357,7 +378,8 @@ impl AttemptCtx {
             },
         };
         let started_ms = now_ms();
-        let result = match client::build_request(&self.target, &event, transformed, number, SystemTime::now()) {
+        let sent = client::Sent { transformed, attempt: number, coalesced: due.coalesced };
+        let result = match client::build_request(&self.target, &event, sent, SystemTime::now()) {
             Ok(req) => client::send(&self.client, self.target.timeout, req).await,
             Err(e) => client::AttemptResult {
                 status: None,
@@ -393,6 +415,9 @@ impl AttemptCtx {
             _ => {
                 tracing::info!(target = %name, id = %due.event_id, attempt = number, status = result.status, ms, outcome = outcome.as_str(), "delivery attempted")
             }
+        }
+        if due.coalesced > 0 && next == NextStep::Delivered {
+            tracing::info!(target = %name, id = %due.event_id, events = due.coalesced, "debounce group delivered");
         }
         let attempt = Attempt {
             at_ms: started_ms,

@@ -15,19 +15,22 @@ use tokio::sync::watch;
 
 use super::auth::{self, AuthFailure};
 use super::formats::{self, FormatError};
-use crate::config::{RouteRule, Settings, Source};
+use crate::config::{RouteRule, Sequencing, Settings, Source, Target};
 use crate::dispatch::Workers;
 use crate::jq::Lane;
 use crate::metrics::{IngressOutcome, Metrics};
 use crate::respond::{self, Reply};
-use crate::store::{Ingested, NewEvent, Store, StoreError};
+use crate::store::{Ingested, NewEvent, Sequenced, Store, StoreError};
 
 /// What ingress reads on every request; replaced whole on reload.
 #[derive(Debug)]
 pub struct Routes {
     by_path: HashMap<String, Arc<Source>>,
-    /// Where each source's route filters run, for sources that have one.
-    filters: HashMap<String, Lane>,
+    /// Where each source's route filters and its targets' keys run (the
+    /// sandbox process starts on first use).
+    lanes: HashMap<String, Lane>,
+    /// The targets, for their `order_by` and `debounce`.
+    targets: HashMap<String, Arc<Target>>,
     max_body: u64,
     request_timeout: Duration,
 }
@@ -36,12 +39,12 @@ impl Routes {
     pub fn new(settings: &Settings) -> Self {
         Routes {
             by_path: settings.sources.iter().map(|s| (s.path.clone(), s.clone())).collect(),
-            filters: settings
+            lanes: settings
                 .sources
                 .iter()
-                .filter(|s| s.routes.iter().any(|r| r.filter.is_some()))
-                .map(|s| (s.name.clone(), Lane::new(format!("source {} filters", s.name))))
+                .map(|s| (s.name.clone(), Lane::new(format!("source {} programs", s.name))))
                 .collect(),
+            targets: settings.targets.iter().map(|t| (t.name.clone(), t.clone())).collect(),
             max_body: settings.server.max_body,
             request_timeout: settings.server.request_timeout,
         }
@@ -203,7 +206,8 @@ impl Ingress {
         let event = parsed.event.clone();
         let targets = self.targets(routes, source, &event, verified.body()).await;
         let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
-        let new = NewEvent::new(source, verified, parsed, content_type, targets.clone());
+        let sequenced = self.sequencing(routes, source, &event, verified.body(), &targets).await;
+        let new = NewEvent::new(source, verified, parsed, content_type, targets.clone()).with_sequencing(sequenced);
         // Storing and waking run in a task of their own: if the client hangs
         // up meanwhile, this future is dropped, but an event that becomes
         // durable must still wake its workers.
@@ -228,7 +232,7 @@ impl Ingress {
     async fn targets(&self, routes: &Routes, source: &Source, event: &str, body: &Bytes) -> Vec<String> {
         let mut verdicts: Vec<(&str, bool)> = Vec::new();
         for route in source.routes.iter().filter(|r| r.matches(event)) {
-            let (Some(filter), Some(lane)) = (&route.filter, routes.filters.get(&source.name)) else {
+            let (Some(filter), Some(lane)) = (&route.filter, routes.lanes.get(&source.name)) else {
                 continue;
             };
             let pass = lane.filter(filter, &source.name, event, body).await.unwrap_or_else(|failure| {
@@ -241,5 +245,48 @@ impl Ingress {
         }
         let passes = |r: &RouteRule| verdicts.iter().any(|(key, pass)| *key == r.key && *pass);
         source.targets_for(event, passes).into_iter().map(String::from).collect()
+    }
+
+    /// How each target's delivery is sequenced: its `order_by` key, or its
+    /// `debounce` group. A key program that fails, gives nothing or `null`
+    /// gives no key: the delivery is not held (`order_by`), or joins the
+    /// target's keyless group (`debounce`). Logged without the payload.
+    async fn sequencing(
+        &self,
+        routes: &Routes,
+        source: &Source,
+        event: &str,
+        body: &Bytes,
+        targets: &[String],
+    ) -> Vec<(String, Sequenced)> {
+        let mut out = Vec::new();
+        let Some(lane) = routes.lanes.get(&source.name) else { return out };
+        for name in targets {
+            let Some(sequencing) = routes.targets.get(name).and_then(|t| t.sequencing.as_ref()) else { continue };
+            let program = match sequencing {
+                Sequencing::Ordered(program) => Some(program),
+                Sequencing::Debounced(d) => d.key.as_ref(),
+            };
+            let key = match program {
+                None => None,
+                Some(program) => lane.key(program, &source.name, event, body).await.unwrap_or_else(|failure| {
+                    tracing::warn!(source = %source.name, target = %name, event, error = failure.kind.as_str(), "key program failed; the delivery has no key");
+                    None
+                }),
+            };
+            match (sequencing, key) {
+                (Sequencing::Ordered(_), Some(key)) => out.push((name.clone(), Sequenced::Ordered { key })),
+                (Sequencing::Ordered(_), None) => {}
+                (Sequencing::Debounced(d), key) => out.push((
+                    name.clone(),
+                    Sequenced::Grouped {
+                        key: key.unwrap_or_default(),
+                        window_ms: d.window.as_millis() as u64,
+                        max_wait_ms: d.max_wait.as_millis() as u64,
+                    },
+                )),
+            }
+        }
+        out
     }
 }

@@ -110,6 +110,7 @@ fn serve(outgoing: &Mutex<Outgoing>) -> io::Result<()> {
 struct Programs {
     filters: HashMap<String, Result<Compiled, String>>,
     transforms: HashMap<String, Result<Compiled, String>>,
+    keys: HashMap<String, Result<Compiled, String>>,
 }
 
 impl Programs {
@@ -117,6 +118,7 @@ impl Programs {
         let cache = match request.kind {
             Kind::Filter => &mut self.filters,
             Kind::Transform => &mut self.transforms,
+            Kind::Key => &mut self.keys,
         };
         if !cache.contains_key(request.program) {
             if cache.len() >= CACHED_PROGRAMS {

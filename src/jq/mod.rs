@@ -37,12 +37,15 @@ pub enum Kind {
     Filter,
     /// `targets[].transform`, at each attempt: `$source`, `$event`, `$id`.
     Transform,
+    /// `targets[].order_by` and `targets[].debounce.key`, at ingest:
+    /// `$source`, `$event`.
+    Key,
 }
 
 impl Kind {
     pub fn vars(self) -> &'static [&'static str] {
         match self {
-            Kind::Filter => &["$source", "$event"],
+            Kind::Filter | Kind::Key => &["$source", "$event"],
             Kind::Transform => &["$source", "$event", "$id"],
         }
     }
@@ -51,6 +54,7 @@ impl Kind {
         match self {
             Kind::Filter => 0,
             Kind::Transform => 1,
+            Kind::Key => 2,
         }
     }
 
@@ -58,6 +62,7 @@ impl Kind {
         match code {
             0 => Some(Kind::Filter),
             1 => Some(Kind::Transform),
+            2 => Some(Kind::Key),
             _ => None,
         }
     }
@@ -104,6 +109,19 @@ pub enum Output {
 }
 
 impl Output {
+    /// A key from the first output: a string as it is, any other value as
+    /// its JSON text; `None` for no output, `null` or a failure.
+    pub fn key(&self) -> Option<String> {
+        match self {
+            Output::Value(json) if json.as_slice() == b"null" => None,
+            Output::Value(json) => match serde_json::from_slice::<String>(json) {
+                Ok(s) => Some(s),
+                Err(_) => Some(String::from_utf8_lossy(json).into_owned()),
+            },
+            Output::Empty | Output::Failed(_) => None,
+        }
+    }
+
     /// jq's truthiness of the first output: anything but `false` and `null`;
     /// no output is false. `None` when the program failed.
     pub fn truthy(&self) -> Option<bool> {

@@ -81,6 +81,16 @@ impl Lane {
         }
     }
 
+    /// A delivery's key (`order_by`, `debounce.key`; `$source`, `$event`):
+    /// `None` for no output or `null`; the failure when it failed.
+    pub async fn key(&self, key: &Program, source: &str, event: &str, body: &Bytes) -> Result<Option<String>, Failure> {
+        match self.run(key, &[source, event], body).await {
+            Ok(Output::Failed(f)) => Err(f),
+            Ok(output) => Ok(output.key()),
+            Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+        }
+    }
+
     /// A target's transform of an event (`$source`, `$event`, `$id`).
     pub async fn transform(
         &self,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::*;
+use crate::store::Sequenced;
 
 /// Opens a fresh, empty store; what it returns with the store (a temporary
 /// folder, a database schema) is kept until the scenario ends.
@@ -45,6 +46,12 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     recent_events_are_newest_first_per_source,
     purge_removes_finished_old_events_only_and_goes_on_from_its_cursor,
     concurrent_completions_keep_the_counts_exact,
+    ordered_deliveries_wait_for_the_earlier_one_of_their_key,
+    a_dead_delivery_releases_the_next_and_a_replay_queues_behind_the_rest,
+    a_delivery_without_a_key_is_never_held,
+    a_debounce_group_is_one_delivery_of_its_newest_event,
+    a_stale_hand_out_of_a_group_is_refused,
+    groups_are_per_key_and_cut_by_max_wait,
 ];
 
 /// Runs every scenario on a fresh store from `fresh`.
@@ -73,6 +80,7 @@ fn event(source: &str, dedup: &str, targets: &[&str]) -> NewEvent {
         body: bytes::Bytes::from(format!(r#"{{"dedup":"{dedup}","bytes":"é\u0000"}}"#)),
         targets: targets.iter().map(|t| t.to_string()).collect(),
         received_ms: now_ms(),
+        sequenced: Vec::new(),
     }
 }
 
@@ -289,7 +297,7 @@ async fn a_requeue_queues_any_delivery_again_due_now(store: &dyn Store) {
     assert_eq!(got, [dead, delivered, pending], "all three due now");
     assert!(now.due.iter().all(|d| d.tries == 0));
     assert!(store.dead_letters(Some("a"), 10).await.expect("dead letters").is_empty());
-    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0 });
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 0 });
     assert!(!store.requeue("nowhere", dead).await.expect("requeue"), "not routed there");
     assert!(!store.requeue("a", EventId::new()).await.expect("requeue"), "no such event");
 }
@@ -312,7 +320,7 @@ async fn a_skipped_delivery_is_finished(store: &dyn Store) {
     finish(store, "a", id, NextStep::Skipped).await;
     assert!(matches!(state(store, id, "a").await.state, DeliveryState::Skipped { .. }));
     assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
-    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 0 });
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
     assert_eq!(store.purge(now_ms() + 60_000, None, 10).await.expect("purge").0, 1, "finished, so purged");
 }
 
@@ -326,13 +334,13 @@ async fn pause_is_remembered(store: &dyn Store) {
 
 async fn counts_follow_every_change(store: &dyn Store) {
     let ids: Vec<EventId> = futures_join((0..4).map(|n| accepted(store, event("cms", &n.to_string(), &["a"])))).await;
-    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 4, dead: 0 });
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 4, dead: 0, held: 0 });
     finish(store, "a", ids[0], NextStep::Delivered).await;
     finish(store, "a", ids[1], NextStep::Dead("no".into())).await;
     finish(store, "a", ids[2], NextStep::RetryAt(now_ms() + 60_000)).await;
-    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 2, dead: 1 });
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 2, dead: 1, held: 0 });
     store.requeue("a", ids[1]).await.expect("requeue");
-    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0 });
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 0 });
     assert_eq!(store.counts("unknown").await.expect("counts"), TargetCounts::default());
 }
 
@@ -366,7 +374,7 @@ async fn purge_removes_finished_old_events_only_and_goes_on_from_its_cursor(stor
     assert!(store.event(half).await.expect("event").is_some(), "a pending delivery keeps its event");
     assert_eq!(
         store.counts("b").await.expect("counts"),
-        TargetCounts { queued: 1, dead: 0 },
+        TargetCounts { queued: 1, dead: 0, held: 0 },
         "its dead letter went with it"
     );
     // Its event is gone, so the same webhook is new again.
@@ -384,6 +392,141 @@ async fn concurrent_completions_keep_the_counts_exact(store: &dyn Store) {
     }))
     .await;
     assert!(outcomes.iter().all(Result::is_ok));
-    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 5 });
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 5, held: 0 });
     assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
+}
+
+fn ordered(dedup: &str, target: &str, key: &str) -> NewEvent {
+    let ev = event("cms", dedup, &[target]);
+    ev.with_sequencing(vec![(target.into(), Sequenced::Ordered { key: key.into() })])
+}
+
+fn grouped(dedup: &str, target: &str, key: &str, received_ms: u64, window_ms: u64, max_wait_ms: u64) -> NewEvent {
+    let mut ev = event("cms", dedup, &[target]);
+    ev.received_ms = received_ms;
+    ev.with_sequencing(vec![(target.into(), Sequenced::Grouped { key: key.into(), window_ms, max_wait_ms })])
+}
+
+async fn waiting_for(store: &dyn Store, id: EventId) -> Option<EventId> {
+    store.deliveries(id).await.expect("deliveries").remove(0).waiting_for
+}
+
+/// A and B share a key, C has another: B waits while A is pending, in
+/// flight or retrying; C flows; A's success releases B.
+async fn ordered_deliveries_wait_for_the_earlier_one_of_their_key(store: &dyn Store) {
+    let a = accepted(store, ordered("1", "t", "page-1")).await;
+    let b = accepted(store, ordered("2", "t", "page-1")).await;
+    let c = accepted(store, ordered("3", "t", "page-2")).await;
+    assert_eq!(ids(&due(store, "t", now_ms()).await), [a, c], "B waits behind A");
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 1 });
+    assert_eq!(waiting_for(store, b).await, Some(a));
+    assert_eq!(waiting_for(store, a).await, None);
+    finish(store, "t", c, NextStep::Delivered).await;
+    let retry_at = now_ms() + 60_000;
+    finish(store, "t", a, NextStep::RetryAt(retry_at)).await;
+    assert!(due(store, "t", now_ms() + 1).await.due.is_empty(), "B still waits while A is retried");
+    let retry = due(store, "t", retry_at).await.due;
+    assert_eq!(retry.iter().map(|d| d.event_id).collect::<Vec<_>>(), [a], "once due, A alone");
+    store.complete("t", &retry[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let released = due(store, "t", now_ms() + 1).await;
+    assert_eq!(ids(&released), [b], "A's success releases B");
+    assert_eq!(waiting_for(store, b).await, None);
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 1, dead: 0, held: 0 });
+    finish(store, "t", b, NextStep::Delivered).await;
+    assert!(due(store, "t", now_ms() + 1).await.due.is_empty());
+}
+
+/// A dead delivery releases the next of its key; replayed, it is queued
+/// behind those queued before the replay.
+async fn a_dead_delivery_releases_the_next_and_a_replay_queues_behind_the_rest(store: &dyn Store) {
+    let a = accepted(store, ordered("1", "t", "k")).await;
+    let b = accepted(store, ordered("2", "t", "k")).await;
+    let c = accepted(store, ordered("3", "t", "k")).await;
+    finish(store, "t", a, NextStep::Dead("gave up".into())).await;
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [b], "A's death releases B; C waits");
+    assert!(store.requeue("t", a).await.expect("requeue"));
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [b], "the replayed A waits behind B and C");
+    assert_eq!(waiting_for(store, a).await, Some(b));
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 2 });
+    finish(store, "t", b, NextStep::Delivered).await;
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [c]);
+    finish(store, "t", c, NextStep::Skipped).await;
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [a], "a skip ends C and releases A");
+    finish(store, "t", a, NextStep::Delivered).await;
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
+    // A requeue of a delivered one with nothing else of its key queued is due at once.
+    assert!(store.requeue("t", b).await.expect("requeue"));
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [b]);
+}
+
+async fn a_delivery_without_a_key_is_never_held(store: &dyn Store) {
+    let a = accepted(store, ordered("1", "t", "k")).await;
+    let free = accepted(store, event("cms", "2", &["t"])).await;
+    let b = accepted(store, ordered("3", "t", "k")).await;
+    assert_eq!(ids(&due(store, "t", now_ms()).await), [a, free]);
+    assert_eq!(waiting_for(store, b).await, Some(a));
+}
+
+/// Three events of one group: one delivery, of the newest, at the group's
+/// time; the others end coalesced into it; a later event opens the next group.
+async fn a_debounce_group_is_one_delivery_of_its_newest_event(store: &dyn Store) {
+    let t0 = now_ms();
+    let first = accepted(store, grouped("1", "site", "", t0, 100, 1_000)).await;
+    let second = accepted(store, grouped("2", "site", "", t0 + 10, 100, 1_000)).await;
+    let newest = accepted(store, grouped("3", "site", "", t0 + 20, 100, 1_000)).await;
+    let quiet = due(store, "site", t0 + 119).await;
+    assert!(quiet.due.is_empty(), "nothing before newest + window");
+    assert_eq!(quiet.next_due_ms, Some(t0 + 120));
+    assert_eq!(store.counts("site").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 3 });
+    let d = &store.deliveries(first).await.expect("deliveries")[0];
+    assert!(matches!(d.record.state, DeliveryState::Pending { due_ms } if due_ms == t0 + 120), "{:?}", d.record.state);
+
+    let handed = due(store, "site", t0 + 120).await.due;
+    assert_eq!(handed.iter().map(|d| (d.event_id, d.group)).collect::<Vec<_>>(), [(newest, true)]);
+    let closed = store.close_group("site", &handed[0]).await.expect("close").expect("the group is current");
+    assert_eq!((closed.event_id, closed.coalesced, closed.group), (newest, 3, false));
+    for id in [first, second] {
+        let state = state(store, id, "site").await.state;
+        assert!(matches!(state, DeliveryState::Coalesced { ref into, .. } if *into == newest.to_string()), "{state:?}");
+    }
+    assert_eq!(store.counts("site").await.expect("counts"), TargetCounts { queued: 1, dead: 0, held: 0 });
+
+    // Closed: a later event forms the next group, while the first is attempted and retried.
+    let later = accepted(store, grouped("4", "site", "", now_ms(), 100, 1_000)).await;
+    let retry_at = now_ms() + 50;
+    store.complete("site", &closed, attempt(Some(503)), NextStep::RetryAt(retry_at)).await.expect("complete");
+    let retried = due(store, "site", retry_at).await.due;
+    assert_eq!(retried.iter().map(|d| (d.event_id, d.coalesced)).collect::<Vec<_>>(), [(newest, 3)]);
+    store.complete("site", &retried[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let next = due(store, "site", now_ms() + 1_000).await.due;
+    assert_eq!(next.iter().map(|d| (d.event_id, d.group)).collect::<Vec<_>>(), [(later, true)]);
+    assert_eq!(store.purge(now_ms() + 60_000, None, 100).await.expect("purge").0, 3, "the delivered group is purged");
+}
+
+async fn a_stale_hand_out_of_a_group_is_refused(store: &dyn Store) {
+    let t0 = now_ms();
+    accepted(store, grouped("1", "site", "", t0, 100, 1_000)).await;
+    let handed = due(store, "site", t0 + 100).await.due.remove(0);
+    // A newer event joins before the attempt starts: the group is due later.
+    let newer = accepted(store, grouped("2", "site", "", t0 + 50, 100, 1_000)).await;
+    assert_eq!(store.close_group("site", &handed).await.expect("close"), None);
+    let d = due(store, "site", t0 + 150).await.due;
+    assert_eq!(d.iter().map(|d| d.event_id).collect::<Vec<_>>(), [newer]);
+    let closed = store.close_group("site", &d[0]).await.expect("close").expect("current");
+    assert_eq!(closed.coalesced, 2);
+}
+
+async fn groups_are_per_key_and_cut_by_max_wait(store: &dyn Store) {
+    let t0 = now_ms();
+    let posts = accepted(store, grouped("1", "site", "posts", t0, 100, 150)).await;
+    accepted(store, grouped("2", "site", "pages", t0 + 60, 100, 150)).await;
+    let pages = accepted(store, grouped("3", "site", "pages", t0 + 120, 100, 150)).await;
+    // posts: due t0 + 100; pages: newest + window = t0 + 220, oldest + max_wait = t0 + 210.
+    let at = |ms| due(store, "site", t0 + ms);
+    assert_eq!(ids(&at(100).await), [posts]);
+    assert_eq!(at(100).await.next_due_ms, Some(t0 + 210));
+    let both = at(210).await;
+    let mut got = ids(&both);
+    got.sort();
+    assert_eq!(got, [posts, pages]);
 }

@@ -23,15 +23,16 @@
 //! per window and a count key per target touched), because sled's cost grows
 //! with the keys written.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::dedup::{DedupIndex, Entry};
+use super::sequence::{self, Sequences};
 use super::{
     Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested, NewEvent, NextStep,
-    StoreError, TargetCounts, MAX_ATTEMPTS_KEPT,
+    Sequenced, StoreError, TargetCounts, MAX_ATTEMPTS_KEPT,
 };
 
 const EVENT_V1: u8 = 1;
@@ -121,10 +122,21 @@ struct EventMetaRef<'a> {
     content_type: Option<&'a str>,
     targets: &'a [String],
     dedup: &'a [u8],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    order: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    group: BTreeMap<&'a str, &'a str>,
 }
 
 /// The event record of `ev`, whose dedup digest is `digest`.
 pub fn encode_event(ev: &NewEvent, digest: &[u8]) -> Result<Vec<u8>, StoreError> {
+    let (mut order, mut group) = (BTreeMap::new(), BTreeMap::new());
+    for (target, how) in &ev.sequenced {
+        match how {
+            Sequenced::Ordered { key } => order.insert(target.as_str(), key.as_str()),
+            Sequenced::Grouped { key, .. } => group.insert(target.as_str(), key.as_str()),
+        };
+    }
     let meta = EventMetaRef {
         source: &ev.source,
         event: &ev.event,
@@ -132,6 +144,8 @@ pub fn encode_event(ev: &NewEvent, digest: &[u8]) -> Result<Vec<u8>, StoreError>
         content_type: ev.content_type.as_deref(),
         targets: &ev.targets,
         dedup: digest,
+        order,
+        group,
     };
     let mut v = Vec::with_capacity(512 + ev.body.len());
     v.push(EVENT_V1);
@@ -165,38 +179,49 @@ pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreErr
     Ok((meta, Bytes::copy_from_slice(&v[body_at..])))
 }
 
-/// Changes to the targets' counts, written with the batch that makes them.
+/// Changes to the targets' counts (queued, dead, held), written with the
+/// batch that makes them.
 #[derive(Debug, Default)]
-pub struct Tally(HashMap<String, (i64, i64)>);
+pub struct Tally(HashMap<String, [i64; 3]>);
 
 impl Tally {
     pub fn add(&mut self, target: &str, queued: i64, dead: i64) {
+        self.change(target, [queued, dead, 0]);
+    }
+
+    /// Deliveries that start (+1) or stop (-1) being held.
+    pub fn held(&mut self, target: &str, held: i64) {
+        self.change(target, [0, 0, held]);
+    }
+
+    fn change(&mut self, target: &str, by: [i64; 3]) {
         match self.0.get_mut(target) {
-            Some(d) => *d = (d.0 + queued, d.1 + dead),
+            Some(d) => d.iter_mut().zip(by).for_each(|(d, b)| *d += b),
             None => {
-                self.0.insert(target.to_string(), (queued, dead));
+                self.0.insert(target.to_string(), by);
             }
         }
     }
 
     /// Applies the changes to `counts` and adds the changed counts to `batch`.
     pub fn write(self, counts: &mut HashMap<String, TargetCounts>, batch: &mut sled::Batch) {
-        for (target, (queued, dead)) in self.0 {
+        for (target, [queued, dead, held]) in self.0 {
             let c = counts.entry(target.clone()).or_default();
             c.queued = c.queued.saturating_add_signed(queued);
             c.dead = c.dead.saturating_add_signed(dead);
+            c.held = c.held.saturating_add_signed(held);
             batch.insert(counts_key(&target), encode_counts(c));
         }
     }
 }
 
 pub fn encode_counts(c: &TargetCounts) -> Vec<u8> {
-    key(&c.queued.to_be_bytes(), &[&c.dead.to_be_bytes()])
+    key(&c.queued.to_be_bytes(), &[&c.dead.to_be_bytes(), &c.held.to_be_bytes()])
 }
 
 pub fn decode_counts(k: &[u8], v: &[u8]) -> Result<TargetCounts, StoreError> {
     match v.len() {
-        16 => Ok(TargetCounts { queued: be_u64(v), dead: be_u64(&v[8..]) }),
+        24 => Ok(TargetCounts { queued: be_u64(v), dead: be_u64(&v[8..]), held: be_u64(&v[16..]) }),
         _ => Err(corrupt(k, "bad counts record")),
     }
 }
@@ -207,6 +232,8 @@ pub struct IngestRound<'a> {
     pub index: &'a DedupIndex,
     pub claimed: HashMap<[u8; 32], EventId>,
     pub claims: Vec<Claim>,
+    /// The order queues and debounce groups this round changed.
+    pub sequences: Sequences,
 }
 
 /// A dedup key claimed by an event of this round.
@@ -291,6 +318,9 @@ pub fn plan_ingest(
     for target in &ev.targets {
         tally.add(target, 1, 0);
     }
+    for (target, how) in &ev.sequenced {
+        round.sequences.join(db, batch, tally, target, how, id, ev.received_ms)?;
+    }
     round.claimed.insert(digest, id);
     let entry = Entry { hash, stamp: stamp(id) };
     round.claims.push(Claim { entry, id, window_ms: window, expires_ms: ev.received_ms.saturating_add(window) });
@@ -357,6 +387,17 @@ pub fn read_due(
             continue;
         } else {
             match decode_meta(&k, &v) {
+                // A debounce group's event is queued with its group; a
+                // delivery behind an earlier one of its key is released
+                // by that one's end. Neither needs the walk again.
+                Ok(meta) if meta.group.contains_key(target) => None,
+                Ok(meta)
+                    if meta.order.get(target).is_some_and(|key| {
+                        sequence::head(db, target, key).ok().flatten().is_some_and(|head| head != id)
+                    }) =>
+                {
+                    None
+                }
                 Ok(meta) if meta.targets.iter().any(|t| t == target) => Some(meta.received_ms),
                 Ok(_) => None,
                 Err(e) => {
@@ -373,7 +414,15 @@ pub fn read_due(
             continue;
         };
         advancing = false;
-        batch.due.push(DueDelivery { event_id: id, due_ms: received_ms, tries: 0, made: 0, queued: false });
+        batch.due.push(DueDelivery {
+            event_id: id,
+            due_ms: received_ms,
+            tries: 0,
+            made: 0,
+            queued: false,
+            group: false,
+            coalesced: 0,
+        });
     }
     Ok((batch, moved))
 }
@@ -393,21 +442,22 @@ fn read_queued(
         if batch.due.len() >= limit {
             break;
         }
-        let (k, _) = item?;
+        let (k, mark) = item?;
         let (due_ms, id) = parse_queue_key(&k, prefix.len())?;
         if skip.contains(&id) {
             continue;
         }
         let dkey = delivery_key(target, id);
-        let (tries, made) = match get_record(db, &dkey) {
-            Ok(record) => record.map_or((0, 0), |r| (r.tries, r.made)),
+        let (tries, made, coalesced) = match get_record(db, &dkey) {
+            Ok(record) => record.map_or((0, 0, 0), |r| (r.tries, r.made, r.coalesced)),
             Err(e) => {
                 // One bad record must not stop the whole queue: count afresh.
                 tracing::warn!(%target, %id, error = %e, "unreadable delivery record; its attempt count restarts");
-                (0, 0)
+                (0, 0, 0)
             }
         };
-        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made, queued: true });
+        let group = mark.as_ref() == sequence::GROUP_MARK;
+        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made, queued: true, group, coalesced });
     }
     if let Some(item) = db.range(due_end..).next() {
         let (k, _) = item?;
@@ -452,12 +502,18 @@ pub fn plan_complete(
     } else {
         found.is_none()
     };
-    if found.is_none() && (!current || !db.contains_key(event_key(id))?) {
+    let ekey = event_key(id);
+    let meta = match db.get(&ekey)? {
+        Some(v) => Some(decode_meta(&ekey, &v)?),
+        None => None,
+    };
+    if found.is_none() && (!current || meta.is_none()) {
         // Neither a record to add the attempt to nor a delivery to move on
         // (the event was purged meanwhile): writing one would leave a record
         // that nothing purges, and a first attempt that looks tried.
         return Ok(sled::Batch::default());
     }
+    let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
     record.attempts.push(attempt);
     record.made += 1;
@@ -492,6 +548,11 @@ pub fn plan_complete(
                 DeliveryState::Dead { at_ms: now_ms, reason: reason.clone() }
             }
         };
+        // An ended delivery releases the next one of its key.
+        let order_key = meta.as_ref().and_then(|m| m.order.get(target));
+        if let (true, Some(order_key)) = (record.state.is_finished(), order_key) {
+            sequence::leave(db, &mut batch, tally, target, order_key, seq, now_ms)?;
+        }
     }
     batch.insert(dkey, json(&record)?);
     Ok(batch)
@@ -537,12 +598,7 @@ pub fn plan_purge(
         for t in &meta.targets {
             states.push(get_record(db, &delivery_key(t, id))?.map(|r| r.state));
         }
-        let finished = |s: &Option<DeliveryState>| {
-            matches!(
-                s,
-                Some(DeliveryState::Delivered { .. } | DeliveryState::Dead { .. } | DeliveryState::Skipped { .. })
-            )
-        };
+        let finished = |s: &Option<DeliveryState>| s.as_ref().is_some_and(DeliveryState::is_finished);
         if !states.iter().all(finished) {
             continue;
         }
@@ -575,20 +631,38 @@ pub fn plan_requeue(
         return Ok(None);
     }
     let dkey = delivery_key(target, id);
-    let mut record = get_record(db, &dkey)?.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
+    let found = get_record(db, &dkey)?;
+    let seq = sequence::seq_of(found.as_ref(), id);
+    let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
     // An operator's requeue starts the count toward max_attempts afresh.
     record.tries = 0;
     let mut batch = sled::Batch::default();
+    let was_pending = !record.state.is_finished();
     match record.state {
         DeliveryState::Pending { due_ms } => batch.remove(queue_key(target, due_ms, id)),
         DeliveryState::Dead { .. } => {
             tally.add(target, 1, -1);
             batch.remove(dead_key(target, id))
         }
-        DeliveryState::Delivered { .. } | DeliveryState::Skipped { .. } => tally.add(target, 1, 0),
+        DeliveryState::Delivered { .. } | DeliveryState::Skipped { .. } | DeliveryState::Coalesced { .. } => {
+            tally.add(target, 1, 0)
+        }
     }
-    batch.insert(queue_key(target, now_ms, id), &[]);
     record.state = DeliveryState::Pending { due_ms: now_ms };
+    // Queued again now: behind every delivery of its key queued before.
+    let mut due_now = true;
+    if let Some(order_key) = meta.order.get(target) {
+        let old = was_pending.then_some(seq);
+        if let Some(old) = old {
+            sequence::leave(db, &mut batch, tally, target, order_key, old, now_ms)?;
+        }
+        let (new_seq, head) = sequence::rejoin(db, &mut batch, tally, target, order_key, id, old)?;
+        record.order_seq = Some(new_seq.to_string());
+        due_now = head;
+    }
+    if due_now {
+        batch.insert(queue_key(target, now_ms, id), &[]);
+    }
     batch.insert(dkey, json(&record)?);
     Ok(Some(batch))
 }
@@ -643,6 +717,7 @@ mod tests {
             body: Bytes::from_static(b"{\"a\":1}\xff"),
             targets: vec!["search".into(), "cache".into()],
             received_ms: 1_700_000_000_123,
+            sequenced: Vec::new(),
         };
         let digest = dedup_digest(&ev.source, &ev.dedup_key);
         let record = encode_event(&ev, &digest).unwrap();
@@ -654,6 +729,8 @@ mod tests {
             content_type: ev.content_type.clone(),
             targets: ev.targets.clone(),
             dedup: digest.to_vec(),
+            order: Default::default(),
+            group: Default::default(),
         };
         assert_eq!((meta, body), (expected, ev.body));
         assert!(decode_event(b"e/x", &record[..7]).is_err(), "a truncated record is refused");

@@ -7,6 +7,7 @@ mod dedup;
 mod layout;
 mod null;
 mod records;
+mod sequence;
 mod sled_store;
 mod writer;
 
@@ -85,6 +86,14 @@ pub trait Store: Send + Sync + 'static {
         attempt: Attempt,
         next: NextStep,
     ) -> Result<(), StoreError>;
+
+    /// Closes the debounce group whose newest event `due` is (handed out with
+    /// `group` set), as its first attempt starts: the group's other events
+    /// end `coalesced` into it, and events arriving later form the next
+    /// group. Returns the delivery to attempt, standing for the group's
+    /// events; `None` when the hand-out is stale (a newer event joined the
+    /// group since: it is due later).
+    async fn close_group(&self, target: &str, due: &DueDelivery) -> Result<Option<DueDelivery>, StoreError>;
 
     /// Holds or releases a target's queue; survives restarts.
     async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;

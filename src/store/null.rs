@@ -37,6 +37,9 @@ impl Store for NullStore {
     async fn complete(&self, _: &str, _: &DueDelivery, _: Attempt, _: NextStep) -> Result<(), StoreError> {
         Ok(())
     }
+    async fn close_group(&self, _: &str, _: &DueDelivery) -> Result<Option<DueDelivery>, StoreError> {
+        Ok(None)
+    }
     async fn set_paused(&self, _: &str, _: bool) -> Result<(), StoreError> {
         Ok(())
     }

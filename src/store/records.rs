@@ -1,5 +1,6 @@
 //! What the store holds: events, their deliveries, and the attempts made.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -69,6 +70,19 @@ pub struct NewEvent {
     pub(crate) body: Bytes,
     pub(crate) targets: Vec<String>,
     pub(crate) received_ms: u64,
+    /// The targets among `targets` whose deliveries are sequenced.
+    pub(crate) sequenced: Vec<(String, Sequenced)>,
+}
+
+/// How one delivery of an event is sequenced, decided at ingest from its
+/// target's `order_by` or `debounce`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sequenced {
+    /// Not attempted while an earlier delivery of the same key to the target
+    /// is pending.
+    Ordered { key: String },
+    /// One of the target's debounce group `key` (empty: the target's one group).
+    Grouped { key: String, window_ms: u64, max_wait_ms: u64 },
 }
 
 impl NewEvent {
@@ -89,7 +103,14 @@ impl NewEvent {
             body: verified.into_body(),
             targets,
             received_ms: now_ms(),
+            sequenced: Vec::new(),
         }
+    }
+
+    /// With how each of these targets' deliveries is sequenced.
+    pub fn with_sequencing(mut self, sequenced: Vec<(String, Sequenced)>) -> Self {
+        self.sequenced = sequenced;
+        self
     }
 }
 
@@ -114,6 +135,12 @@ pub struct EventMeta {
     /// compared with.
     #[serde(default)]
     pub dedup: Vec<u8>,
+    /// Per target with `order_by`: the delivery's key.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub order: BTreeMap<String, String>,
+    /// Per target with `debounce`: the key of the group the event joined.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub group: BTreeMap<String, String>,
 }
 
 /// An event with its body, byte for byte as received.
@@ -130,6 +157,8 @@ pub struct Delivery {
     pub event_id: EventId,
     pub target: String,
     pub record: DeliveryRecord,
+    /// Pending behind this earlier delivery of the same key (`order_by`).
+    pub waiting_for: Option<EventId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,12 +173,31 @@ pub struct DeliveryRecord {
     /// Every attempt ever made; numbers `x-hookrelay-attempt`.
     #[serde(default)]
     pub made: u32,
+    /// The events this delivery stands for when it closed a debounce group
+    /// (itself included); sent as `x-hookrelay-coalesced`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub coalesced: u32,
+    /// Its place in its key's queue (`order_by`) since a requeue; before
+    /// one, the event's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_seq: Option<String>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl DeliveryRecord {
     /// A delivery not tried yet.
     pub fn pending(due_ms: u64) -> Self {
-        DeliveryRecord { state: DeliveryState::Pending { due_ms }, attempts: Vec::new(), tries: 0, made: 0 }
+        DeliveryRecord {
+            state: DeliveryState::Pending { due_ms },
+            attempts: Vec::new(),
+            tries: 0,
+            made: 0,
+            coalesced: 0,
+            order_seq: None,
+        }
     }
 }
 
@@ -171,6 +219,18 @@ pub enum DeliveryState {
     Skipped {
         at_ms: u64,
     },
+    /// Its debounce group was delivered as the group's newest event, `into`.
+    Coalesced {
+        at_ms: u64,
+        into: String,
+    },
+}
+
+impl DeliveryState {
+    /// Delivered, dead, skipped or coalesced: nothing more happens to it.
+    pub fn is_finished(&self) -> bool {
+        !matches!(self, DeliveryState::Pending { .. })
+    }
 }
 
 /// One try at delivering.
@@ -196,6 +256,11 @@ pub struct DueDelivery {
     pub made: u32,
     /// Handed out from the queue of later attempts, not a first attempt.
     pub queued: bool,
+    /// The newest event of a debounce group: [`crate::store::Store::close_group`]
+    /// closes the group before its attempt.
+    pub group: bool,
+    /// The events it stands for, once its group is closed (0: no group).
+    pub coalesced: u32,
 }
 
 /// What [`crate::store::Store::due`] found.
@@ -237,6 +302,9 @@ pub struct DeadLetter {
 pub struct TargetCounts {
     pub queued: u64,
     pub dead: u64,
+    /// Of the queued: waiting for an earlier delivery of their key, or for
+    /// their group's time.
+    pub held: u64,
 }
 
 /// Stored attempts per delivery at most; older ones are dropped first.

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 
 use super::layout::{self, decode_event, delivery_key, event_key};
+use super::sequence;
 use super::writer::{CommitStats, Writer};
 use super::*;
 
@@ -83,11 +84,24 @@ impl Store for SledStore {
             return Ok(Vec::new());
         };
         let mut out = Vec::with_capacity(meta.targets.len());
-        for target in meta.targets {
-            // No record yet: pending since receipt, never tried.
-            let record = layout::get_json::<DeliveryRecord>(&self.db, &delivery_key(&target, id))?
-                .unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
-            out.push(Delivery { event_id: id, target, record });
+        for target in &meta.targets {
+            let found = layout::get_json::<DeliveryRecord>(&self.db, &delivery_key(target, id))?;
+            let untried = found.is_none();
+            // No record yet: pending since receipt (or until its group's time), never tried.
+            let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
+            if let (true, Some(key)) = (untried, meta.group.get(target)) {
+                let group = layout::get_json::<sequence::Group>(&self.db, &sequence::group_key(target, key))?;
+                if let Some(group) = group {
+                    record.state = DeliveryState::Pending { due_ms: group.due_ms() };
+                }
+            }
+            let waiting_for = match (&record.state, meta.order.get(target)) {
+                (DeliveryState::Pending { .. }, Some(key)) => {
+                    sequence::head(&self.db, target, key)?.filter(|head| *head != id)
+                }
+                _ => None,
+            };
+            out.push(Delivery { event_id: id, target: target.clone(), record, waiting_for });
         }
         Ok(out)
     }
@@ -122,6 +136,23 @@ impl Store for SledStore {
         self.writer
             .mutate(move |db, tally| {
                 Ok((layout::plan_complete(db, tally, &target, &due, attempt, &next, now_ms())?, ()))
+            })
+            .await
+    }
+
+    async fn close_group(&self, target: &str, due: &DueDelivery) -> Result<Option<DueDelivery>, StoreError> {
+        let Some(meta) = self.get_meta(due.event_id)? else { return Ok(None) };
+        let Some(group_of) = meta.group.get(target).cloned() else { return Ok(Some(due.clone())) };
+        let (target, handed) = (target.to_string(), due.clone());
+        self.writer
+            .mutate(move |db, tally| {
+                let id = handed.event_id;
+                match sequence::plan_close(db, tally, &target, &group_of, id, handed.due_ms, now_ms())? {
+                    Some((batch, stands_for)) => {
+                        Ok((batch, Some(DueDelivery { group: false, coalesced: stands_for, ..handed })))
+                    }
+                    None => Ok((sled::Batch::default(), None)),
+                }
             })
             .await
     }
@@ -322,6 +353,7 @@ mod tests {
             body: bytes::Bytes::from(body),
             targets: targets.iter().map(|t| t.to_string()).collect(),
             received_ms: now_ms(),
+            sequenced: Vec::new(),
         }
     }
 
@@ -355,7 +387,7 @@ mod tests {
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: None, error: Some("event gone".into()) };
         store.complete("search", &due, attempt, NextStep::Dead("event gone".into())).await.unwrap();
         assert!(store.db.scan_prefix(b"d/").next().is_none() && store.db.scan_prefix(b"x/").next().is_none());
-        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
+        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 1, dead: 0, held: 0 });
     }
 
     #[tokio::test]
@@ -405,7 +437,7 @@ mod tests {
         assert_eq!(ids(&store.due("a", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
         assert_eq!(store.progress().unwrap().cursors.get("a").map(|c| c.0), Some(two), "moved over one and two");
         assert_eq!(ids(&store.due("b", now_ms(), 1, &HashSet::new()).await.unwrap()), vec![two]);
-        assert_eq!(store.counts("a").await.unwrap(), TargetCounts { queued: 1, dead: 0 });
+        assert_eq!(store.counts("a").await.unwrap(), TargetCounts { queued: 1, dead: 0, held: 0 });
     }
 
     #[tokio::test]
@@ -452,10 +484,10 @@ mod tests {
         assert_eq!(ids(&store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
         let later = store.due("search", now_ms() + 61_000, 100, &HashSet::new()).await.unwrap();
         assert_eq!(ids(&later), vec![one, three], "the retry, then the untried one");
-        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 2, dead: 1 });
+        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 2, dead: 1, held: 0 });
         assert_eq!(store.ingest(event(b"2".to_vec())).await.unwrap(), Ingested::Duplicate { id: two });
         assert!(store.requeue("search", two).await.unwrap());
-        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 3, dead: 0 });
+        assert_eq!(store.counts("search").await.unwrap(), TargetCounts { queued: 3, dead: 0, held: 0 });
     }
 
     #[tokio::test]

@@ -247,7 +247,8 @@ fn round(
     }
     let mut batch = sled::Batch::default();
     let mut tally = Tally::default();
-    let mut ingest = IngestRound { index: &state.dedup, claimed: HashMap::new(), claims: Vec::new() };
+    let mut ingest =
+        IngestRound { index: &state.dedup, claimed: HashMap::new(), claims: Vec::new(), sequences: Default::default() };
     let mut ingests = Vec::new();
     let mut mutations = Vec::new();
     for job in jobs {
@@ -358,6 +359,7 @@ mod tests {
             body: bytes::Bytes::from_static(b"{}"),
             targets: vec!["a".into(), "b".into()],
             received_ms: super::super::now_ms(),
+            sequenced: Vec::new(),
         }
     }
 

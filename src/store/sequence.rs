@@ -1,0 +1,298 @@
+//! `order_by` queues and `debounce` groups in sled's tree (beside the keys of
+//! [`super::layout`]):
+//!
+//! - `o/{target}\0{key hash}{seq}`: `{id}`; the pending deliveries of one key
+//!   in queue order. The first is the key's head, the only one that may be
+//!   attempted. `seq` is the event's id, or a later one given at a requeue.
+//! - `g/{target}\0{key hash}`: the key's open debounce group, [`Group`] JSON.
+//! - `m/{target}\0{key hash}{id}`: empty; an event of that group.
+//!
+//! A group's newest event waits in `q/` at the group's due time, its value
+//! [`GROUP_MARK`]; a held delivery has no `q/` entry until it is released.
+//! Key hashes are 16 bytes of SHA-256: two keys that collide would share
+//! one queue (held longer, never out of order).
+
+use std::collections::{HashMap, HashSet};
+
+use sha2::{Digest, Sha256};
+
+use super::layout::{delivery_key, get_json, key, queue_key, Tally};
+use super::{DeliveryRecord, DeliveryState, EventId, Sequenced, StoreError};
+
+/// The `q/` value of a group's newest event.
+pub const GROUP_MARK: &[u8] = b"g";
+
+pub fn key_hash(key: &str) -> [u8; 16] {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut h = [0; 16];
+    h.copy_from_slice(&digest[..16]);
+    h
+}
+
+pub fn order_prefix(target: &str, key: &str) -> Vec<u8> {
+    super::layout::key(b"o/", &[target.as_bytes(), b"\0", &key_hash(key)])
+}
+
+pub fn group_key(target: &str, key: &str) -> Vec<u8> {
+    super::layout::key(b"g/", &[target.as_bytes(), b"\0", &key_hash(key)])
+}
+
+fn member_prefix(target: &str, key: &str) -> Vec<u8> {
+    super::layout::key(b"m/", &[target.as_bytes(), b"\0", &key_hash(key)])
+}
+
+/// An open debounce group.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Group {
+    pub oldest_ms: u64,
+    pub newest_ms: u64,
+    /// The newest event's id, as `evt_…`.
+    pub newest: String,
+    pub count: u32,
+    pub window_ms: u64,
+    pub max_wait_ms: u64,
+}
+
+impl Group {
+    /// When it is attempted: quiet for `window`, or `max_wait` after its first event.
+    pub fn due_ms(&self) -> u64 {
+        self.newest_ms.saturating_add(self.window_ms).min(self.oldest_ms.saturating_add(self.max_wait_ms))
+    }
+
+    fn newest_id(&self, k: &[u8]) -> Result<EventId, StoreError> {
+        self.newest.parse().map_err(|e| super::layout::corrupt(k, e))
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))
+}
+
+fn id_of_value(k: &[u8], v: &[u8]) -> Result<EventId, StoreError> {
+    EventId::from_slice(v).ok_or_else(|| super::layout::corrupt(k, "bad order entry"))
+}
+
+/// What a round of ingests changed, for the later events of the same round
+/// (sled does not read a batch before it is applied).
+#[derive(Default)]
+pub struct Sequences {
+    /// Order queues that got an entry this round.
+    queues: HashSet<Vec<u8>>,
+    /// Groups changed this round, as they now are.
+    groups: HashMap<Vec<u8>, Group>,
+}
+
+impl Sequences {
+    /// Adds a new event's delivery to `target` to its key's order queue, or
+    /// to its key's debounce group (opening one, or moving the group's due time).
+    #[allow(clippy::too_many_arguments)]
+    pub fn join(
+        &mut self,
+        db: &sled::Db,
+        batch: &mut sled::Batch,
+        tally: &mut Tally,
+        target: &str,
+        how: &Sequenced,
+        id: EventId,
+        received_ms: u64,
+    ) -> Result<(), StoreError> {
+        match how {
+            Sequenced::Ordered { key: k } => {
+                let prefix = order_prefix(target, k);
+                let behind = self.queues.contains(&prefix) || db.scan_prefix(&prefix).next().is_some();
+                batch.insert(key(&prefix, &[id.as_bytes()]), id.as_bytes().to_vec());
+                if behind {
+                    tally.held(target, 1);
+                }
+                self.queues.insert(prefix);
+            }
+            Sequenced::Grouped { key: k, window_ms, max_wait_ms } => {
+                let gkey = group_key(target, k);
+                let open = match self.groups.get(&gkey) {
+                    Some(g) => Some(g.clone()),
+                    None => get_json::<Group>(db, &gkey)?,
+                };
+                let group = match open {
+                    Some(mut g) => {
+                        batch.remove(queue_key(target, g.due_ms(), g.newest_id(&gkey)?));
+                        g.newest_ms = g.newest_ms.max(received_ms);
+                        g.newest = id.to_string();
+                        g.count += 1;
+                        (g.window_ms, g.max_wait_ms) = (*window_ms, *max_wait_ms);
+                        g
+                    }
+                    None => Group {
+                        oldest_ms: received_ms,
+                        newest_ms: received_ms,
+                        newest: id.to_string(),
+                        count: 1,
+                        window_ms: *window_ms,
+                        max_wait_ms: *max_wait_ms,
+                    },
+                };
+                tally.held(target, 1);
+                batch.insert(key(&member_prefix(target, k), &[id.as_bytes()]), Vec::new());
+                batch.insert(gkey.clone(), json(&group)?);
+                batch.insert(queue_key(target, group.due_ms(), id), GROUP_MARK);
+                self.groups.insert(gkey, group);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The delivery at the head of a key's order queue.
+pub fn head(db: &sled::Db, target: &str, key: &str) -> Result<Option<EventId>, StoreError> {
+    match db.scan_prefix(order_prefix(target, key)).next() {
+        Some(item) => {
+            let (k, v) = item?;
+            id_of_value(&k, &v).map(Some)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Where a delivery stands in its key's queue.
+pub fn seq_of(record: Option<&DeliveryRecord>, id: EventId) -> EventId {
+    record.and_then(|r| r.order_seq.as_deref()).and_then(|s| s.parse().ok()).unwrap_or(id)
+}
+
+/// Takes a delivery out of its key's queue (it ended, or is requeued). If it
+/// was the head, the next delivery of the key is released: due now.
+pub fn leave(
+    db: &sled::Db,
+    batch: &mut sled::Batch,
+    tally: &mut Tally,
+    target: &str,
+    order_key: &str,
+    seq: EventId,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let prefix = order_prefix(target, order_key);
+    let own = key(&prefix, &[seq.as_bytes()]);
+    let mut entries = db.scan_prefix(&prefix);
+    let was_head = match entries.next() {
+        Some(item) => item?.0.as_ref() == own.as_slice(),
+        None => false,
+    };
+    if !db.contains_key(&own)? {
+        return Ok(());
+    }
+    batch.remove(own);
+    if !was_head {
+        tally.held(target, -1);
+        return Ok(());
+    }
+    if let Some(item) = entries.next() {
+        let (k, v) = item?;
+        release(db, batch, tally, target, id_of_value(&k, &v)?, now_ms)?;
+    }
+    Ok(())
+}
+
+/// Makes a held delivery due now.
+fn release(
+    db: &sled::Db,
+    batch: &mut sled::Batch,
+    tally: &mut Tally,
+    target: &str,
+    id: EventId,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let dkey = delivery_key(target, id);
+    let mut record = get_json::<DeliveryRecord>(db, &dkey)?.unwrap_or_else(|| DeliveryRecord::pending(now_ms));
+    record.state = DeliveryState::Pending { due_ms: now_ms };
+    batch.insert(dkey, json(&record)?);
+    batch.insert(queue_key(target, now_ms, id), Vec::new());
+    tally.held(target, -1);
+    Ok(())
+}
+
+/// Puts a requeued delivery at the end of its key's queue, after
+/// [`leave`] took it from where it was (`old`: that entry, still in sled
+/// until the batch applies). Returns its new place, and whether it is the
+/// head (then it is due at once; else it is held).
+pub fn rejoin(
+    db: &sled::Db,
+    batch: &mut sled::Batch,
+    tally: &mut Tally,
+    target: &str,
+    order_key: &str,
+    id: EventId,
+    old: Option<EventId>,
+) -> Result<(EventId, bool), StoreError> {
+    let prefix = order_prefix(target, order_key);
+    let old = old.map(|s| key(&prefix, &[s.as_bytes()]));
+    let mut last: Option<EventId> = None;
+    let mut others = false;
+    for item in db.scan_prefix(&prefix).keys() {
+        let k = item?;
+        if Some(k.as_ref()) == old.as_deref() {
+            continue;
+        }
+        others = true;
+        last = k.get(prefix.len()..).and_then(EventId::from_slice);
+    }
+    // After every place taken, even if the clock went back.
+    let mut seq = EventId::new();
+    if let Some(last) = last.filter(|l| *l >= seq) {
+        seq = EventId(uuid::Uuid::from_u128(last.0.as_u128().wrapping_add(1)));
+    }
+    batch.insert(key(&prefix, &[seq.as_bytes()]), id.as_bytes().to_vec());
+    if others {
+        tally.held(target, 1);
+    }
+    Ok((seq, !others))
+}
+
+/// The batch that closes the debounce group whose newest event `id` was
+/// handed out from the queue at `due_ms`: the group's other events end
+/// coalesced into it, and it becomes a plain queued delivery standing for
+/// them all. `None` when the group changed since (a newer event joined).
+pub fn plan_close(
+    db: &sled::Db,
+    tally: &mut Tally,
+    target: &str,
+    group_of: &str,
+    id: EventId,
+    due_ms: u64,
+    now_ms: u64,
+) -> Result<Option<(sled::Batch, u32)>, StoreError> {
+    let qkey = queue_key(target, due_ms, id);
+    if db.get(&qkey)?.as_deref() != Some(GROUP_MARK) {
+        return Ok(None);
+    }
+    let gkey = group_key(target, group_of);
+    let Some(group) = get_json::<Group>(db, &gkey)? else { return Ok(None) };
+    if group.newest_id(&gkey)? != id {
+        return Ok(None);
+    }
+    let mut batch = sled::Batch::default();
+    let prefix = member_prefix(target, group_of);
+    let into = id.to_string();
+    let mut stands_for = 1;
+    for item in db.scan_prefix(&prefix).keys() {
+        let k = item?;
+        batch.remove(k.clone());
+        tally.held(target, -1);
+        let Some(member) = k.get(prefix.len()..).and_then(EventId::from_slice) else { continue };
+        let dkey = delivery_key(target, member);
+        // The newest is the group's delivery; a member requeued on its own
+        // (a redeliver) is delivered on its own.
+        if member == id || db.contains_key(&dkey)? {
+            continue;
+        }
+        let record = DeliveryRecord {
+            state: DeliveryState::Coalesced { at_ms: now_ms, into: into.clone() },
+            ..DeliveryRecord::pending(now_ms)
+        };
+        batch.insert(dkey, json(&record)?);
+        tally.add(target, -1, 0);
+        stands_for += 1;
+    }
+    batch.remove(gkey);
+    batch.insert(qkey, Vec::new());
+    let record = DeliveryRecord { coalesced: stands_for, ..DeliveryRecord::pending(due_ms) };
+    batch.insert(delivery_key(target, id), json(&record)?);
+    Ok(Some((batch, stands_for)))
+}

@@ -294,3 +294,122 @@ async fn kills_during_retention_purges_lose_nothing() {
     }
     store.close().await.unwrap();
 }
+
+/// A page of one of 16 keys: `data.id` is the key, `timestamp` makes it unique.
+fn keyed_page(key: usize, n: usize) -> Vec<u8> {
+    format!(r#"{{"data":{{"id":"key-{key}","timestamp":"{n}","locale":null}},"webhook":{{"event":"page.published","target":"x"}}}}"#)
+        .into_bytes()
+}
+
+/// `order_by` and `debounce` under the same random kills: every acked webhook
+/// is delivered to the ordered target, and ends delivered or coalesced into
+/// a delivered one at the debounced target; no webhook of a key first arrives
+/// before an earlier one of its key did.
+#[tokio::test]
+async fn ordering_and_coalescing_hold_across_kill_9() {
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let common = "retry: { initial_backoff: 20ms, max_backoff: 200ms }, circuit_breaker: { open_for: 200ms }";
+    let targets = format!(
+        "  - {{ name: ord, url: \"{url}\", headers: {{ X-Target: ord }}, order_by: '.data.id', {common} }}\n  - {{ name: deb, url: \"{url}\", headers: {{ X-Target: deb }}, debounce: {{ window: 50ms, max_wait: 200ms, key: '.data.id' }}, {common} }}\n",
+        url = target.url("/")
+    );
+    let routes = "  - { source: buttercms, events: [\"*\"], targets: [ord, deb] }";
+    let config = write_config(dir.path(), &relay_config(dir.path(), &targets, routes));
+
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let kills = kills();
+    for round in 0..kills {
+        let (mut child, addr) = spawn_relay(&config);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let senders: Vec<_> = (0..4)
+            .map(|s| {
+                let (acked, stop) = (acked.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 5_000 {
+                        let body = keyed_page(n % 16, round * 1_000_000 + s * 100_000 + n);
+                        n += 1;
+                        match tokio::time::timeout(Duration::from_secs(5), try_post(addr, body)).await {
+                            Ok(Some((StatusCode::ACCEPTED, id))) => {
+                                acked.lock().unwrap().insert(id);
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break, // killed
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150 + fastrand::u64(0..550))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in senders {
+            s.await.unwrap();
+        }
+    }
+
+    let (mut child, _) = spawn_relay(&config);
+    let acked = acked.lock().unwrap().clone();
+    // First arrival of each webhook at `ord`, and the group deliveries at `deb`.
+    let mut first_at: HashMap<String, Instant> = HashMap::new();
+    let mut deb_delivered: HashSet<String> = HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !acked.iter().all(|id| first_at.contains_key(id)) {
+        assert!(Instant::now() < deadline, "acked webhooks never reached the ordered target");
+        if let Ok(Some(got)) = tokio::time::timeout(Duration::from_secs(5), target.received.recv()).await {
+            let id = got.headers["webhook-id"].to_str().unwrap().to_string();
+            match got.headers["x-target"].to_str().unwrap() {
+                "ord" => drop(first_at.entry(id).or_insert(got.at)),
+                _ => drop(deb_delivered.insert(id)),
+            }
+        }
+    }
+    drained(child.admin).await;
+    while let Ok(Some(got)) = tokio::time::timeout(Duration::from_millis(300), target.received.recv()).await {
+        if got.headers["x-target"] == "deb" {
+            deb_delivered.insert(got.headers["webhook-id"].to_str().unwrap().to_string());
+        }
+    }
+
+    // Order: acked webhooks of one key first arrive in the order they were queued (their ids').
+    let mut by_key: HashMap<String, Vec<String>> = HashMap::new();
+    let mut coalesced = 0;
+    for id in &acked {
+        let ev = admin_call(child.admin, http::Method::GET, &format!("/admin/events/{id}"), Some(ADMIN_TOKEN), "")
+            .await
+            .json();
+        let key = ev["payload"]["data"]["id"].as_str().unwrap().to_string();
+        by_key.entry(key).or_default().push(id.clone());
+        let deb = ev["deliveries"].as_array().unwrap().iter().find(|d| d["target"] == "deb").unwrap().clone();
+        match deb["status"].as_str() {
+            Some("delivered") => assert!(deb_delivered.contains(id), "{id} delivered to deb but never arrived"),
+            Some("coalesced") => {
+                let into = deb["into"].as_str().unwrap();
+                assert!(deb_delivered.contains(into), "{id} coalesced into {into}, which never arrived");
+                coalesced += 1;
+            }
+            other => panic!("{id} at deb: {other:?} {deb}"),
+        }
+    }
+    for ids in by_key.values_mut() {
+        ids.sort();
+        for pair in ids.windows(2) {
+            assert!(
+                first_at[&pair[0]] <= first_at[&pair[1]],
+                "{} arrived before the earlier {} of its key",
+                pair[1],
+                pair[0]
+            );
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    println!(
+        "ordering and coalescing crash run: {kills} kills, {} acked, 0 lost, {} debounce deliveries, {coalesced} coalesced",
+        acked.len(),
+        deb_delivered.len()
+    );
+    assert!(acked.len() > 20, "too few acked to mean anything: {}", acked.len());
+}

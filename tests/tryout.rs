@@ -29,6 +29,7 @@ const SLACK: &str = r#"  - name: slack
     transform: '{text: "\($event): \(.data.name // .data.id)"}'
   - name: build
     url: "http://127.0.0.1:9/build"
+    order_by: '.data.id'
 "#;
 
 #[test]
@@ -40,6 +41,7 @@ fn check_runs_every_program_on_the_samples() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("routes[0].filter: 2 samples, 2 true, 0 false, 0 failed"), "{stdout}");
     assert!(stdout.contains("targets[0].transform: 4 samples, 4 bodies"), "{stdout}");
+    assert!(stdout.contains("targets[1].order_by: 2 samples, 2 keys, 0 without a key, 0 failed"), "{stdout}");
 }
 
 #[test]

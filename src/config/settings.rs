@@ -294,14 +294,6 @@ pub struct Debounce {
     pub key: Option<Program>,
 }
 
-impl Debounce {
-    /// When a group whose events arrived from `oldest_ms` to `newest_ms` is due.
-    pub fn due_ms(&self, oldest_ms: u64, newest_ms: u64) -> u64 {
-        let quiet = newest_ms.saturating_add(self.window.as_millis() as u64);
-        let longest = oldest_ms.saturating_add(self.max_wait.as_millis() as u64);
-        quiet.min(longest)
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {

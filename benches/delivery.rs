@@ -23,8 +23,20 @@ fn main() {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let client_rt =
         tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
-    // The backlog first, while this process's peak memory is still its own.
-    backlog(&server_rt, &client_rt, env_or("BENCH_BACKLOG", 1_000_000));
+    // The backlogs first, each in a process of its own (this benchmark run
+    // again), so that each one's memory is its own: a plain target, and one
+    // with `order_by` over BENCH_KEYS (100,000) keys.
+    let n = env_or("BENCH_BACKLOG", 1_000_000);
+    match std::env::var("BENCH_BACKLOG_ONLY").as_deref() {
+        Ok("plain") => return backlog(&server_rt, &client_rt, n, None),
+        Ok("ordered") => return backlog(&server_rt, &client_rt, n, Some(env_or("BENCH_KEYS", 100_000))),
+        _ => {}
+    }
+    for kind in ["plain", "ordered"] {
+        let exe = std::env::current_exe().expect("this benchmark's path");
+        let status = std::process::Command::new(exe).arg("--bench").env("BENCH_BACKLOG_ONLY", kind).status();
+        assert!(status.is_ok_and(|s| s.success()), "the {kind} backlog failed");
+    }
     for targets in [1, 4] {
         throughput(&server_rt, &client_rt, env_or("BENCH_EVENTS", 20_000), targets);
     }
@@ -33,11 +45,15 @@ fn main() {
 
 /// Queues `n` deliveries for a target that is down, reports memory and disk,
 /// then restarts the relay with the target up and times the first delivery.
-fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runtime, n: u64) {
+/// With `keys`, the target has `order_by` and the deliveries that many keys
+/// (event `i` has key `i % keys`): one of each key is due, the rest held.
+fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runtime, n: u64, keys: Option<u64>) {
+    use hookrelay::store::Sequenced;
     let dir = tempfile::tempdir().expect("tempdir");
     // Nothing listens on port 1 of loopback: connections are refused.
     let down = vec![("search".to_string(), "http://127.0.0.1:1/".to_string())];
-    let down_settings = settings(dir.path(), &down);
+    let order_by = keys.map(|_| "order_by: '.data.buttercms_id'");
+    let down_settings = settings_with(dir.path(), &down, None, order_by);
     let source = down_settings.sources[0].clone();
     let relay = server_rt.block_on(Relay::start(down_settings)).expect("relay");
     let store = relay.store.clone();
@@ -57,7 +73,11 @@ fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runt
                         }
                         let verified = auth::verify(&source.auth, &headers, body(i), SystemTime::now()).expect("auth");
                         let parsed = formats::parse(&source.format, &headers, verified.body()).expect("parse");
-                        let ev = NewEvent::new(&source, verified, parsed, None, vec!["search".into()]);
+                        let mut ev = NewEvent::new(&source, verified, parsed, None, vec!["search".into()]);
+                        if let Some(keys) = keys {
+                            let key = (i % keys).to_string();
+                            ev = ev.with_sequencing(vec![("search".into(), Sequenced::Ordered { key })]);
+                        }
                         assert!(matches!(store.ingest(ev).await.expect("ingest"), Ingested::Accepted { .. }));
                     }
                 })
@@ -73,8 +93,12 @@ fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runt
     let (rss, peak) = rss_mib();
     let queued = server_rt.block_on(store.counts("search")).expect("counts").queued;
     let disk = disk_bytes(&dir.path().join("data")) as f64 / (1 << 20) as f64;
+    let kind = match keys {
+        Some(k) => format!("an order_by target, {k} keys"),
+        None => "a plain target".to_string(),
+    };
     println!(
-        "backlog: {n} deliveries queued for a down target in {load_secs:.1}s ({:.0} events/s stored)",
+        "backlog: {n} deliveries queued for {kind}, down, in {load_secs:.1}s ({:.0} events/s stored)",
         n as f64 / load_secs
     );
     println!("  queue depth {queued}; RSS {rss:.1} MiB (peak {peak:.1} MiB); disk {disk:.1} MiB");
@@ -85,7 +109,7 @@ fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runt
     let (target, addr) = client_rt.block_on(FastTarget::start(false));
     let up = vec![("search".to_string(), format!("http://{addr}/"))];
     let restarted = Instant::now();
-    let relay = server_rt.block_on(Relay::start(settings(dir.path(), &up))).expect("restart");
+    let relay = server_rt.block_on(Relay::start(settings_with(dir.path(), &up, None, order_by))).expect("restart");
     let started_in = restarted.elapsed();
     let deadline = Instant::now() + Duration::from_secs(60);
     while target.first_at.lock().expect("lock").is_none() && Instant::now() < deadline {
@@ -99,9 +123,10 @@ fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runt
     );
     std::thread::sleep(Duration::from_secs(3));
     let (rss, peak) = rss_mib();
+    let drained = target.count.load(Ordering::Relaxed);
     println!(
-        "  draining: {} delivered in the first 3 s; RSS {rss:.1} MiB (peak {peak:.1} MiB)",
-        target.count.load(Ordering::Relaxed)
+        "  draining: {drained} delivered in the first 3 s ({:.0}/s); RSS {rss:.1} MiB (peak {peak:.1} MiB)",
+        drained as f64 / 3.0
     );
     server_rt.block_on(relay.stop(Duration::from_secs(5))).expect("stop");
 }

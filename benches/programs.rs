@@ -140,7 +140,9 @@ fn deliver(
     let dir = tempfile::tempdir().expect("tempdir");
     let (target, addr) = client_rt.block_on(FastTarget::start(false));
     let list = [("t".to_string(), format!("http://{addr}/"))];
-    let relay = server_rt.block_on(Relay::start(settings_with(dir.path(), &list, None, transform))).expect("relay");
+    let keys = transform.map(|t| format!("transform: '{t}'"));
+    let relay =
+        server_rt.block_on(Relay::start(settings_with(dir.path(), &list, None, keys.as_deref()))).expect("relay");
     let relay_addr = relay.ingress_addr;
     let (started, cpu) = (Instant::now(), cpu_secs());
     client_rt.block_on(async {

@@ -199,3 +199,38 @@ async fn held_deliveries_show_in_the_admin_api_and_metrics() {
     })
     .await;
 }
+
+/// Removing `order_by` by a reload while a key's deliveries are held: the
+/// held one is still released by the one before it; a new event of that key
+/// is not held. Adding `debounce` then groups only events stored after it.
+#[tokio::test]
+async fn a_reload_applies_to_events_stored_after_it_and_leaves_none_waiting() {
+    let mut site = FakeTarget::start().await;
+    let busy = || Answer::status(503).header("retry-after", "1");
+    site.script([busy()]);
+    let t = start_relay(&ordered(&site.url("/"), "initial_backoff: 100ms, max_backoff: 5s"), ROUTE).await;
+    let a = post_id(&t, page("k1", "x", 1)).await;
+    assert_eq!(site.next().await.headers["webhook-id"], a.as_str(), "A fails, retried in 1 s");
+    let b = post_id(&t, page("k1", "x", 2)).await;
+
+    let plain = format!("  - name: site\n    url: \"{}\"\n", site.url("/"));
+    let path = write_config(t.dir.path(), &relay_config(t.dir.path(), &plain, ROUTE));
+    t.relay.reload(hookrelay::config::load(&path).unwrap()).await.unwrap();
+    let c = post_id(&t, page("k1", "x", 3)).await;
+    let mut order = Vec::new();
+    for _ in 0..3 {
+        order.push(site.next().await.headers["webhook-id"].to_str().unwrap().to_string());
+    }
+    assert_eq!(order, [c, a.clone(), b.clone()], "C is not held; B still waits for A");
+
+    let grouped = debounced(&site.url("/"), "200ms", "5s", None);
+    let path = write_config(t.dir.path(), &relay_config(t.dir.path(), &grouped, ROUTE));
+    t.relay.reload(hookrelay::config::load(&path).unwrap()).await.unwrap();
+    let ids = [post_id(&t, page("g1", "x", 4)).await, post_id(&t, page("g2", "x", 5)).await];
+    let got = site.next().await;
+    assert_eq!(
+        (got.headers["webhook-id"].to_str().unwrap(), got.headers["x-hookrelay-coalesced"].to_str().unwrap()),
+        (ids[1].as_str(), "2")
+    );
+    site.nothing_for(Duration::from_millis(400)).await;
+}

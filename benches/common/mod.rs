@@ -23,18 +23,19 @@ pub fn settings(dir: &Path, targets: &[(String, String)]) -> hookrelay::config::
     settings_with(dir, targets, None, None)
 }
 
-/// [`settings`] with a jq `filter` on the route and a `transform` on every target.
+/// [`settings`] with a jq `filter` on the route, and `target_keys` (YAML
+/// keys such as `transform: '…'` or `order_by: '…'`) on every target.
 pub fn settings_with(
     dir: &Path,
     targets: &[(String, String)],
     filter: Option<&str>,
-    transform: Option<&str>,
+    target_keys: Option<&str>,
 ) -> hookrelay::config::Settings {
-    let transform = transform.map(|t| format!(", transform: '{t}'")).unwrap_or_default();
+    let extra = target_keys.map(|k| format!(", {k}")).unwrap_or_default();
     let filter = filter.map(|f| format!(", filter: '{f}'")).unwrap_or_default();
     let list: String = targets
         .iter()
-        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 32, timeout: 2s{transform} }}\n"))
+        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 32, timeout: 2s{extra} }}\n"))
         .collect();
     let names: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
     let text = format!(

@@ -294,7 +294,6 @@ pub struct Debounce {
     pub key: Option<Program>,
 }
 
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     pub per_second: u32,

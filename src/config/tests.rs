@@ -273,7 +273,11 @@ fn programs_order_by_and_debounce_are_checked_with_their_key_paths() {
     assert_problem(&t("    transform: '{a: '"), "targets[0].transform", "expected");
     assert_problem(&t("    order_by: '.data | nosuch'"), "targets[0].order_by", "undefined filter nosuch");
     assert_problem(&t("    debounce: { window: 30s, key: '$id' }"), "targets[0].debounce.key", "undefined variable");
-    assert_problem(&t("    debounce: { window: 30s, max_wait: 10s }"), "targets[0].debounce.max_wait", "at least window");
+    assert_problem(
+        &t("    debounce: { window: 30s, max_wait: 10s }"),
+        "targets[0].debounce.max_wait",
+        "at least window",
+    );
     assert_problem(&t("    debounce: { window: 0s }"), "targets[0].debounce.window", "more than 0");
     assert_problem(&t("    debounce: { max_wait: 10s }"), "targets[0].debounce", "window");
     assert_problem(
@@ -290,7 +294,10 @@ fn programs_order_by_and_debounce_are_checked_with_their_key_paths() {
     let ok = load(&t("    debounce: { window: 30s, key: '.data.type' }")).unwrap();
     match &ok.targets[0].sequencing {
         Some(Sequencing::Debounced(d)) => {
-            assert_eq!((d.window, d.max_wait), (std::time::Duration::from_secs(30), std::time::Duration::from_secs(300)));
+            assert_eq!(
+                (d.window, d.max_wait),
+                (std::time::Duration::from_secs(30), std::time::Duration::from_secs(300))
+            );
             assert!(d.key.is_some());
         }
         other => panic!("{other:?}"),

@@ -222,6 +222,8 @@ pub fn encode_counts(c: &TargetCounts) -> Vec<u8> {
 pub fn decode_counts(k: &[u8], v: &[u8]) -> Result<TargetCounts, StoreError> {
     match v.len() {
         24 => Ok(TargetCounts { queued: be_u64(v), dead: be_u64(&v[8..]), held: be_u64(&v[16..]) }),
+        // Written before `held` was counted (nothing could be held then).
+        16 => Ok(TargetCounts { queued: be_u64(v), dead: be_u64(&v[8..]), held: 0 }),
         _ => Err(corrupt(k, "bad counts record")),
     }
 }

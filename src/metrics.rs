@@ -1,5 +1,8 @@
 //! The Prometheus metrics (README, "Metrics"), registered once; every metric name lives here.
 
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     exponential_buckets, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -28,6 +31,8 @@ pub struct Metrics {
     pub filter_errors: IntCounterVec,
     /// Transforms that failed (the delivery then went to the dead letters), per `target`.
     pub transform_errors: IntCounterVec,
+    /// The last hour, minute by minute, for the console.
+    pub stats: Arc<Stats>,
 }
 
 /// The label values of `hookrelay_ingress_requests_total{outcome}`.
@@ -171,6 +176,7 @@ impl Metrics {
                 &["target"],
             )?,
             registry,
+            stats: Arc::default(),
         })
     }
 
@@ -196,9 +202,26 @@ impl Metrics {
 
     pub fn ingress(&self, source: &str, outcome: IngressOutcome, seconds: f64) {
         self.ingress_requests.with_label_values(&[source, outcome.as_str()]).inc();
+        self.stats.record(|m| count(&mut m.webhooks, source, outcome.as_str(), 1));
         if matches!(outcome, IngressOutcome::Accepted | IngressOutcome::Duplicate) {
             self.ingress_ack_seconds.with_label_values(&[source]).observe(seconds);
         }
+    }
+
+    /// Counts `n` deliveries of `target` ending in `outcome`.
+    pub fn delivery(&self, target: &str, outcome: DeliveryOutcome, n: u64) {
+        self.deliveries.with_label_values(&[target, outcome.as_str()]).inc_by(n);
+        self.stats.record(|m| count(&mut m.deliveries, target, outcome.as_str(), n));
+    }
+
+    /// Sets a target's queue gauges from the store's counts.
+    pub fn queue(&self, target: &str, counts: crate::store::TargetCounts) {
+        self.queue_depth.with_label_values(&[target]).set(counts.queued as i64);
+        self.dead_letters.with_label_values(&[target]).set(counts.dead as i64);
+        self.held_deliveries.with_label_values(&[target]).set(counts.held as i64);
+        self.stats.record(|m| {
+            m.queued.insert(target.to_string(), counts.queued);
+        });
     }
 
     /// The Prometheus text exposition of every metric.
@@ -206,6 +229,71 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding metrics failed: {e}\n"))
+    }
+}
+
+/// Minutes kept by [`Stats`].
+pub const STATS_MINUTES: usize = 60;
+
+/// Per-minute counts of the last hour, kept in memory by this instance (a
+/// fixed number of minutes, each with an entry per source or target and
+/// outcome): what `GET /admin/stats` answers and the console charts.
+#[derive(Debug, Default)]
+pub struct Stats(Mutex<VecDeque<Minute>>);
+
+/// One minute's counts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Minute {
+    /// Its first millisecond (since the epoch).
+    pub start_ms: u64,
+    /// Webhooks received, per source and outcome.
+    pub webhooks: BTreeMap<String, BTreeMap<String, u64>>,
+    /// Deliveries ended or retried, per target and outcome.
+    pub deliveries: BTreeMap<String, BTreeMap<String, u64>>,
+    /// The queue depth of each target, as last read in the minute.
+    pub queued: BTreeMap<String, u64>,
+}
+
+fn count(map: &mut BTreeMap<String, BTreeMap<String, u64>>, name: &str, outcome: &str, n: u64) {
+    *map.entry(name.to_string()).or_default().entry(outcome.to_string()).or_default() += n;
+}
+
+impl Stats {
+    fn record(&self, change: impl FnOnce(&mut Minute)) {
+        self.record_at(crate::store::now_ms(), change)
+    }
+
+    fn record_at(&self, now_ms: u64, change: impl FnOnce(&mut Minute)) {
+        let start_ms = now_ms - now_ms % 60_000;
+        let mut minutes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if minutes.back().is_none_or(|m| m.start_ms < start_ms) {
+            minutes.push_back(Minute { start_ms, ..Minute::default() });
+            while minutes.len() > STATS_MINUTES {
+                minutes.pop_front();
+            }
+        }
+        if let Some(m) = minutes.back_mut() {
+            change(m);
+        }
+    }
+
+    /// The last `n` minutes up to the one of `now_ms`, oldest first, one
+    /// entry a minute (empty where nothing happened).
+    pub fn last(&self, n: usize, now_ms: u64) -> Vec<Minute> {
+        let n = n.clamp(1, STATS_MINUTES) as u64;
+        let newest = now_ms - now_ms % 60_000;
+        let minutes = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        (0..n)
+            .rev()
+            .map(|back| {
+                let start_ms = newest.saturating_sub(back * 60_000);
+                minutes
+                    .iter()
+                    .find(|m| m.start_ms == start_ms)
+                    .cloned()
+                    .unwrap_or(Minute { start_ms, ..Minute::default() })
+            })
+            .collect()
     }
 }
 
@@ -226,6 +314,25 @@ mod tests {
         assert!(text.contains(r#"hookrelay_ingress_requests_total{outcome="too_large",source="buttercms"} 1"#));
         assert!(text.contains(r#"hookrelay_ingress_ack_seconds_count{source="buttercms"} 1"#));
         assert!(text.contains(r#"hookrelay_ingress_ack_seconds_bucket{source="buttercms",le="0.0001"} 0"#));
+    }
+
+    #[test]
+    fn stats_keep_an_hour_minute_by_minute_in_a_fixed_size() {
+        let stats = Stats::default();
+        let t0 = 1_800_000_000_000; // a whole minute
+        stats.record_at(t0 + 1_000, |m| count(&mut m.webhooks, "cms", "accepted", 1));
+        stats.record_at(t0 + 59_000, |m| count(&mut m.webhooks, "cms", "accepted", 2));
+        stats.record_at(t0 + 120_000, |m| count(&mut m.deliveries, "site", "delivered", 5));
+        let last = stats.last(3, t0 + 130_000);
+        assert_eq!(last.iter().map(|m| m.start_ms - t0).collect::<Vec<_>>(), [0, 60_000, 120_000]);
+        assert_eq!(last[0].webhooks["cms"]["accepted"], 3);
+        assert!(last[1].webhooks.is_empty(), "a quiet minute is there, empty");
+        assert_eq!(last[2].deliveries["site"]["delivered"], 5);
+        for k in 0..200 {
+            stats.record_at(t0 + k * 60_000, |m| count(&mut m.webhooks, "cms", "accepted", 1));
+        }
+        assert_eq!(stats.0.lock().unwrap().len(), STATS_MINUTES, "never more than an hour");
+        assert_eq!(stats.last(1_000, t0).len(), STATS_MINUTES);
     }
 
     #[test]

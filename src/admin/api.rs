@@ -29,13 +29,14 @@ pub async fn route(admin: &Admin, req: Request<Incoming>) -> Reply {
     let method = req.method().clone();
     let result = match (&method, segments.as_slice()) {
         (&Method::GET, ["targets"]) => targets(admin).await,
+        (&Method::GET, ["stats"]) => stats(admin, &query),
         (&Method::POST, ["targets", name, action @ ("pause" | "resume")]) => pause(admin, name, action).await,
         (&Method::GET, ["events"]) => events(admin, &query).await,
         (&Method::GET, ["events", id]) => event(admin, id).await,
         (&Method::POST, ["events", id, "redeliver"]) => redeliver(admin, id, query.get("target")).await,
         (&Method::GET, ["dead-letters"]) => dead_letters(admin, &query).await,
         (&Method::POST, ["dead-letters", "replay"]) => replay(admin, req).await,
-        (_, ["targets"] | ["targets", _, "pause" | "resume"] | ["events"] | ["events", _])
+        (_, ["targets"] | ["stats"] | ["targets", _, "pause" | "resume"] | ["events"] | ["events", _])
         | (_, ["events", _, "redeliver"] | ["dead-letters"] | ["dead-letters", "replay"]) => {
             Err(ApiError(StatusCode::METHOD_NOT_ALLOWED, "method not allowed".into()))
         }
@@ -118,16 +119,113 @@ async fn pause(admin: &Admin, name: &str, action: &str) -> Result {
     Ok(reply(StatusCode::OK, json!({ "target": name, "paused": matches!(control, Control::Pause) })))
 }
 
+/// Events examined at most by one listing with filters, so that a filter
+/// that matches nothing answers in bounded time (the answer's `next_before`
+/// goes on from there).
+const MAX_SCANNED: usize = 5_000;
+
+/// The delivery statuses an event listing filters on.
+const STATUSES: &[&str] = &["pending", "delivered", "dead", "skipped", "coalesced"];
+
+fn status_name(state: &DeliveryState) -> &'static str {
+    match state {
+        DeliveryState::Pending { .. } => "pending",
+        DeliveryState::Delivered { .. } => "delivered",
+        DeliveryState::Dead { .. } => "dead",
+        DeliveryState::Skipped { .. } => "skipped",
+        DeliveryState::Coalesced { .. } => "coalesced",
+    }
+}
+
+/// `*` in `pattern` stands for any run of characters; the rest is literal.
+fn glob(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else { return false };
+    let parts: Vec<&str> = parts.collect();
+    for (i, part) in parts.iter().enumerate() {
+        if i + 1 == parts.len() {
+            return rest.ends_with(part);
+        }
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.is_empty()
+}
+
+/// `GET /admin/events?source=&event=&status=&target=&before=&limit=`:
+/// newest first, filtered, a page at a time (`before`: the `next_before` of
+/// the page before).
 async fn events(admin: &Admin, query: &HashMap<String, String>) -> Result {
     let limit = limit(query)?;
-    let list = admin.store.recent_events(query.get("source").map(String::as_str), limit).await?;
-    let events: Vec<Value> = list
+    let source = query.get("source").map(String::as_str).filter(|s| !s.is_empty());
+    let pattern = query.get("event").map(String::as_str).filter(|s| !s.is_empty());
+    let target = query.get("target").map(String::as_str).filter(|s| !s.is_empty());
+    let status = query.get("status").map(String::as_str).filter(|s| !s.is_empty());
+    if let Some(s) = status.filter(|s| !STATUSES.contains(s)) {
+        return Err(ApiError(StatusCode::BAD_REQUEST, format!("status {s:?} is not one of {}", STATUSES.join(", "))));
+    }
+    let mut before = query.get("before").filter(|b| !b.is_empty()).map(|b| parse_id(b)).transpose()?;
+    let mut out = Vec::new();
+    let mut scanned = 0;
+    let mut exhausted = false;
+    while out.len() < limit && scanned < MAX_SCANNED {
+        let page = admin.store.events_before(before, source, limit.max(100)).await?;
+        exhausted = page.is_empty();
+        if exhausted {
+            break;
+        }
+        for (id, m) in page {
+            scanned += 1;
+            before = Some(id);
+            if pattern.is_some_and(|p| !glob(p, &m.event)) || target.is_some_and(|t| !m.targets.iter().any(|x| x == t))
+            {
+                continue;
+            }
+            let deliveries = admin.store.deliveries(id).await?;
+            let statuses: Vec<Value> = deliveries
+                .iter()
+                .map(|d| json!({ "target": d.target, "status": status_name(&d.record.state) }))
+                .collect();
+            let wanted = status.is_none_or(|s| {
+                deliveries.iter().any(|d| target.is_none_or(|t| t == d.target) && status_name(&d.record.state) == s)
+            });
+            if wanted {
+                out.push(json!({ "id": id.to_string(), "source": m.source, "event": m.event, "received_at": time(m.received_ms), "targets": m.targets, "deliveries": statuses }));
+            }
+            if out.len() >= limit || scanned >= MAX_SCANNED {
+                break;
+            }
+        }
+    }
+    let next = if exhausted { None } else { before.map(|b| b.to_string()) };
+    Ok(reply(StatusCode::OK, json!({ "events": out, "next_before": next })))
+}
+
+/// `GET /admin/stats?minutes=60`: this instance's per-minute counts.
+fn stats(admin: &Admin, query: &HashMap<String, String>) -> Result {
+    let minutes = match query.get("minutes") {
+        None => crate::metrics::STATS_MINUTES,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=crate::metrics::STATS_MINUTES).contains(&n) => n,
+            _ => {
+                let message = format!("minutes must be a number from 1 to {}", crate::metrics::STATS_MINUTES);
+                return Err(ApiError(StatusCode::BAD_REQUEST, message));
+            }
+        },
+    };
+    let list: Vec<Value> = admin
+        .metrics
+        .stats
+        .last(minutes, crate::store::now_ms())
         .into_iter()
-        .map(|(id, m)| {
-            json!({ "id": id.to_string(), "source": m.source, "event": m.event, "received_at": time(m.received_ms), "targets": m.targets })
+        .map(|m| {
+            json!({ "start": time(m.start_ms), "webhooks": m.webhooks, "deliveries": m.deliveries, "queued": m.queued })
         })
         .collect();
-    Ok(reply(StatusCode::OK, json!({ "events": events })))
+    Ok(reply(StatusCode::OK, json!({ "minutes": list })))
 }
 
 async fn event(admin: &Admin, raw_id: &str) -> Result {
@@ -269,4 +367,22 @@ async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
     admin.workers.wake(chosen.iter().map(|(t, _)| t.as_str()));
     tracing::info!(replayed, target = ?ask.target, "dead letters replayed by an operator");
     Ok(reply(StatusCode::OK, json!({ "replayed": replayed })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::glob;
+
+    #[test]
+    fn event_globs_match_like_shell_patterns() {
+        assert!(glob("page.*", "page.published"));
+        assert!(glob("*.published", "page.published"));
+        assert!(glob("*", "anything"));
+        assert!(glob("page.published", "page.published"));
+        assert!(glob("p*e.*d", "page.published"));
+        assert!(!glob("page.*", "post.published"));
+        assert!(!glob("*.delete", "page.published"));
+        assert!(!glob("page", "page.published"));
+        assert!(!glob("a*b*c", "ab"));
+    }
 }

@@ -2,6 +2,7 @@
 //! behind a bearer token (and absent when no token is configured).
 
 mod api;
+mod console;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -71,6 +72,13 @@ impl Admin {
                 false => respond::with(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
             },
             (_, "/metrics" | "/healthz" | "/readyz") => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+            // The console is there only where the API it uses is.
+            (_, p) if p == "/" || p == "/console" || p.starts_with("/console/") => {
+                match self.token.read().unwrap_or_else(|p| p.into_inner()).is_some() {
+                    true => console::serve(req.method(), p),
+                    false => error(StatusCode::NOT_FOUND, "not found (no admin.token is configured)"),
+                }
+            }
             (_, p) if p.starts_with("/admin/") => {
                 let token = self.token.read().unwrap_or_else(|p| p.into_inner()).clone();
                 let Some(token) = token else {
@@ -103,7 +111,11 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         let (admin, builder, shutdown) = (admin.clone(), builder.clone(), shutdown.clone());
         let handle = move |req| {
             let admin = admin.clone();
-            async move { admin.handle(req).await }
+            async move {
+                let mut reply = admin.handle(req).await;
+                console::secure(reply.headers_mut());
+                reply
+            }
         };
         async move { listen::serve_http(&builder, stream, handle, shutdown, "admin", peer).await }
     })

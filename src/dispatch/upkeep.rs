@@ -54,11 +54,7 @@ pub async fn purge(store: Arc<dyn Store>, retention: Duration, shutdown: Cancell
 pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics, shutdown: CancellationToken) {
     loop {
         match store.counts(&target).await {
-            Ok(c) => {
-                metrics.queue_depth.with_label_values(&[&target]).set(c.queued as i64);
-                metrics.dead_letters.with_label_values(&[&target]).set(c.dead as i64);
-                metrics.held_deliveries.with_label_values(&[&target]).set(c.held as i64);
-            }
+            Ok(c) => metrics.queue(&target, c),
             Err(e) => tracing::warn!(%target, error = %e, "cannot count the queue"),
         }
         tokio::select! {

@@ -403,7 +403,7 @@ impl AttemptCtx {
             NextStep::Dead(_) => DeliveryOutcome::Dead,
             NextStep::Skipped => DeliveryOutcome::Skipped,
         };
-        self.metrics.deliveries.with_label_values(&[name, outcome.as_str()]).inc();
+        self.metrics.delivery(name, outcome, 1);
         let error = result.error.as_deref().unwrap_or("");
         match &next {
             NextStep::Dead(reason) => {
@@ -438,7 +438,7 @@ impl AttemptCtx {
             NextStep::Skipped => DeliveryOutcome::Skipped,
             _ => DeliveryOutcome::Dead,
         };
-        self.metrics.deliveries.with_label_values(&[&self.target.name, outcome.as_str()]).inc();
+        self.metrics.delivery(&self.target.name, outcome, 1);
         tracing::info!(target = %self.target.name, id = %due.event_id, attempt = number, outcome = outcome.as_str(), "delivery ended without sending");
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 0, status: None, error: Some(why.to_string()) };
         match self.record(due, number, attempt, next).await {

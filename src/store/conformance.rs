@@ -354,6 +354,13 @@ async fn recent_events_are_newest_first_per_source(store: &dyn Store) {
         store.recent_events(Some("a"), 10).await.expect("recent").into_iter().map(|e| e.0).collect();
     assert_eq!(of_a, [a2, a1]);
     assert_eq!(store.recent_events(None, 1).await.expect("recent").len(), 1);
+    let older: Vec<EventId> =
+        store.events_before(Some(b1), None, 10).await.expect("page").into_iter().map(|e| e.0).collect();
+    assert_eq!(older, [a1], "the page before b1");
+    let older_a: Vec<EventId> =
+        store.events_before(Some(a2), Some("a"), 10).await.expect("page").into_iter().map(|e| e.0).collect();
+    assert_eq!(older_a, [a1]);
+    assert!(store.events_before(Some(a1), None, 10).await.expect("page").is_empty());
 }
 
 async fn purge_removes_finished_old_events_only_and_goes_on_from_its_cursor(store: &dyn Store) {

@@ -60,7 +60,18 @@ pub trait Store: Send + Sync + 'static {
     async fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError>;
 
     /// The newest events first, of one source or of all, at most `limit`.
-    async fn recent_events(&self, source: Option<&str>, limit: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError>;
+    async fn recent_events(&self, source: Option<&str>, limit: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+        self.events_before(None, source, limit).await
+    }
+
+    /// [`Store::recent_events`] received before the event `before` (paging
+    /// back from where a page ended), or from the newest for `None`.
+    async fn events_before(
+        &self,
+        before: Option<EventId>,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(EventId, EventMeta)>, StoreError>;
 
     /// The delivery records of one event, one per target.
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError>;

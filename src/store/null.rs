@@ -25,7 +25,12 @@ impl Store for NullStore {
     async fn event(&self, _: EventId) -> Result<Option<StoredEvent>, StoreError> {
         Ok(None)
     }
-    async fn recent_events(&self, _: Option<&str>, _: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+    async fn events_before(
+        &self,
+        _: Option<EventId>,
+        _: Option<&str>,
+        _: usize,
+    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
         Ok(Vec::new())
     }
     async fn deliveries(&self, _: EventId) -> Result<Vec<Delivery>, StoreError> {

@@ -62,10 +62,16 @@ impl Store for SledStore {
         Ok(self.get_event(id)?.map(|(meta, body)| StoredEvent { id, meta, body }))
     }
 
-    async fn recent_events(&self, source: Option<&str>, limit: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+    async fn events_before(
+        &self,
+        before: Option<EventId>,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
         // Ids are UUIDv7, so key order is arrival order: walk it backwards.
         let mut out = Vec::new();
-        for item in self.db.scan_prefix(b"e/").rev() {
+        let end = before.map_or_else(|| b"e0".to_vec(), event_key);
+        for item in self.db.range(b"e/".to_vec()..end).rev() {
             if out.len() >= limit {
                 break;
             }

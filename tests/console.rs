@@ -292,4 +292,11 @@ async fn browse(c: Client) {
     c.wait().at_most(WAIT).for_element(Locator::Id("token")).await.unwrap();
     let kept = c.execute("return sessionStorage.length + document.cookie.length;", vec![]).await.unwrap();
     assert_eq!(kept, serde_json::json!(0));
+
+    // Signed in again, the relay goes away: the overview's refresh says so plainly.
+    c.find(Locator::Id("token")).await.unwrap().send_keys(ADMIN_TOKEN).await.unwrap();
+    click(&c, "#sign-in").await;
+    wait_text(&c, "#targets-table", "working").await;
+    t.relay.stop(Duration::from_secs(5)).await.unwrap();
+    wait_text(&c, "#status", "cannot be reached").await;
 }

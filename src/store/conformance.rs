@@ -49,6 +49,7 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     ordered_deliveries_wait_for_the_earlier_one_of_their_key,
     a_dead_delivery_releases_the_next_and_a_replay_queues_behind_the_rest,
     a_delivery_without_a_key_is_never_held,
+    a_long_queue_of_one_key_keeps_its_order,
     a_debounce_group_is_one_delivery_of_its_newest_event,
     a_stale_hand_out_of_a_group_is_refused,
     groups_are_per_key_and_cut_by_max_wait,
@@ -536,4 +537,29 @@ async fn groups_are_per_key_and_cut_by_max_wait(store: &dyn Store) {
     let mut got = ids(&both);
     got.sort();
     assert_eq!(got, [posts, pages]);
+}
+
+/// More deliveries of one key than one record of a backend may pack: they
+/// are released one by one, in order; a replayed one goes to the end.
+async fn a_long_queue_of_one_key_keeps_its_order(store: &dyn Store) {
+    let ids = futures_join((0..150).map(|n| accepted(store, ordered(&format!("o{n:03}"), "t", "k")))).await;
+    let mut ids = ids;
+    ids.sort();
+    assert_eq!(store.counts("t").await.expect("counts").held, 149);
+    let mut delivered = Vec::new();
+    for n in 0..150 {
+        let due = due(store, "t", now_ms() + 1).await;
+        assert_eq!(due.due.len(), 1, "one at a time, at step {n}");
+        let d = &due.due[0];
+        if n == 10 {
+            // Replayed while it waits its turn: it goes behind every one queued.
+            assert!(store.requeue("t", ids[20]).await.expect("requeue"));
+        }
+        store.complete("t", d, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+        delivered.push(d.event_id);
+    }
+    let mut expected: Vec<EventId> = ids.iter().copied().filter(|id| *id != ids[20]).collect();
+    expected.push(ids[20]);
+    assert_eq!(delivered, expected);
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
 }

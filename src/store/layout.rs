@@ -393,9 +393,13 @@ pub fn read_due(
                 // delivery behind an earlier one of its key is released
                 // by that one's end. Neither needs the walk again.
                 Ok(meta) if meta.group.contains_key(target) => None,
+                // The record is read again after the head: a delivery
+                // released meanwhile has one by now, and is handed out from
+                // the queue instead (not twice).
                 Ok(meta)
                     if meta.order.get(target).is_some_and(|key| {
                         sequence::head(db, target, key).ok().flatten().is_some_and(|head| head != id)
+                            || db.contains_key(delivery_key(target, id)).unwrap_or(true)
                     }) =>
                 {
                     None
@@ -654,11 +658,11 @@ pub fn plan_requeue(
     // Queued again now: behind every delivery of its key queued before.
     let mut due_now = true;
     if let Some(order_key) = meta.order.get(target) {
-        let old = was_pending.then_some(seq);
-        if let Some(old) = old {
-            sequence::leave(db, &mut batch, tally, target, order_key, old, now_ms)?;
-        }
-        let (new_seq, head) = sequence::rejoin(db, &mut batch, tally, target, order_key, id, old)?;
+        let remaining = match was_pending {
+            true => Some(sequence::leave(db, &mut batch, tally, target, order_key, seq, now_ms)?),
+            false => None,
+        };
+        let (new_seq, head) = sequence::rejoin(db, &mut batch, tally, target, order_key, id, remaining)?;
         record.order_seq = Some(new_seq.to_string());
         due_now = head;
     }

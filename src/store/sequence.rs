@@ -1,9 +1,13 @@
 //! `order_by` queues and `debounce` groups in sled's tree (beside the keys of
 //! [`super::layout`]):
 //!
-//! - `o/{target}\0{key hash}{seq}`: `{id}`; the pending deliveries of one key
-//!   in queue order. The first is the key's head, the only one that may be
+//! - `o/{target}\0{key hash}{chunk}`: the pending deliveries of one key in
+//!   queue order, packed up to [`CHUNK`] a record (`chunk` a big-endian u64,
+//!   rising), each entry its place `seq` then the event's id (16 bytes
+//!   each). The first entry is the key's head, the only one that may be
 //!   attempted. `seq` is the event's id, or a later one given at a requeue.
+//!   Packing keeps sled's keys (and so its memory) near one per key, not one
+//!   per delivery, and bounds the bytes any one change rewrites.
 //! - `g/{target}\0{key hash}`: the key's open debounce group, [`Group`] JSON.
 //! - `m/{target}\0{key hash}{id}`: empty; an event of that group.
 //!
@@ -12,7 +16,7 @@
 //! Key hashes are 16 bytes of SHA-256: two keys that collide would share
 //! one queue (held longer, never out of order).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
@@ -68,16 +72,52 @@ fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))
 }
 
-fn id_of_value(k: &[u8], v: &[u8]) -> Result<EventId, StoreError> {
-    EventId::from_slice(v).ok_or_else(|| super::layout::corrupt(k, "bad order entry"))
+/// Entries a chunk of an order queue holds at most.
+pub const CHUNK: usize = 64;
+const ENTRY: usize = 32;
+
+fn chunk_key(prefix: &[u8], chunk: u64) -> Vec<u8> {
+    key(prefix, &[&chunk.to_be_bytes()])
+}
+
+fn chunk_number(prefix: &[u8], k: &[u8]) -> u64 {
+    super::layout::be_u64(&k[prefix.len().min(k.len())..])
+}
+
+/// The (seq, id) entries of a chunk.
+fn entries(k: &[u8], v: &[u8]) -> Result<Vec<(EventId, EventId)>, StoreError> {
+    if !v.len().is_multiple_of(ENTRY) {
+        return Err(super::layout::corrupt(k, "bad order chunk"));
+    }
+    v.chunks(ENTRY)
+        .map(|e| match (EventId::from_slice(&e[..16]), EventId::from_slice(&e[16..])) {
+            (Some(seq), Some(id)) => Ok((seq, id)),
+            _ => Err(super::layout::corrupt(k, "bad order entry")),
+        })
+        .collect()
+}
+
+fn pack(entries: &[(EventId, EventId)]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(entries.len() * ENTRY);
+    for (seq, id) in entries {
+        v.extend_from_slice(seq.as_bytes());
+        v.extend_from_slice(id.as_bytes());
+    }
+    v
+}
+
+/// A key's last chunk, as a round of ingests has it so far.
+struct Tail {
+    chunk: u64,
+    entries: Vec<(EventId, EventId)>,
 }
 
 /// What a round of ingests changed, for the later events of the same round
 /// (sled does not read a batch before it is applied).
 #[derive(Default)]
 pub struct Sequences {
-    /// Order queues that got an entry this round.
-    queues: HashSet<Vec<u8>>,
+    /// Order queues appended to this round: their last chunk (`None`: empty before).
+    tails: HashMap<Vec<u8>, Tail>,
     /// Groups changed this round, as they now are.
     groups: HashMap<Vec<u8>, Group>,
 }
@@ -99,12 +139,28 @@ impl Sequences {
         match how {
             Sequenced::Ordered { key: k } => {
                 let prefix = order_prefix(target, k);
-                let behind = self.queues.contains(&prefix) || db.scan_prefix(&prefix).next().is_some();
-                batch.insert(key(&prefix, &[id.as_bytes()]), id.as_bytes().to_vec());
+                let tail = match self.tails.remove(&prefix) {
+                    Some(tail) => Some(tail),
+                    None => match db.scan_prefix(&prefix).next_back() {
+                        Some(item) => {
+                            let (ck, v) = item?;
+                            Some(Tail { chunk: chunk_number(&prefix, &ck), entries: entries(&ck, &v)? })
+                        }
+                        None => None,
+                    },
+                };
+                let behind = tail.as_ref().is_some_and(|t| !t.entries.is_empty());
+                let mut tail = match tail {
+                    Some(t) if t.entries.len() < CHUNK => t,
+                    Some(t) => Tail { chunk: t.chunk + 1, entries: Vec::new() },
+                    None => Tail { chunk: 0, entries: Vec::new() },
+                };
+                tail.entries.push((id, id));
+                batch.insert(chunk_key(&prefix, tail.chunk), pack(&tail.entries));
                 if behind {
                     tally.held(target, 1);
                 }
-                self.queues.insert(prefix);
+                self.tails.insert(prefix, tail);
             }
             Sequenced::Grouped { key: k, window_ms, max_wait_ms } => {
                 let gkey = group_key(target, k);
@@ -146,7 +202,7 @@ pub fn head(db: &sled::Db, target: &str, key: &str) -> Result<Option<EventId>, S
     match db.scan_prefix(order_prefix(target, key)).next() {
         Some(item) => {
             let (k, v) = item?;
-            id_of_value(&k, &v).map(Some)
+            Ok(entries(&k, &v)?.first().map(|(_, id)| *id))
         }
         None => Ok(None),
     }
@@ -158,7 +214,9 @@ pub fn seq_of(record: Option<&DeliveryRecord>, id: EventId) -> EventId {
 }
 
 /// Takes a delivery out of its key's queue (it ended, or is requeued). If it
-/// was the head, the next delivery of the key is released: due now.
+/// was the head, the next delivery of the key is released: due now. Returns
+/// whether deliveries of the key are still queued. Reads the chunks up to
+/// the delivery's and the one after (for a head, its first).
 pub fn leave(
     db: &sled::Db,
     batch: &mut sled::Batch,
@@ -167,27 +225,48 @@ pub fn leave(
     order_key: &str,
     seq: EventId,
     now_ms: u64,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let prefix = order_prefix(target, order_key);
-    let own = key(&prefix, &[seq.as_bytes()]);
-    let mut entries = db.scan_prefix(&prefix);
-    let was_head = match entries.next() {
-        Some(item) => item?.0.as_ref() == own.as_slice(),
-        None => false,
+    let mut remaining = false;
+    let mut chunks = db.scan_prefix(&prefix);
+    let mut first = true;
+    let found = loop {
+        let Some(item) = chunks.next() else { return Ok(remaining) };
+        let (ck, v) = item?;
+        let list = entries(&ck, &v)?;
+        match list.iter().position(|(s, _)| *s == seq) {
+            Some(at) => break (ck, list, at, first && at == 0),
+            None => {
+                remaining |= !list.is_empty();
+                first = false;
+            }
+        }
     };
-    if !db.contains_key(&own)? {
-        return Ok(());
+    let (ck, mut list, at, was_head) = found;
+    list.remove(at);
+    // The next in the queue: in the same chunk, else first of the next one.
+    let next = match list.get(at) {
+        Some(e) => Some(e.1),
+        None => match chunks.next() {
+            Some(item) => {
+                let (nk, nv) = item?;
+                entries(&nk, &nv)?.first().map(|e| e.1)
+            }
+            None => None,
+        },
+    };
+    remaining |= !list.is_empty() || next.is_some();
+    if list.is_empty() {
+        batch.remove(ck);
+    } else {
+        batch.insert(ck, pack(&list));
     }
-    batch.remove(own);
-    if !was_head {
-        tally.held(target, -1);
-        return Ok(());
+    match (was_head, next) {
+        (false, _) => tally.held(target, -1),
+        (true, Some(next)) => release(db, batch, tally, target, next, now_ms)?,
+        (true, None) => {}
     }
-    if let Some(item) = entries.next() {
-        let (k, v) = item?;
-        release(db, batch, tally, target, id_of_value(&k, &v)?, now_ms)?;
-    }
-    Ok(())
+    Ok(remaining)
 }
 
 /// Makes a held delivery due now.
@@ -208,10 +287,10 @@ fn release(
     Ok(())
 }
 
-/// Puts a requeued delivery at the end of its key's queue, after
-/// [`leave`] took it from where it was (`old`: that entry, still in sled
-/// until the batch applies). Returns its new place, and whether it is the
-/// head (then it is due at once; else it is held).
+/// Puts a requeued delivery at the end of its key's queue, in a chunk of its
+/// own, after [`leave`] took it from where it was (`remaining`: what leave
+/// returned; `None` when it was not queued). Returns its new place, and
+/// whether it is the head (then it is due at once; else it is held).
 pub fn rejoin(
     db: &sled::Db,
     batch: &mut sled::Batch,
@@ -219,30 +298,26 @@ pub fn rejoin(
     target: &str,
     order_key: &str,
     id: EventId,
-    old: Option<EventId>,
+    remaining: Option<bool>,
 ) -> Result<(EventId, bool), StoreError> {
     let prefix = order_prefix(target, order_key);
-    let old = old.map(|s| key(&prefix, &[s.as_bytes()]));
-    let mut last: Option<EventId> = None;
-    let mut others = false;
-    for item in db.scan_prefix(&prefix).keys() {
-        let k = item?;
-        if Some(k.as_ref()) == old.as_deref() {
-            continue;
-        }
-        others = true;
-        last = k.get(prefix.len()..).and_then(EventId::from_slice);
+    let (mut last_chunk, mut last_seq) = (None, None);
+    if let Some(item) = db.scan_prefix(&prefix).next_back() {
+        let (ck, v) = item?;
+        last_chunk = Some(chunk_number(&prefix, &ck));
+        last_seq = entries(&ck, &v)?.last().map(|e| e.0);
     }
+    let behind = remaining.unwrap_or(last_chunk.is_some());
     // After every place taken, even if the clock went back.
     let mut seq = EventId::new();
-    if let Some(last) = last.filter(|l| *l >= seq) {
+    if let Some(last) = last_seq.filter(|l| *l >= seq) {
         seq = EventId(uuid::Uuid::from_u128(last.0.as_u128().wrapping_add(1)));
     }
-    batch.insert(key(&prefix, &[seq.as_bytes()]), id.as_bytes().to_vec());
-    if others {
+    batch.insert(chunk_key(&prefix, last_chunk.map_or(0, |c| c + 1)), pack(&[(seq, id)]));
+    if behind {
         tally.held(target, 1);
     }
-    Ok((seq, !others))
+    Ok((seq, !behind))
 }
 
 /// The batch that closes the debounce group whose newest event `id` was

@@ -141,26 +141,7 @@ fn throughput(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::R
     let relay_addr = relay.ingress_addr;
     let started = Instant::now();
     let acked = client_rt.block_on(async {
-        let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let senders: Vec<_> = (0..32)
-            .map(|_| {
-                let next = next.clone();
-                tokio::spawn(async move {
-                    let mut conn = connect(relay_addr).await;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= events {
-                            break;
-                        }
-                        let resp = conn.send_request(request(i)).await.expect("send");
-                        assert_eq!(resp.status(), http::StatusCode::ACCEPTED);
-                    }
-                })
-            })
-            .collect();
-        for s in senders {
-            s.await.expect("sender");
-        }
+        post_events(relay_addr, events).await;
         started.elapsed()
     });
     let want = events * targets as u64;

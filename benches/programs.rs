@@ -145,28 +145,7 @@ fn deliver(
         server_rt.block_on(Relay::start(settings_with(dir.path(), &list, None, keys.as_deref()))).expect("relay");
     let relay_addr = relay.ingress_addr;
     let (started, cpu) = (Instant::now(), cpu_secs());
-    client_rt.block_on(async {
-        let next = Arc::new(AtomicU64::new(0));
-        let senders: Vec<_> = (0..32)
-            .map(|_| {
-                let next = next.clone();
-                tokio::spawn(async move {
-                    let mut conn = connect(relay_addr).await;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= events {
-                            break;
-                        }
-                        let resp = conn.send_request(request(i)).await.expect("send");
-                        assert_eq!(resp.status(), http::StatusCode::ACCEPTED);
-                    }
-                })
-            })
-            .collect();
-        for s in senders {
-            s.await.expect("sender");
-        }
-    });
+    client_rt.block_on(post_events(relay_addr, events));
     let deadline = Instant::now() + Duration::from_secs(300);
     while target.count.load(Ordering::Relaxed) < events && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));

@@ -29,46 +29,11 @@ async fn every_acked_webhook_reaches_every_target_across_kill_9() {
     let routes = "  - { source: buttercms, events: [\"*\"], targets: [a, b] }";
     let config = write_config(dir.path(), &relay_config(dir.path(), &targets, routes));
 
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let mut sent = 0usize;
     let kills = kills();
-    for round in 0..kills {
-        let (mut child, addr) = spawn_relay(&config);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let senders: Vec<_> = (0..4)
-            .map(|s| {
-                let (acked, stop) = (acked.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut n = 0;
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 5_000 {
-                        let body = butter_page(round * 1_000_000 + s * 100_000 + n);
-                        n += 1;
-                        let reply = tokio::time::timeout(Duration::from_secs(5), try_post(addr, body)).await;
-                        match reply {
-                            Ok(Some((StatusCode::ACCEPTED, id))) => {
-                                acked.lock().unwrap().insert(id);
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) | Err(_) => break, // killed
-                        }
-                    }
-                    n
-                })
-            })
-            .collect();
-        // Kill at a random moment, 150 to 700 ms in.
-        tokio::time::sleep(Duration::from_millis(150 + fastrand::u64(0..550))).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        for s in senders {
-            sent += s.await.unwrap();
-        }
-    }
+    let (acked, sent) = kill_rounds(&config, kills, butter_page).await;
 
     // A last start: everything acked must arrive at both targets.
     let (mut child, _) = spawn_relay(&config);
-    let acked = acked.lock().unwrap().clone();
     let mut outstanding: HashSet<(String, String)> =
         acked.iter().flat_map(|id| ["a", "b"].map(|t| (id.clone(), t.to_string()))).collect();
     let mut seen: HashMap<(String, String), usize> = HashMap::new();
@@ -110,6 +75,54 @@ async fn every_acked_webhook_reaches_every_target_across_kill_9() {
         seen.len()
     );
     assert!(acked.len() > 20, "too few acked to mean anything: {}", acked.len());
+}
+
+/// `kills` rounds of 4 senders posting `body(n)` (a distinct `n` each) at a
+/// relay started from `config`, each round ended by `kill -9` at a random
+/// moment 150 to 700 ms in. Returns the ids acknowledged, and how many were sent.
+async fn kill_rounds(
+    config: &std::path::Path,
+    kills: usize,
+    body: impl Fn(usize) -> Vec<u8> + Send + Sync + Copy + 'static,
+) -> (HashSet<String>, usize) {
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut sent = 0usize;
+    for round in 0..kills {
+        let (mut child, addr) = spawn_relay(config);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let senders: Vec<_> = (0..4)
+            .map(|s| {
+                let (acked, stop) = (acked.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 5_000 {
+                        let reply = tokio::time::timeout(
+                            Duration::from_secs(5),
+                            try_post(addr, body(round * 1_000_000 + s * 100_000 + n)),
+                        );
+                        n += 1;
+                        match reply.await {
+                            Ok(Some((StatusCode::ACCEPTED, id))) => {
+                                acked.lock().unwrap().insert(id);
+                            }
+                            Ok(Some(_)) => {}
+                            Ok(None) | Err(_) => break, // killed
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(150 + fastrand::u64(0..550))).await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in senders {
+            sent += s.await.unwrap();
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    (acked, sent)
 }
 
 /// One webhook on a fresh connection: the status and the id, or `None` when
@@ -317,41 +330,10 @@ async fn ordering_and_coalescing_hold_across_kill_9() {
     let routes = "  - { source: buttercms, events: [\"*\"], targets: [ord, deb] }";
     let config = write_config(dir.path(), &relay_config(dir.path(), &targets, routes));
 
-    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let kills = kills();
-    for round in 0..kills {
-        let (mut child, addr) = spawn_relay(&config);
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let senders: Vec<_> = (0..4)
-            .map(|s| {
-                let (acked, stop) = (acked.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut n = 0;
-                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 5_000 {
-                        let body = keyed_page(n % 16, round * 1_000_000 + s * 100_000 + n);
-                        n += 1;
-                        match tokio::time::timeout(Duration::from_secs(5), try_post(addr, body)).await {
-                            Ok(Some((StatusCode::ACCEPTED, id))) => {
-                                acked.lock().unwrap().insert(id);
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) | Err(_) => break, // killed
-                        }
-                    }
-                })
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_millis(150 + fastrand::u64(0..550))).await;
-        child.kill().unwrap();
-        child.wait().unwrap();
-        stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        for s in senders {
-            s.await.unwrap();
-        }
-    }
+    let (acked, _) = kill_rounds(&config, kills, |n| keyed_page(n % 16, n)).await;
 
     let (mut child, _) = spawn_relay(&config);
-    let acked = acked.lock().unwrap().clone();
     // First arrival of each webhook at `ord`, and the group deliveries at `deb`.
     let mut first_at: HashMap<String, Instant> = HashMap::new();
     let mut deb_delivered: HashSet<String> = HashSet::new();

@@ -81,6 +81,31 @@ pub fn request(n: u64) -> http::Request<Full<Bytes>> {
         .expect("request")
 }
 
+/// Posts `events` distinct webhooks over 32 keep-alive connections, each
+/// expecting a 202; returns when all are acknowledged.
+pub async fn post_events(relay: SocketAddr, events: u64) {
+    let next = Arc::new(AtomicU64::new(0));
+    let senders: Vec<_> = (0..32)
+        .map(|_| {
+            let next = next.clone();
+            tokio::spawn(async move {
+                let mut conn = connect(relay).await;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= events {
+                        break;
+                    }
+                    let resp = conn.send_request(request(i)).await.expect("send");
+                    assert_eq!(resp.status(), http::StatusCode::ACCEPTED);
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        s.await.expect("sender");
+    }
+}
+
 /// A keep-alive HTTP/1.1 connection to the relay.
 pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<Full<Bytes>> {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");

@@ -64,6 +64,24 @@ struct Tally {
 }
 
 impl Tally {
+    /// One run on a sample: `Ok(true)` for a yes (a true filter, a body, a
+    /// key), `Ok(false)` for a no, or its failure.
+    fn note(&mut self, sample: String, result: Result<bool, Failure>) {
+        self.runs += 1;
+        match result {
+            Ok(true) => self.yes += 1,
+            Ok(false) => self.no += 1,
+            Err(f) => self.failures.push((sample, f)),
+        }
+    }
+
+    /// Adds the program's line (`yes` and `no` name its two results) and its problem, if any.
+    fn report(self, key: String, yes: &str, no: &str, lines: &mut Vec<String>, problems: &mut Vec<Problem>) {
+        let (runs, failed) = (self.runs, self.failures.len());
+        lines.push(format!("  {key}: {runs} samples, {} {yes}, {} {no}, {failed} failed", self.yes, self.no));
+        problems.extend(self.problem(key));
+    }
+
     /// The problem with this program, if any: it passed a limit, could not
     /// run, or failed on every sample.
     fn problem(&self, key: String) -> Option<Problem> {
@@ -82,10 +100,10 @@ impl Tally {
     }
 }
 
-/// Runs every filter and transform on the sample webhooks of its sources'
-/// formats (those `hookrelay send` posts). Returns a line per program and
-/// the problems: a program that passes its time or memory limit, or fails on
-/// every sample.
+/// Runs every filter, transform and key program on the sample webhooks of
+/// its sources' formats (those `hookrelay send` posts). Returns a line per
+/// program and the problems: a program that passes its time or memory
+/// limit, or fails on every sample.
 pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) {
     let (mut lines, mut problems) = (Vec::new(), Vec::new());
     let now = SystemTime::now();
@@ -96,72 +114,45 @@ pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) 
             let mut tally = Tally::default();
             for event in route_events(source, route) {
                 let Ok((body, _)) = payload(source, &event, now) else { continue };
-                tally.runs += 1;
-                match lane.filter(filter, &source.name, &event, &Bytes::from(body)).await {
-                    Ok(true) => tally.yes += 1,
-                    Ok(false) => tally.no += 1,
-                    Err(f) => tally.failures.push((format!("{} {event}", source.name), f)),
-                }
+                let result = lane.filter(filter, &source.name, &event, &Bytes::from(body)).await;
+                tally.note(format!("{} {event}", source.name), result);
             }
-            let key = format!("{}.filter", route.key);
-            lines.push(format!(
-                "  {key}: {} samples, {} true, {} false, {} failed",
-                tally.runs,
-                tally.yes,
-                tally.no,
-                tally.failures.len()
-            ));
-            problems.extend(tally.problem(key));
+            tally.report(format!("{}.filter", route.key), "true", "false", &mut lines, &mut problems);
         }
     }
     for (i, target) in settings.targets.iter().enumerate() {
         let lane = Lane::new(format!("check {}", target.name));
-        if let Some(transform) = &target.transform {
-            let mut tally = Tally::default();
-            for (source, event) in target_samples(settings, target) {
-                let Ok((body, _)) = payload(source, &event, now) else { continue };
-                tally.runs += 1;
-                let sample = format!("{} {event}", source.name);
-                match lane.transform(transform, &event_for(source, &event, body, &target.name)).await {
-                    Ok(Output::Value(_)) => tally.yes += 1,
-                    Ok(Output::Empty) => tally.no += 1,
-                    Ok(Output::Failed(f)) => tally.failures.push((sample, f)),
-                    Err(e) => tally.failures.push((sample, Failure::new(FailureKind::Unavailable, e.to_string()))),
-                }
-            }
-            let key = format!("targets[{i}].transform");
-            lines.push(format!(
-                "  {key}: {} samples, {} bodies, {} skipped, {} failed",
-                tally.runs,
-                tally.yes,
-                tally.no,
-                tally.failures.len()
-            ));
-            problems.extend(tally.problem(key));
-        }
-        let (key_program, key) = match &target.sequencing {
-            Some(Sequencing::Ordered(p)) => (p, format!("targets[{i}].order_by")),
-            Some(Sequencing::Debounced(Debounce { key: Some(p), .. })) => (p, format!("targets[{i}].debounce.key")),
-            _ => continue,
+        let key_program = match &target.sequencing {
+            Some(Sequencing::Ordered(p)) => Some((p, "order_by")),
+            Some(Sequencing::Debounced(Debounce { key: Some(p), .. })) => Some((p, "debounce.key")),
+            _ => None,
         };
-        let mut tally = Tally::default();
+        let (mut transforms, mut keys) = (Tally::default(), Tally::default());
         for (source, event) in target_samples(settings, target) {
             let Ok((body, _)) = payload(source, &event, now) else { continue };
-            tally.runs += 1;
-            match lane.key(key_program, &source.name, &event, &Bytes::from(body)).await {
-                Ok(Some(_)) => tally.yes += 1,
-                Ok(None) => tally.no += 1,
-                Err(f) => tally.failures.push((format!("{} {event}", source.name), f)),
+            let sample = format!("{} {event}", source.name);
+            if let Some(transform) = &target.transform {
+                let result =
+                    match lane.transform(transform, &event_for(source, &event, body.clone(), &target.name)).await {
+                        Ok(Output::Value(_)) => Ok(true),
+                        Ok(Output::Empty) => Ok(false),
+                        Ok(Output::Failed(f)) => Err(f),
+                        Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
+                    };
+                transforms.note(sample.clone(), result);
+            }
+            if let Some((program, _)) = key_program {
+                let result = lane.key(program, &source.name, &event, &Bytes::from(body)).await;
+                keys.note(sample, result.map(|k| k.is_some()));
             }
         }
-        lines.push(format!(
-            "  {key}: {} samples, {} keys, {} without a key, {} failed",
-            tally.runs,
-            tally.yes,
-            tally.no,
-            tally.failures.len()
-        ));
-        problems.extend(tally.problem(key));
+        if target.transform.is_some() {
+            let key = format!("targets[{i}].transform");
+            transforms.report(key, "bodies", "skipped", &mut lines, &mut problems);
+        }
+        if let Some((_, name)) = key_program {
+            keys.report(format!("targets[{i}].{name}"), "keys", "without a key", &mut lines, &mut problems);
+        }
     }
     (lines, problems)
 }

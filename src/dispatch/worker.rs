@@ -20,7 +20,7 @@ use super::retry::{next_step, Verdict};
 use crate::config::Target;
 use crate::jq::{Lane, Output};
 use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store};
+use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store, StoredEvent};
 
 /// Due deliveries read from the store at once, at most.
 const BATCH: usize = 64;
@@ -324,26 +324,12 @@ impl AttemptCtx {
     /// One attempt, recorded in the store.
     async fn attempt(&self, due: DueDelivery) -> Done {
         let name = &self.target.name;
-        // A debounce group is closed as its attempt starts: later events form the next one.
-        let due = if due.group {
-            match self.store.close_group(name, &due).await {
-                Ok(Some(closed)) => {
-                    let others = closed.coalesced.saturating_sub(1);
-                    self.metrics
-                        .deliveries
-                        .with_label_values(&[name, DeliveryOutcome::Coalesced.as_str()])
-                        .inc_by(others.into());
-                    closed
-                }
-                // A newer event joined the group since: it is due later.
-                Ok(None) => return Done::Unsent,
-                Err(e) => {
-                    tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot close the debounce group");
-                    return Done::Stalled;
-                }
-            }
-        } else {
-            due
+        let due = match due.group {
+            true => match self.close_group(due).await {
+                Ok(closed) => closed,
+                Err(done) => return done,
+            },
+            false => due,
         };
         let number = due.made + 1;
         let event = match self.store.event(due.event_id).await {
@@ -357,25 +343,9 @@ impl AttemptCtx {
                 return Done::Stalled;
             }
         };
-        let transformed = match &self.target.transform {
-            None => None,
-            Some(program) => match self.lane.transform(program, &event).await {
-                Ok(Output::Value(json)) => Some(Bytes::from(json)),
-                Ok(Output::Empty) => {
-                    let why = "not sent: the transform gave no output";
-                    return self.finish_unsent(&due, number, why, NextStep::Skipped).await;
-                }
-                Ok(Output::Failed(f)) => {
-                    self.metrics.transform_errors.with_label_values(&[name]).inc();
-                    let reason = format!("transform: {}", f.message);
-                    tracing::warn!(target = %name, id = %due.event_id, error = f.kind.as_str(), "transform failed; the delivery goes to the dead letters");
-                    return self.finish_unsent(&due, number, &reason, NextStep::Dead(reason.clone())).await;
-                }
-                Err(e) => {
-                    tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot run the transform; trying again later");
-                    return Done::Stalled;
-                }
-            },
+        let transformed = match self.transformed(&due, number, &event).await {
+            Ok(body) => body,
+            Err(done) => return done,
         };
         let started_ms = now_ms();
         let sent = client::Sent { transformed, attempt: number, coalesced: due.coalesced };
@@ -428,6 +398,51 @@ impl AttemptCtx {
         match self.record(&due, number, attempt, next).await {
             true => Done::Sent(result.verdict),
             false => Done::Stalled,
+        }
+    }
+
+    /// Closes the debounce group whose newest event `due` is, as its attempt
+    /// starts: later events form the next group. `Err` when there is nothing
+    /// to attempt now.
+    async fn close_group(&self, due: DueDelivery) -> Result<DueDelivery, Done> {
+        let name = &self.target.name;
+        match self.store.close_group(name, &due).await {
+            Ok(Some(closed)) => {
+                let others = closed.coalesced.saturating_sub(1);
+                self.metrics.delivery(name, DeliveryOutcome::Coalesced, others.into());
+                Ok(closed)
+            }
+            // A newer event joined the group since: it is due later.
+            Ok(None) => Err(Done::Unsent),
+            Err(e) => {
+                tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot close the debounce group");
+                Err(Done::Stalled)
+            }
+        }
+    }
+
+    /// The body the target's transform makes of `event` (`None`: the target
+    /// has no transform). `Err` when the delivery ends here (skipped, or the
+    /// transform failed) or must wait (the sandbox is unavailable).
+    async fn transformed(&self, due: &DueDelivery, number: u32, event: &StoredEvent) -> Result<Option<Bytes>, Done> {
+        let name = &self.target.name;
+        let Some(program) = &self.target.transform else { return Ok(None) };
+        match self.lane.transform(program, event).await {
+            Ok(Output::Value(json)) => Ok(Some(Bytes::from(json))),
+            Ok(Output::Empty) => {
+                let why = "not sent: the transform gave no output";
+                Err(self.finish_unsent(due, number, why, NextStep::Skipped).await)
+            }
+            Ok(Output::Failed(f)) => {
+                self.metrics.transform_errors.with_label_values(&[name]).inc();
+                let reason = format!("transform: {}", f.message);
+                tracing::warn!(target = %name, id = %due.event_id, error = f.kind.as_str(), "transform failed; the delivery goes to the dead letters");
+                Err(self.finish_unsent(due, number, &reason, NextStep::Dead(reason.clone())).await)
+            }
+            Err(e) => {
+                tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot run the transform; trying again later");
+                Err(Done::Stalled)
+            }
         }
     }
 

@@ -131,122 +131,162 @@ struct Running {
     stopped: bool,
 }
 
+/// A lane's state, owned by its task.
+struct LaneState {
+    lane: String,
+    child: Option<Running>,
+    /// Not yet sent to the current child.
+    unsent: VecDeque<Job>,
+    /// Sent to it, waiting for their answers, in order.
+    sent: VecDeque<Job>,
+    /// After a child could not start, runs are refused until then.
+    refuse_until: Option<Instant>,
+    /// When the child last answered (or was first given work).
+    progress: Instant,
+}
+
 /// Owns the lane's child: sends it the runs, matches answers to runs in
 /// order, and replaces it when it dies. Ends when the [`Lane`] is dropped
 /// and the runs sent are answered.
 async fn lane_task(lane: String, mut jobs: mpsc::UnboundedReceiver<Job>) {
-    let mut child: Option<Running> = None;
-    // Not yet sent to the current child; sent to it, waiting for answers.
-    let mut unsent: VecDeque<Job> = VecDeque::new();
-    let mut sent: VecDeque<Job> = VecDeque::new();
+    let mut state = LaneState {
+        lane,
+        child: None,
+        unsent: VecDeque::new(),
+        sent: VecDeque::new(),
+        refuse_until: None,
+        progress: Instant::now(),
+    };
     let mut open = true;
-    let mut refuse_until: Option<Instant> = None;
-    let mut progress = Instant::now();
     loop {
-        if !unsent.is_empty() {
-            if child.is_none() && refuse_until.is_none_or(|t| Instant::now() >= t) {
-                match start().await {
-                    Ok(c) => child = Some(c),
-                    Err(e) => {
-                        tracing::error!(lane, error = %e, "cannot start the jq sandbox");
-                        refuse_until = Some(Instant::now() + START_RETRY);
-                    }
-                }
-            }
-            match child.as_mut() {
-                Some(c) => {
-                    if sent.is_empty() {
-                        progress = Instant::now();
-                    }
-                    let mut batch = Vec::new();
-                    for job in unsent.drain(..) {
-                        batch.extend_from_slice(&job.head);
-                        batch.extend_from_slice(&job.input);
-                        sent.push_back(job);
-                    }
-                    // A child that does not read is stopped; a dead one
-                    // shows as its answers ending.
-                    match tokio::time::timeout(BACKSTOP, c.stdin.write_all(&batch)).await {
-                        Ok(_) => {}
-                        Err(_) => stop(c).await,
-                    }
-                }
-                None => {
-                    for job in unsent.drain(..) {
-                        let _ =
-                            job.reply.send(Err(SandboxError::Unavailable("cannot start the sandbox process".into())));
-                    }
-                }
-            }
-        }
-        if !open && sent.is_empty() && unsent.is_empty() {
+        state.send_unsent().await;
+        if !open && state.sent.is_empty() && state.unsent.is_empty() {
             break;
         }
-        let backstop = progress + BACKSTOP;
+        let backstop = state.progress + BACKSTOP;
         tokio::select! {
             job = jobs.recv(), if open => match job {
                 Some(job) => {
-                    unsent.push_back(job);
+                    state.unsent.push_back(job);
                     while let Ok(job) = jobs.try_recv() {
-                        unsent.push_back(job);
+                        state.unsent.push_back(job);
                     }
                 }
                 None => open = false,
             },
-            answer = next_answer(&mut child) => match answer {
-                Some(Err(e)) => {
-                    tracing::error!(lane, error = %e, "the jq sandbox did not start");
-                    if let Some(mut c) = child.take() {
-                        let _ = c.process.start_kill();
-                    }
-                    refuse_until = Some(Instant::now() + START_RETRY);
-                    for job in sent.drain(..).chain(unsent.drain(..)) {
-                        let _ = job.reply.send(Err(SandboxError::Unavailable(e.clone())));
-                    }
-                }
-                Some(Ok(output)) => {
-                    progress = Instant::now();
-                    let timed_out = matches!(&output, Output::Failed(f) if f.kind == FailureKind::TimeLimit);
-                    if let Some(c) = child.as_mut() {
-                        c.timed_out = timed_out;
-                    }
-                    if timed_out {
-                        tracing::warn!(lane, limit_ms = TIME_LIMIT.as_millis() as u64, "a jq program ran past its time limit and was stopped");
-                    }
-                    match sent.pop_front() {
-                        Some(job) => {
-                            let _ = job.reply.send(Ok(output));
-                        }
-                        None => tracing::error!(lane, "the jq sandbox answered a run it was not given"),
-                    }
-                }
-                None => {
-                    let Some(mut dead) = child.take() else { continue };
-                    let _ = dead.process.start_kill();
-                    if !dead.timed_out {
-                        if let Some(job) = sent.pop_front() {
-                            let failure = if dead.stopped {
-                                Failure::new(FailureKind::TimeLimit, format!("the program ran past its time limit of {} ms", TIME_LIMIT.as_millis()))
-                            } else {
-                                Failure::new(FailureKind::Crashed, format!("the program was stopped: it passed the sandbox's memory limit ({} MiB) or ran out of stack", MEMORY_LIMIT >> 20))
-                            };
-                            tracing::warn!(lane, reason = failure.kind.as_str(), "a jq program was stopped; its sandbox process is replaced");
-                            let _ = job.reply.send(Ok(Output::Failed(failure)));
-                        }
-                    }
-                    // The others never ran: they go to the next child, first.
-                    while let Some(job) = sent.pop_back() {
-                        unsent.push_front(job);
-                    }
-                }
+            answer = next_answer(&mut state.child) => match answer {
+                Some(Ok(output)) => state.on_answer(output),
+                Some(Err(e)) => state.on_not_started(e),
+                None => state.on_death(),
             },
-            _ = tokio::time::sleep_until(backstop), if !sent.is_empty() => {
-                if let Some(c) = child.as_mut() {
-                    tracing::warn!(lane, "the jq sandbox stopped answering; it is replaced");
+            _ = tokio::time::sleep_until(backstop), if !state.sent.is_empty() => {
+                if let Some(c) = state.child.as_mut() {
+                    tracing::warn!(lane = state.lane, "the jq sandbox stopped answering; it is replaced");
                     stop(c).await;
                 }
-                progress = Instant::now();
+                state.progress = Instant::now();
             }
+        }
+    }
+}
+
+impl LaneState {
+    /// Sends the waiting runs to the child in one write, starting one if
+    /// needed; refuses them when none can start.
+    async fn send_unsent(&mut self) {
+        if self.unsent.is_empty() {
+            return;
+        }
+        if self.child.is_none() && self.refuse_until.is_none_or(|t| Instant::now() >= t) {
+            match start().await {
+                Ok(c) => self.child = Some(c),
+                Err(e) => {
+                    tracing::error!(lane = self.lane, error = %e, "cannot start the jq sandbox");
+                    self.refuse_until = Some(Instant::now() + START_RETRY);
+                }
+            }
+        }
+        let Some(c) = self.child.as_mut() else {
+            for job in self.unsent.drain(..) {
+                let _ = job.reply.send(Err(SandboxError::Unavailable("cannot start the sandbox process".into())));
+            }
+            return;
+        };
+        if self.sent.is_empty() {
+            self.progress = Instant::now();
+        }
+        let mut batch = Vec::new();
+        for job in self.unsent.drain(..) {
+            batch.extend_from_slice(&job.head);
+            batch.extend_from_slice(&job.input);
+            self.sent.push_back(job);
+        }
+        // A child that does not read is stopped; a dead one shows as its
+        // answers ending.
+        if tokio::time::timeout(BACKSTOP, c.stdin.write_all(&batch)).await.is_err() {
+            stop(c).await;
+        }
+    }
+
+    /// The answer to the oldest run sent.
+    fn on_answer(&mut self, output: Output) {
+        self.progress = Instant::now();
+        let timed_out = matches!(&output, Output::Failed(f) if f.kind == FailureKind::TimeLimit);
+        if let Some(c) = self.child.as_mut() {
+            c.timed_out = timed_out;
+        }
+        if timed_out {
+            tracing::warn!(
+                lane = self.lane,
+                limit_ms = TIME_LIMIT.as_millis() as u64,
+                "a jq program ran past its time limit and was stopped"
+            );
+        }
+        match self.sent.pop_front() {
+            Some(job) => drop(job.reply.send(Ok(output))),
+            None => tracing::error!(lane = self.lane, "the jq sandbox answered a run it was not given"),
+        }
+    }
+
+    /// The child never greeted: every run waiting is refused, and no new
+    /// child is tried for a moment.
+    fn on_not_started(&mut self, e: String) {
+        tracing::error!(lane = self.lane, error = %e, "the jq sandbox did not start");
+        if let Some(mut c) = self.child.take() {
+            let _ = c.process.start_kill();
+        }
+        self.refuse_until = Some(Instant::now() + START_RETRY);
+        for job in self.sent.drain(..).chain(self.unsent.drain(..)) {
+            let _ = job.reply.send(Err(SandboxError::Unavailable(e.clone())));
+        }
+    }
+
+    /// The child's answers ended. Unless its last answer was a time limit
+    /// (after which it ends by itself), the run it was on killed it: that run
+    /// fails. The others never ran: they go to the next child, first.
+    fn on_death(&mut self) {
+        let Some(mut dead) = self.child.take() else { return };
+        let _ = dead.process.start_kill();
+        if !dead.timed_out {
+            if let Some(job) = self.sent.pop_front() {
+                let failure = if dead.stopped {
+                    let limit = TIME_LIMIT.as_millis();
+                    Failure::new(FailureKind::TimeLimit, format!("the program ran past its time limit of {limit} ms"))
+                } else {
+                    let memory = MEMORY_LIMIT >> 20;
+                    let message = format!("the program was stopped: it passed the sandbox's memory limit ({memory} MiB) or ran out of stack");
+                    Failure::new(FailureKind::Crashed, message)
+                };
+                tracing::warn!(
+                    lane = self.lane,
+                    reason = failure.kind.as_str(),
+                    "a jq program was stopped; its sandbox process is replaced"
+                );
+                let _ = job.reply.send(Ok(Output::Failed(failure)));
+            }
+        }
+        while let Some(job) = self.sent.pop_back() {
+            self.unsent.push_front(job);
         }
     }
 }

@@ -329,7 +329,7 @@ pub fn plan_ingest(
     Ok(Ingested::Accepted { id, targets: ev.targets.len() })
 }
 
-fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+pub fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))
 }
 

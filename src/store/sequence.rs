@@ -20,29 +20,29 @@ use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
-use super::layout::{delivery_key, get_json, key, queue_key, Tally};
+use super::layout::{delivery_key, get_json, json, key, queue_key, Tally};
 use super::{DeliveryRecord, DeliveryState, EventId, Sequenced, StoreError};
 
 /// The `q/` value of a group's newest event.
 pub const GROUP_MARK: &[u8] = b"g";
 
-pub fn key_hash(key: &str) -> [u8; 16] {
+fn key_hash(key: &str) -> [u8; 16] {
     let digest = Sha256::digest(key.as_bytes());
     let mut h = [0; 16];
     h.copy_from_slice(&digest[..16]);
     h
 }
 
-pub fn order_prefix(target: &str, key: &str) -> Vec<u8> {
-    super::layout::key(b"o/", &[target.as_bytes(), b"\0", &key_hash(key)])
+fn order_prefix(target: &str, k: &str) -> Vec<u8> {
+    super::layout::key(b"o/", &[target.as_bytes(), b"\0", &key_hash(k)])
 }
 
-pub fn group_key(target: &str, key: &str) -> Vec<u8> {
-    super::layout::key(b"g/", &[target.as_bytes(), b"\0", &key_hash(key)])
+pub fn group_key(target: &str, k: &str) -> Vec<u8> {
+    super::layout::key(b"g/", &[target.as_bytes(), b"\0", &key_hash(k)])
 }
 
-fn member_prefix(target: &str, key: &str) -> Vec<u8> {
-    super::layout::key(b"m/", &[target.as_bytes(), b"\0", &key_hash(key)])
+fn member_prefix(target: &str, k: &str) -> Vec<u8> {
+    super::layout::key(b"m/", &[target.as_bytes(), b"\0", &key_hash(k)])
 }
 
 /// An open debounce group.
@@ -66,10 +66,6 @@ impl Group {
     fn newest_id(&self, k: &[u8]) -> Result<EventId, StoreError> {
         self.newest.parse().map_err(|e| super::layout::corrupt(k, e))
     }
-}
-
-fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(v).map_err(|e| StoreError::Io(e.to_string()))
 }
 
 /// Entries a chunk of an order queue holds at most.

@@ -197,3 +197,57 @@ async fn logs_are_json_lines_without_secrets_or_bodies() {
         "says which check failed: {refused}"
     );
 }
+
+/// sled writes its `conf` file when it creates a store and never syncs it
+/// (a power cut simulated with LazyFS left it empty): hookrelay syncs it. The
+/// real binary runs under `strace`, which must show an fsync of `conf`.
+#[test]
+fn the_store_s_conf_file_is_synced_when_the_store_is_created() {
+    use std::os::unix::process::CommandExt;
+    if Command::new("strace").arg("-V").output().is_err() {
+        println!("SKIPPED: this test needs strace (Debian's strace)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &config_text(dir.path(), "", ""));
+    let trace = dir.path().join("trace");
+    let mut strace = Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=openat,fsync,fdatasync", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let conf = dir.path().join("data").join("conf").display().to_string();
+    // `tid openat(AT_FDCWD, "…/data/conf", O_RDONLY|O_CLOEXEC) = fd`, then `tid fsync(fd) = 0`.
+    let synced = |text: &str| {
+        let mut opened: Vec<(String, String)> = Vec::new();
+        for line in text.lines() {
+            let mut words = line.splitn(2, ' ');
+            let (tid, call) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            if call.starts_with("openat(") && call.contains(&format!("\"{conf}\"")) {
+                if let Some(fd) = call.rsplit("= ").next() {
+                    opened.push((tid.to_string(), fd.trim().to_string()));
+                }
+            } else if opened.iter().any(|(t, fd)| t == tid && call.starts_with(&format!("fsync({fd})"))) {
+                return true;
+            }
+        }
+        false
+    };
+    let deadline = Instant::now() + WAIT;
+    let mut found = false;
+    while !found && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        found = synced(&std::fs::read_to_string(&trace).unwrap_or_default());
+    }
+    // The whole group: strace and the relay it started.
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", strace.id())]).status();
+    let _ = strace.wait();
+    assert!(std::path::Path::new(&conf).exists(), "sled wrote no conf file");
+    assert!(found, "no fsync of {conf} in the trace:\n{}", std::fs::read_to_string(&trace).unwrap_or_default());
+}

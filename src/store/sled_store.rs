@@ -279,7 +279,13 @@ impl DiskSync {
     fn new(path: &Path, db: sled::Db) -> Result<Self, StoreError> {
         // fdatasync works on the inode, so a read-only handle of our own suffices.
         let log = File::open(path.join("db"))?;
-        // sled may just have created its files: make their names durable too.
+        // sled writes `conf` when it creates a store and never syncs it: a
+        // power cut could leave it empty (it was, under LazyFS). Sync it, and
+        // then the folder, so that the names of sled's new files are durable too.
+        let conf = path.join("conf");
+        if conf.exists() {
+            File::open(&conf)?.sync_all()?;
+        }
         File::open(path)?.sync_all()?;
         Ok(DiskSync { db, log, blobs_dir: path.join("blobs"), synced_blobs: HashSet::new(), last_scan: None })
     }

@@ -284,3 +284,23 @@ async fn outcomes_are_counted_in_metrics() {
         assert!(text.contains(&line), "missing {line} in\n{text}");
     }
 }
+
+/// A client that hangs up right after sending its webhook (as a load
+/// generator's last requests do): the webhook is stored, and counted as
+/// accepted like any other.
+#[tokio::test]
+async fn a_webhook_whose_client_hung_up_is_stored_and_counted() {
+    let t = start().await;
+    let body = butter_page(1);
+    let head = format!(
+        "POST /hooks/buttercms HTTP/1.1\r\nhost: relay\r\ncontent-type: application/json\r\nx-webhook-secret: {BUTTER_SECRET}\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    tcp.write_all(&[head.as_bytes(), &body].concat()).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    drop(tcp);
+    eventually("the webhook is stored", || async { t.store.recent_events(None, 10).await.unwrap().len() == 1 }).await;
+    let accepted = r#"hookrelay_ingress_requests_total{outcome="accepted",source="buttercms"} 1"#;
+    eventually("the webhook is counted", || async { t.relay.metrics.render().contains(accepted) }).await;
+}

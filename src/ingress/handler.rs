@@ -144,33 +144,19 @@ impl Ingress {
             return r;
         }
         let version = req.version();
-        let result = self.receive(&routes, &source, peer, req).await;
-        let elapsed = started.elapsed().as_secs_f64();
-        let ms = elapsed * 1000.0;
-        match result {
-            Ok((ingested, event)) => {
-                let (outcome, id, response) = match ingested {
-                    Ingested::Accepted { id, targets } => (
-                        IngressOutcome::Accepted,
-                        id,
-                        respond::json(
-                            StatusCode::ACCEPTED,
-                            serde_json::json!({ "id": id.to_string(), "targets": targets }),
-                        ),
-                    ),
-                    Ingested::Duplicate { id } => (
-                        IngressOutcome::Duplicate,
-                        id,
-                        respond::json(StatusCode::OK, serde_json::json!({ "id": id.to_string(), "duplicate": true })),
-                    ),
-                };
-                self.metrics.ingress(&source.name, outcome, elapsed);
-                tracing::info!(source = %source.name, event, %id, outcome = outcome.as_str(), ms, "webhook received");
-                response
+        // A stored webhook is counted and logged where it is stored (see
+        // `receive`), also when its client hung up before the answer.
+        match self.receive(&routes, &source, peer, req, started).await {
+            Ok(Ingested::Accepted { id, targets }) => {
+                respond::json(StatusCode::ACCEPTED, serde_json::json!({ "id": id.to_string(), "targets": targets }))
+            }
+            Ok(Ingested::Duplicate { id }) => {
+                respond::json(StatusCode::OK, serde_json::json!({ "id": id.to_string(), "duplicate": true }))
             }
             Err(reject) => {
+                let elapsed = started.elapsed().as_secs_f64();
                 self.metrics.ingress(&source.name, reject.outcome(), elapsed);
-                reject.log(&source.name, peer, ms);
+                reject.log(&source.name, peer, elapsed * 1000.0);
                 reject.response(version)
             }
         }
@@ -182,7 +168,8 @@ impl Ingress {
         source: &Source,
         peer: IpAddr,
         req: Request<Incoming>,
-    ) -> Result<(Ingested, String), Reject> {
+        started: Instant,
+    ) -> Result<Ingested, Reject> {
         if !source.is_ip_allowed(peer) {
             return Err(Reject::Forbidden);
         }
@@ -208,21 +195,31 @@ impl Ingress {
         let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
         let sequenced = self.sequencing(routes, source, &event, verified.body(), &targets).await;
         let new = NewEvent::new(source, verified, parsed, content_type, targets.clone()).with_sequencing(sequenced);
-        // Storing and waking run in a task of their own: if the client hangs
-        // up meanwhile, this future is dropped, but an event that becomes
-        // durable must still wake its workers.
-        let (store, workers) = (self.store.clone(), self.workers.clone());
+        // Storing, waking, counting and logging run in a task of their own:
+        // if the client hangs up meanwhile, this future is dropped, but an
+        // event that becomes durable must still wake its workers, and be
+        // counted like any other.
+        let (store, workers, metrics) = (self.store.clone(), self.workers.clone(), self.metrics.clone());
+        let source_name = source.name.clone();
         let ingested = tokio::spawn(async move {
             let ingested = store.ingest(new).await?;
-            if matches!(ingested, Ingested::Accepted { .. }) {
-                workers.wake(targets.iter().map(String::as_str));
-            }
+            let (outcome, id) = match ingested {
+                Ingested::Accepted { id, .. } => {
+                    workers.wake(targets.iter().map(String::as_str));
+                    (IngressOutcome::Accepted, id)
+                }
+                Ingested::Duplicate { id } => (IngressOutcome::Duplicate, id),
+            };
+            let elapsed = started.elapsed().as_secs_f64();
+            metrics.ingress(&source_name, outcome, elapsed);
+            let ms = elapsed * 1000.0;
+            tracing::info!(source = %source_name, event, %id, outcome = outcome.as_str(), ms, "webhook received");
             Ok(ingested)
         })
         .await
         .unwrap_or_else(|e| Err(StoreError::Io(format!("the store task failed: {e}"))))
         .map_err(Reject::Unavailable)?;
-        Ok((ingested, event))
+        Ok(ingested)
     }
 
     /// The targets of a webhook: its routes' filters run first, each in

@@ -227,8 +227,9 @@ fn the_store_s_conf_file_is_synced_when_the_store_is_created() {
     let synced = |text: &str| {
         let mut opened: Vec<(String, String)> = Vec::new();
         for line in text.lines() {
-            let mut words = line.splitn(2, ' ');
-            let (tid, call) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            // strace pads the thread id to a width: `123  openat(…`.
+            let (tid, call) = line.split_once(' ').unwrap_or((line, ""));
+            let call = call.trim_start();
             if call.starts_with("openat(") && call.contains(&format!("\"{conf}\"")) {
                 if let Some(fd) = call.rsplit("= ").next() {
                     opened.push((tid.to_string(), fd.trim().to_string()));

@@ -207,6 +207,20 @@ pub fn comet_signature(body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+/// The Standard Webhooks signature `got` should carry, computed here from the
+/// spec rather than by hookrelay's code: `v1,` and the base64 HMAC-SHA256,
+/// keyed by the base64-decoded secret, of "{webhook-id}.{webhook-timestamp}.{body}".
+pub fn expected_signature(secret_b64: &str, got: &Received) -> String {
+    use base64::Engine;
+    use hmac::Mac;
+    let (id, ts) = (got.headers["webhook-id"].to_str().unwrap(), got.headers["webhook-timestamp"].to_str().unwrap());
+    let key = base64::engine::general_purpose::STANDARD.decode(secret_b64).unwrap();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&key).unwrap();
+    mac.update(format!("{id}.{ts}.").as_bytes());
+    mac.update(&got.body);
+    format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes()))
+}
+
 /// What a fake target received.
 #[derive(Debug, Clone)]
 pub struct Received {

@@ -264,12 +264,16 @@ async fn browse(c: Client) {
 
     // Pause and resume a target.
     c.goto(&format!("{origin}/console#/targets")).await.unwrap();
+    wait_text(&c, "#toggle-working", "Pause working").await;
     click(&c, "#toggle-working").await;
     wait_text(&c, "#status", "working paused").await;
     let listed = admin_call(admin, Method::GET, "/admin/targets", Some(ADMIN_TOKEN), "").await.json();
     assert_eq!(listed["targets"][0]["paused"], true);
+    // The page shows the new state before its button is used again.
+    wait_text(&c, "#toggle-working", "Resume working").await;
     click(&c, "#toggle-working").await;
     wait_text(&c, "#status", "working resumed").await;
+    wait_text(&c, "#toggle-working", "Pause working").await;
 
     // Readable on a phone: nothing wider than the screen.
     c.set_window_size(390, 844).await.unwrap();

@@ -116,6 +116,11 @@ async fn pause(admin: &Admin, name: &str, action: &str) -> Result {
     if !admin.workers.control(name, control.clone()).await {
         return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the target's worker is not running".into()));
     }
+    // Answer once it is applied, so that what is read next shows it.
+    let paused = matches!(control, Control::Pause);
+    if !admin.workers.settled(name, paused, Duration::from_secs(5)).await {
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the target's worker did not apply it in time".into()));
+    }
     Ok(reply(StatusCode::OK, json!({ "target": name, "paused": matches!(control, Control::Pause) })))
 }
 

@@ -58,6 +58,15 @@ impl Workers {
         self.read().get(target).map(|h| *h.status.borrow())
     }
 
+    /// Waits, at most `limit`, until a target's worker shows `paused` (a
+    /// pause or resume is applied by the worker a moment after it is sent).
+    pub async fn settled(&self, target: &str, paused: bool, limit: Duration) -> bool {
+        let status = self.read().get(target).map(|h| h.status.clone());
+        let Some(mut status) = status else { return false };
+        let applied = tokio::time::timeout(limit, status.wait_for(|s| s.paused == paused)).await;
+        matches!(applied, Ok(Ok(_)))
+    }
+
     /// Sends an order to a target's worker; false for an unknown target.
     pub async fn control(&self, target: &str, control: Control) -> bool {
         let sender = self.read().get(target).map(|h| h.control.clone());

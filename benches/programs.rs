@@ -28,6 +28,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Prints the medians of the rounds without (`[0]`) and with (`[1]`) the program.
+fn compare(phase: &str, rate: &str, per: &str, program: &str, rates: [Vec<f64>; 2], cpus: [Vec<f64>; 2]) {
+    let [plain_rate, with_rate] = rates.map(median);
+    let [plain_cpu, with_cpu] = cpus.map(median);
+    println!(
+        "{phase}: median {rate} plain {plain_rate:.0}, with {program} {with_rate:.0} (ratio {:.2}); CPU per {per} plain {plain_cpu:.1} µs, with {program} {with_cpu:.1} µs (+{:.1} µs)",
+        with_rate / plain_rate,
+        with_cpu - plain_cpu
+    );
+}
+
 fn memory(when: &str) {
     let (rss, peak) = rss_mib();
     println!(
@@ -89,13 +100,7 @@ fn main() {
                 println!("{} {per_ack:>12.1}", row_text(&format!("{kind}, {name}, max"), &load));
             }
         }
-        let (plain_rate, filter_rate) = (median(rates[0].clone()), median(rates[1].clone()));
-        let (plain_cpu, filter_cpu) = (median(cpus[0].clone()), median(cpus[1].clone()));
-        println!(
-            "{kind}: median acks/s plain {plain_rate:.0}, with filter {filter_rate:.0} (ratio {:.2}); CPU per ack plain {plain_cpu:.1} µs, with filter {filter_cpu:.1} µs (+{:.1} µs)",
-            filter_rate / plain_rate,
-            filter_cpu - plain_cpu
-        );
+        compare(kind, "acks/s", "ack", "filter", rates, cpus);
         memory(&format!("after the {kind} phases"));
         server_rt.block_on(async {
             let _ = plain.stop(Duration::from_secs(5)).await;
@@ -118,13 +123,7 @@ fn main() {
             cpus[i].push(cpu);
         }
     }
-    let (plain_rate, transform_rate) = (median(rates[0].clone()), median(rates[1].clone()));
-    let (plain_cpu, transform_cpu) = (median(cpus[0].clone()), median(cpus[1].clone()));
-    println!(
-        "delivery: median deliveries/s plain {plain_rate:.0}, with transform {transform_rate:.0} (ratio {:.2}); CPU per webhook plain {plain_cpu:.1} µs, with transform {transform_cpu:.1} µs (+{:.1} µs)",
-        transform_rate / plain_rate,
-        transform_cpu - plain_cpu
-    );
+    compare("delivery", "deliveries/s", "webhook", "transform", rates, cpus);
     memory("at the end");
 }
 

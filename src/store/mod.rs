@@ -3,22 +3,17 @@
 
 #[cfg(test)]
 pub(crate) mod conformance;
-mod dedup;
-mod layout;
 mod null;
 mod records;
-mod sequence;
-mod sled_store;
-mod writer;
+mod sled;
 
 use std::collections::HashSet;
 
 use async_trait::async_trait;
 
+pub use self::sled::{CommitStats, SledStore};
 pub use null::NullStore;
 pub use records::*;
-pub use sled_store::SledStore;
-pub use writer::CommitStats;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -34,8 +29,8 @@ pub enum StoreError {
     Corrupt { key: String, detail: String },
 }
 
-impl From<sled::Error> for StoreError {
-    fn from(e: sled::Error) -> Self {
+impl From<::sled::Error> for StoreError {
+    fn from(e: ::sled::Error) -> Self {
         StoreError::Io(e.to_string())
     }
 }

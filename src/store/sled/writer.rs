@@ -42,7 +42,7 @@ type Answer = Box<dyn Any + Send>;
 
 /// Reads what it needs and returns the batch to apply, with an answer, and
 /// notes in the tally how it changes the targets' counts.
-type Plan = Box<dyn FnOnce(&sled::Db, &mut Tally) -> Result<(sled::Batch, Answer), StoreError> + Send>;
+type Plan = Box<dyn FnOnce(&::sled::Db, &mut Tally) -> Result<(::sled::Batch, Answer), StoreError> + Send>;
 
 /// Shared by the writer and the workers' reads.
 #[derive(Debug, Default)]
@@ -65,7 +65,7 @@ struct State {
 
 impl State {
     /// Reads the counts, the live dedup entries and the cursors from `db`.
-    fn load(db: &sled::Db) -> Result<(State, Progress), StoreError> {
+    fn load(db: &::sled::Db) -> Result<(State, Progress), StoreError> {
         let mut counts = HashMap::new();
         for item in db.scan_prefix(b"n/") {
             let (k, v) = item?;
@@ -123,7 +123,7 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer thread. `sync` makes everything written so far durable.
     pub fn start(
-        db: sled::Db,
+        db: ::sled::Db,
         mut sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
     ) -> Result<Self, StoreError> {
         let (mut state, progress) = State::load(&db)?;
@@ -171,7 +171,7 @@ impl Writer {
     /// returns its answer once durable.
     pub async fn mutate<T: Send + 'static>(
         &self,
-        plan: impl FnOnce(&sled::Db, &mut Tally) -> Result<(sled::Batch, T), StoreError> + Send + 'static,
+        plan: impl FnOnce(&::sled::Db, &mut Tally) -> Result<(::sled::Batch, T), StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (reply, answer) = oneshot::channel();
         let plan: Plan = Box::new(move |db, tally| plan(db, tally).map(|(batch, t)| (batch, Box::new(t) as Answer)));
@@ -207,7 +207,7 @@ impl Drop for Writer {
 
 /// sled refuses every later write after an I/O error of its own, until it
 /// is reopened: a failed write is fatal.
-fn sled_failed(e: sled::Error) -> StoreError {
+fn sled_failed(e: ::sled::Error) -> StoreError {
     StoreError::Failed(format!("sled refused a write: {e}"))
 }
 
@@ -233,7 +233,7 @@ struct Shared<'a> {
 /// Runs one round: the ingests as one batch (with the round's dedup record,
 /// the changed counts and the moved cursors), then each mutation as its own.
 fn round(
-    db: &sled::Db,
+    db: &::sled::Db,
     state: &mut State,
     jobs: Vec<Job>,
     sync: &mut impl FnMut() -> Result<(), StoreError>,
@@ -245,7 +245,7 @@ fn round(
         state.dedup.evict(now);
         state.evicted_ms = now;
     }
-    let mut batch = sled::Batch::default();
+    let mut batch = ::sled::Batch::default();
     let mut tally = Tally::default();
     let mut ingest =
         IngestRound { index: &state.dedup, claimed: HashMap::new(), claims: Vec::new(), sequences: Default::default() };
@@ -332,7 +332,7 @@ fn next_id(newest: &mut Option<EventId>, proposed: EventId) -> EventId {
 /// Adds the cursors moved since the last round to `batch`. A cursor only
 /// moves over events whose delivery records are applied already, so saving
 /// it in a later batch never gets ahead of them.
-fn save_cursors(progress: &Mutex<Progress>, batch: &mut sled::Batch) {
+fn save_cursors(progress: &Mutex<Progress>, batch: &mut ::sled::Batch) {
     let Ok(mut progress) = progress.lock() else { return };
     for (target, (id, saved)) in progress.cursors.iter_mut() {
         if !*saved {
@@ -363,9 +363,9 @@ mod tests {
         }
     }
 
-    fn temp_db() -> (tempfile::TempDir, sled::Db) {
+    fn temp_db() -> (tempfile::TempDir, ::sled::Db) {
         let dir = tempfile::tempdir().unwrap();
-        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let db = ::sled::Config::new().path(dir.path()).open().unwrap();
         (dir, db)
     }
 
@@ -430,7 +430,7 @@ mod tests {
         assert!(matches!(writer.ingest(event("x")).await, Err(StoreError::Failed(_))));
         assert!(writer.failed());
         assert!(matches!(writer.ingest(event("y")).await, Err(StoreError::Failed(_))));
-        assert!(matches!(writer.mutate(|_, _| Ok((sled::Batch::default(), ()))).await, Err(StoreError::Failed(_))));
+        assert!(matches!(writer.mutate(|_, _| Ok((::sled::Batch::default(), ()))).await, Err(StoreError::Failed(_))));
     }
 
     #[tokio::test]

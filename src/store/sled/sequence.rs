@@ -124,8 +124,8 @@ impl Sequences {
     #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
-        db: &sled::Db,
-        batch: &mut sled::Batch,
+        db: &::sled::Db,
+        batch: &mut ::sled::Batch,
         tally: &mut Tally,
         target: &str,
         how: &Sequenced,
@@ -194,7 +194,7 @@ impl Sequences {
 }
 
 /// The delivery at the head of a key's order queue.
-pub fn head(db: &sled::Db, target: &str, key: &str) -> Result<Option<EventId>, StoreError> {
+pub fn head(db: &::sled::Db, target: &str, key: &str) -> Result<Option<EventId>, StoreError> {
     match db.scan_prefix(order_prefix(target, key)).next() {
         Some(item) => {
             let (k, v) = item?;
@@ -214,8 +214,8 @@ pub fn seq_of(record: Option<&DeliveryRecord>, id: EventId) -> EventId {
 /// whether deliveries of the key are still queued. Reads the chunks up to
 /// the delivery's and the one after (for a head, its first).
 pub fn leave(
-    db: &sled::Db,
-    batch: &mut sled::Batch,
+    db: &::sled::Db,
+    batch: &mut ::sled::Batch,
     tally: &mut Tally,
     target: &str,
     order_key: &str,
@@ -267,8 +267,8 @@ pub fn leave(
 
 /// Makes a held delivery due now.
 fn release(
-    db: &sled::Db,
-    batch: &mut sled::Batch,
+    db: &::sled::Db,
+    batch: &mut ::sled::Batch,
     tally: &mut Tally,
     target: &str,
     id: EventId,
@@ -288,8 +288,8 @@ fn release(
 /// returned; `None` when it was not queued). Returns its new place, and
 /// whether it is the head (then it is due at once; else it is held).
 pub fn rejoin(
-    db: &sled::Db,
-    batch: &mut sled::Batch,
+    db: &::sled::Db,
+    batch: &mut ::sled::Batch,
     tally: &mut Tally,
     target: &str,
     order_key: &str,
@@ -321,14 +321,14 @@ pub fn rejoin(
 /// coalesced into it, and it becomes a plain queued delivery standing for
 /// them all. `None` when the group changed since (a newer event joined).
 pub fn plan_close(
-    db: &sled::Db,
+    db: &::sled::Db,
     tally: &mut Tally,
     target: &str,
     group_of: &str,
     id: EventId,
     due_ms: u64,
     now_ms: u64,
-) -> Result<Option<(sled::Batch, u32)>, StoreError> {
+) -> Result<Option<(::sled::Batch, u32)>, StoreError> {
     let qkey = queue_key(target, due_ms, id);
     if db.get(&qkey)?.as_deref() != Some(GROUP_MARK) {
         return Ok(None);
@@ -338,7 +338,7 @@ pub fn plan_close(
     if group.newest_id(&gkey)? != id {
         return Ok(None);
     }
-    let mut batch = sled::Batch::default();
+    let mut batch = ::sled::Batch::default();
     let prefix = member_prefix(target, group_of);
     let into = id.to_string();
     let mut stands_for = 1;

@@ -1,4 +1,4 @@
-//! The embedded store: sled, one tree (see [`super::layout`]), every write
+//! The embedded store: sled, one tree (see [`layout`]), every write
 //! through the single writer, and a sync that survives power loss.
 
 use std::collections::HashSet;
@@ -8,20 +8,25 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
-use super::layout::{self, decode_event, delivery_key, event_key};
-use super::sequence;
-use super::writer::{CommitStats, Writer};
+mod dedup;
+mod layout;
+mod sequence;
+mod writer;
+
+use self::layout::{decode_event, delivery_key, event_key};
+pub use self::writer::CommitStats;
+use self::writer::Writer;
 use super::*;
 
 pub struct SledStore {
-    db: sled::Db,
+    db: ::sled::Db,
     writer: Writer,
 }
 
 impl SledStore {
     /// Opens (or creates) the store in `path` with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = sled::Config::new()
+        let db = ::sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             .open()
@@ -42,7 +47,7 @@ impl SledStore {
         self.db.get(&key)?.map(|v| layout::decode_meta(&key, &v)).transpose()
     }
 
-    fn progress(&self) -> Result<std::sync::MutexGuard<'_, super::writer::Progress>, StoreError> {
+    fn progress(&self) -> Result<std::sync::MutexGuard<'_, writer::Progress>, StoreError> {
         self.writer.progress.lock().map_err(|_| StoreError::Io("storage progress lock poisoned".into()))
     }
 
@@ -157,7 +162,7 @@ impl Store for SledStore {
                     Some((batch, stands_for)) => {
                         Ok((batch, Some(DueDelivery { group: false, coalesced: stands_for, ..handed })))
                     }
-                    None => Ok((sled::Batch::default(), None)),
+                    None => Ok((::sled::Batch::default(), None)),
                 }
             })
             .await
@@ -167,7 +172,7 @@ impl Store for SledStore {
         let key = layout::pause_key(target);
         self.writer
             .mutate(move |_, _| {
-                let mut batch = sled::Batch::default();
+                let mut batch = ::sled::Batch::default();
                 if paused {
                     batch.insert(key, &[]);
                 } else {
@@ -213,7 +218,7 @@ impl Store for SledStore {
         self.writer
             .mutate(move |db, tally| match layout::plan_requeue(db, tally, &target, id, now_ms())? {
                 Some(batch) => Ok((batch, true)),
-                None => Ok((sled::Batch::default(), false)),
+                None => Ok((::sled::Batch::default(), false)),
             })
             .await
     }
@@ -240,7 +245,7 @@ impl Store for SledStore {
 
 /// Marks a new store with the layout's version, and refuses a store that
 /// holds events in another layout (it would be misread).
-fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
+fn check_layout(db: &::sled::Db, path: &Path) -> Result<(), StoreError> {
     match db.get(layout::VERSION_KEY)? {
         Some(v) if v == layout::VERSION => Ok(()),
         None if db.scan_prefix(b"e/").next().is_none() => {
@@ -263,7 +268,7 @@ fn check_layout(db: &sled::Db, path: &Path) -> Result<(), StoreError> {
 /// So after each flush: `fdatasync` the log file, and `fsync` every new blob
 /// file and the `blobs` folder that names it.
 struct DiskSync {
-    db: sled::Db,
+    db: ::sled::Db,
     log: File,
     blobs_dir: PathBuf,
     synced_blobs: HashSet<std::ffi::OsString>,
@@ -276,7 +281,7 @@ struct DiskSync {
 const MTIME_SLACK: Duration = Duration::from_millis(100);
 
 impl DiskSync {
-    fn new(path: &Path, db: sled::Db) -> Result<Self, StoreError> {
+    fn new(path: &Path, db: ::sled::Db) -> Result<Self, StoreError> {
         // fdatasync works on the inode, so a read-only handle of our own suffices.
         let log = File::open(path.join("db"))?;
         // sled writes `conf` when it creates a store and never syncs it: a
@@ -340,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn meets_the_store_contract() {
-        super::super::conformance::run(Box::new(|| {
+        crate::store::conformance::run(Box::new(|| {
             Box::pin(async {
                 let dir = tempfile::tempdir().expect("tempdir");
                 let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path(), 8 << 20).expect("open"));
@@ -523,7 +528,7 @@ mod tests {
     async fn a_store_in_an_older_layout_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let db = sled::open(dir.path()).unwrap();
+            let db = ::sled::open(dir.path()).unwrap();
             db.insert(event_key(EventId::new()), b"old".to_vec()).unwrap();
             db.flush().unwrap();
         }

@@ -204,7 +204,7 @@ impl Tally {
     }
 
     /// Applies the changes to `counts` and adds the changed counts to `batch`.
-    pub fn write(self, counts: &mut HashMap<String, TargetCounts>, batch: &mut sled::Batch) {
+    pub fn write(self, counts: &mut HashMap<String, TargetCounts>, batch: &mut ::sled::Batch) {
         for (target, [queued, dead, held]) in self.0 {
             let c = counts.entry(target.clone()).or_default();
             c.queued = c.queued.saturating_add_signed(queued);
@@ -247,7 +247,7 @@ pub struct Claim {
 }
 
 /// Adds one `k/` record per dedup window among a round's claims.
-pub fn add_dedup_records(claims: &[Claim], batch: &mut sled::Batch) {
+pub fn add_dedup_records(claims: &[Claim], batch: &mut ::sled::Batch) {
     let mut by_window: std::collections::BTreeMap<u64, Vec<&Claim>> = Default::default();
     for c in claims {
         by_window.entry(c.window_ms).or_default().push(c);
@@ -275,7 +275,7 @@ fn stamp(id: EventId) -> [u8; 8] {
 
 /// The live event whose dedup digest is `digest`, among the index's candidates.
 fn live_duplicate(
-    db: &sled::Db,
+    db: &::sled::Db,
     index: &DedupIndex,
     hash: u64,
     digest: &[u8; 32],
@@ -299,8 +299,8 @@ fn live_duplicate(
 /// Adds an event's record to `batch` under `id`, unless a webhook with the
 /// same dedup key is live in sled or was claimed earlier in this round.
 pub fn plan_ingest(
-    db: &sled::Db,
-    batch: &mut sled::Batch,
+    db: &::sled::Db,
+    batch: &mut ::sled::Batch,
     round: &mut IngestRound,
     tally: &mut Tally,
     ev: &NewEvent,
@@ -334,14 +334,14 @@ pub fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 /// A JSON record, or `None`.
-pub fn get_json<T: serde::de::DeserializeOwned>(db: &sled::Db, key: &[u8]) -> Result<Option<T>, StoreError> {
+pub fn get_json<T: serde::de::DeserializeOwned>(db: &::sled::Db, key: &[u8]) -> Result<Option<T>, StoreError> {
     match db.get(key)? {
         None => Ok(None),
         Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| corrupt(key, e)),
     }
 }
 
-fn get_record(db: &sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
+fn get_record(db: &::sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, StoreError> {
     get_json(db, key)
 }
 
@@ -353,7 +353,7 @@ const WALK: usize = 4096;
 /// `durable` (the newest event known durable). Returns them with the cursor
 /// moved over every event that no longer needs the walk.
 pub fn read_due(
-    db: &sled::Db,
+    db: &::sled::Db,
     target: &str,
     now_ms: u64,
     limit: usize,
@@ -435,7 +435,7 @@ pub fn read_due(
 
 /// Reads the due part of a target's queue of later attempts.
 fn read_queued(
-    db: &sled::Db,
+    db: &::sled::Db,
     target: &str,
     now_ms: u64,
     limit: usize,
@@ -484,18 +484,18 @@ fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreE
 
 /// The batch that records an attempt and moves the delivery on.
 pub fn plan_complete(
-    db: &sled::Db,
+    db: &::sled::Db,
     tally: &mut Tally,
     target: &str,
     due: &DueDelivery,
     attempt: Attempt,
     next: &NextStep,
     now_ms: u64,
-) -> Result<sled::Batch, StoreError> {
+) -> Result<::sled::Batch, StoreError> {
     let id = due.event_id;
     let dkey = delivery_key(target, id);
     let found = get_record(db, &dkey)?;
-    let mut batch = sled::Batch::default();
+    let mut batch = ::sled::Batch::default();
     // Still where it was handed out? If an operator requeued it meanwhile,
     // keep their position and record the attempt only.
     let current = if due.queued {
@@ -517,7 +517,7 @@ pub fn plan_complete(
         // Neither a record to add the attempt to nor a delivery to move on
         // (the event was purged meanwhile): writing one would leave a record
         // that nothing purges, and a first attempt that looks tried.
-        return Ok(sled::Batch::default());
+        return Ok(::sled::Batch::default());
     }
     let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
@@ -568,14 +568,14 @@ pub fn plan_complete(
 /// whose deliveries are all finished, scanning after `after`, and up to
 /// `limit` dedup records expired by `now_ms`.
 pub fn plan_purge(
-    db: &sled::Db,
+    db: &::sled::Db,
     tally: &mut Tally,
     cutoff_ms: u64,
     now_ms: u64,
     after: Option<EventId>,
     limit: usize,
-) -> Result<(sled::Batch, usize, Option<EventId>), StoreError> {
-    let mut batch = sled::Batch::default();
+) -> Result<(::sled::Batch, usize, Option<EventId>), StoreError> {
+    let mut batch = ::sled::Batch::default();
     for k in db.range(b"k/".to_vec()..key(b"k/", &[&now_ms.to_be_bytes()])).keys().take(limit) {
         batch.remove(k?);
     }
@@ -624,12 +624,12 @@ pub fn plan_purge(
 /// The batch that queues a delivery again, due at `now_ms`; `None` when the
 /// event is unknown or was not routed to `target`.
 pub fn plan_requeue(
-    db: &sled::Db,
+    db: &::sled::Db,
     tally: &mut Tally,
     target: &str,
     id: EventId,
     now_ms: u64,
-) -> Result<Option<sled::Batch>, StoreError> {
+) -> Result<Option<::sled::Batch>, StoreError> {
     let ekey = event_key(id);
     let Some(v) = db.get(&ekey)? else { return Ok(None) };
     let meta = decode_meta(&ekey, &v)?;
@@ -642,7 +642,7 @@ pub fn plan_requeue(
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
     // An operator's requeue starts the count toward max_attempts afresh.
     record.tries = 0;
-    let mut batch = sled::Batch::default();
+    let mut batch = ::sled::Batch::default();
     let was_pending = !record.state.is_finished();
     match record.state {
         DeliveryState::Pending { due_ms } => batch.remove(queue_key(target, due_ms, id)),
@@ -675,7 +675,7 @@ pub fn plan_requeue(
 
 /// Dead letters of one target (or of all), at most `limit`.
 pub fn read_dead_letters(
-    db: &sled::Db,
+    db: &::sled::Db,
     target: Option<&str>,
     limit: usize,
 ) -> Result<Vec<super::DeadLetter>, StoreError> {

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::ingress::auth::Verified;
 use crate::ingress::formats::Parsed;
@@ -45,6 +46,15 @@ impl FromStr for EventId {
         let hex = s.strip_prefix("evt_").unwrap_or(s);
         uuid::Uuid::try_parse(hex).map(EventId).map_err(|_| format!("{s:?} is not an event id"))
     }
+}
+
+/// The digest that identifies a webhook within its source's dedup window.
+pub fn dedup_digest(source: &str, dedup: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(source.as_bytes());
+    h.update([0]);
+    h.update(dedup.as_bytes());
+    h.finalize().into()
 }
 
 /// Whole seconds since the Unix epoch at `at` (0 before it).
@@ -181,6 +191,33 @@ pub struct DeliveryRecord {
     /// one, the event's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_seq: Option<String>,
+}
+
+impl DeliveryRecord {
+    /// Records an attempt and, when the delivery is still where it was
+    /// handed out (`current`: not requeued by an operator meanwhile), moves
+    /// it on to `next` at `now_ms`. A 410 hold is made but not counted
+    /// toward `max_attempts`; only the newest [`MAX_ATTEMPTS_KEPT`] are kept.
+    pub fn attempted(&mut self, attempt: Attempt, next: &NextStep, current: bool, now_ms: u64) {
+        self.attempts.push(attempt);
+        self.made += 1;
+        if *next != NextStep::Hold {
+            self.tries += 1;
+        }
+        if self.attempts.len() > MAX_ATTEMPTS_KEPT {
+            let excess = self.attempts.len() - MAX_ATTEMPTS_KEPT;
+            self.attempts.drain(..excess);
+        }
+        if current {
+            self.state = match next {
+                NextStep::Delivered => DeliveryState::Delivered { at_ms: now_ms },
+                NextStep::Skipped => DeliveryState::Skipped { at_ms: now_ms },
+                NextStep::RetryAt(at) => DeliveryState::Pending { due_ms: *at },
+                NextStep::Hold => DeliveryState::Pending { due_ms: now_ms },
+                NextStep::Dead(reason) => DeliveryState::Dead { at_ms: now_ms, reason: reason.clone() },
+            };
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {

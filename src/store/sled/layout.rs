@@ -25,14 +25,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::store::dedup_digest;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 
 use super::dedup::{DedupIndex, Entry};
 use super::sequence::{self, Sequences};
 use super::{
     Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested, NewEvent, NextStep,
-    Sequenced, StoreError, TargetCounts, MAX_ATTEMPTS_KEPT,
+    Sequenced, StoreError, TargetCounts,
 };
 
 const EVENT_V1: u8 = 1;
@@ -81,15 +81,6 @@ pub fn cursor_key(target: &str) -> Vec<u8> {
 
 pub const VERSION_KEY: &[u8] = b"v";
 pub const VERSION: &[u8] = b"2";
-
-/// The digest that identifies a webhook within its source's dedup window.
-pub fn dedup_digest(source: &str, dedup: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(source.as_bytes());
-    h.update([0]);
-    h.update(dedup.as_bytes());
-    h.finalize().into()
-}
 
 /// The big-endian u64 in the first 8 bytes of `b` (callers check the length).
 pub fn be_u64(b: &[u8]) -> u64 {
@@ -521,39 +512,17 @@ pub fn plan_complete(
     }
     let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
-    record.attempts.push(attempt);
-    record.made += 1;
-    if *next != NextStep::Hold {
-        record.tries += 1;
-    }
-    if record.attempts.len() > MAX_ATTEMPTS_KEPT {
-        let excess = record.attempts.len() - MAX_ATTEMPTS_KEPT;
-        record.attempts.drain(..excess);
-    }
+    record.attempted(attempt, next, current, now_ms);
     if current {
-        record.state = match next {
-            NextStep::Delivered => {
-                tally.add(target, -1, 0);
-                DeliveryState::Delivered { at_ms: now_ms }
-            }
-            NextStep::Skipped => {
-                tally.add(target, -1, 0);
-                DeliveryState::Skipped { at_ms: now_ms }
-            }
-            NextStep::RetryAt(at) => {
-                batch.insert(queue_key(target, *at, id), &[]);
-                DeliveryState::Pending { due_ms: *at }
-            }
-            NextStep::Hold => {
-                batch.insert(queue_key(target, now_ms, id), &[]);
-                DeliveryState::Pending { due_ms: now_ms }
-            }
+        match next {
+            NextStep::Delivered | NextStep::Skipped => tally.add(target, -1, 0),
+            NextStep::RetryAt(at) => batch.insert(queue_key(target, *at, id), &[]),
+            NextStep::Hold => batch.insert(queue_key(target, now_ms, id), &[]),
             NextStep::Dead(reason) => {
                 tally.add(target, -1, 1);
                 batch.insert(dead_key(target, id), reason.as_bytes());
-                DeliveryState::Dead { at_ms: now_ms, reason: reason.clone() }
             }
-        };
+        }
         // An ended delivery releases the next one of its key.
         let order_key = meta.as_ref().and_then(|m| m.order.get(target));
         if let (true, Some(order_key)) = (record.state.is_finished(), order_key) {

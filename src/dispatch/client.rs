@@ -46,16 +46,20 @@ pub fn system_roots() -> Arc<rustls::RootCertStore> {
 /// A pooled client for one target: HTTP/1.1 or HTTP/2 (by ALPN) over TLS
 /// checked against the target's `ca_file`, else the system roots.
 pub fn client_for(target: &Target) -> Result<HttpClient, String> {
-    let roots = if target.ca_certs.is_empty() {
-        system_roots()
-    } else {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in &target.ca_certs {
-            roots.add(cert.clone()).map_err(|e| format!("target {}: bad CA certificate: {e}", target.name))?;
-        }
-        Arc::new(roots)
-    };
+    let roots = roots(&target.ca_certs).map_err(|e| format!("target {}: {e}", target.name))?;
     http_client(roots, target.timeout)
+}
+
+/// The CAs a `ca_file` gave, else (none given) the system's.
+pub fn roots(ca_certs: &[rustls_pki_types::CertificateDer<'static>]) -> Result<Arc<rustls::RootCertStore>, String> {
+    if ca_certs.is_empty() {
+        return Ok(system_roots());
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in ca_certs {
+        roots.add(cert.clone()).map_err(|e| format!("bad CA certificate: {e}"))?;
+    }
+    Ok(Arc::new(roots))
 }
 
 /// A pooled HTTP/1.1 and HTTP/2 client, over TLS checked against `roots`

@@ -4,6 +4,7 @@
 #[cfg(test)]
 pub(crate) mod conformance;
 mod null;
+mod postgres;
 mod records;
 mod sled;
 
@@ -11,6 +12,7 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 
+pub use self::postgres::{PgOptions, PgStore};
 pub use self::sled::{CommitStats, SledStore};
 pub use null::NullStore;
 pub use records::*;
@@ -128,6 +130,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Dead-lettered deliveries, of one target or of all, at most `limit`.
     async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+
+    /// The targets that got deliveries queued on the store, by this
+    /// instance or another sharing it (an empty name: any may have), for a
+    /// backend that several instances share; `None` for one that only this
+    /// process writes (its own ingress wakes its workers).
+    fn queued_elsewhere(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 
     /// False once the store has failed for good (see [`StoreError::Failed`]).
     fn healthy(&self) -> bool {

@@ -1,0 +1,465 @@
+//! Group commit, and the wakeups of other instances.
+//!
+//! A round takes every webhook queued while the previous rounds ran and
+//! stores them in one transaction: dedup entries, events, deliveries, group
+//! rows, one `NOTIFY`; none is answered before the commit. A few rounds run
+//! at once, each on its own connection, so that a commit's wait on the disk
+//! does not stall the next round.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::{db_error, pool_error, to_i64, CHANNEL};
+use crate::store::{dedup_digest, EventId, Ingested, NewEvent, Sequenced, StoreError};
+
+/// Webhooks a round takes at most.
+const MAX_ROUND: usize = 512;
+/// Webhooks queued at most; past this, requests wait (backpressure).
+const QUEUE: usize = 8192;
+/// Times a round is tried again when the database aborts it for a deadlock
+/// or a serialization failure with another instance.
+const RETRIES: usize = 3;
+
+struct Job {
+    event: NewEvent,
+    answer: oneshot::Sender<Result<Ingested, StoreError>>,
+}
+
+pub struct Rounds {
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    closed: AtomicBool,
+    running: Arc<Semaphore>,
+    parallel: u32,
+}
+
+/// The advisory lock of an order key's queue: taken while its deliveries
+/// are given their places, so that places follow commit order on every
+/// instance.
+pub fn order_lock(target: &str, key: &str) -> i64 {
+    let mut h = Sha256::new();
+    h.update(target.as_bytes());
+    h.update([0]);
+    h.update(key.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    i64::from_be_bytes(first)
+}
+
+impl Rounds {
+    pub fn start(pool: Pool, parallel: usize) -> Rounds {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let running = Arc::new(Semaphore::new(parallel));
+        tokio::spawn(run(pool, rx, running.clone()));
+        Rounds { jobs: Mutex::new(Some(tx)), closed: AtomicBool::new(false), running, parallel: parallel as u32 }
+    }
+
+    pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+        let sender = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(sender) = sender.filter(|_| !self.closed.load(Ordering::SeqCst)) else {
+            return Err(StoreError::Closed);
+        };
+        let (answer, answered) = oneshot::channel();
+        sender.send(Job { event, answer }).await.map_err(|_| StoreError::Closed)?;
+        answered.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Refuses new webhooks and waits for the rounds in progress.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = self.running.acquire_many(self.parallel).await;
+    }
+}
+
+async fn run(pool: Pool, mut rx: mpsc::Receiver<Job>, running: Arc<Semaphore>) {
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = running.clone().acquire_owned().await else { return };
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_ROUND {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let (events, answers): (Vec<NewEvent>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.answer)).unzip();
+            let mut outcome = Err(StoreError::Closed);
+            for _ in 0..RETRIES {
+                outcome = round(&pool, &events).await;
+                match &outcome {
+                    Err(StoreError::Io(msg)) if retryable(msg) => continue,
+                    _ => break,
+                }
+            }
+            match outcome {
+                Ok(results) => {
+                    for (answer, result) in answers.into_iter().zip(results) {
+                        let _ = answer.send(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, webhooks = answers.len(), "storing a round failed; answered 503");
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn retryable(msg: &str) -> bool {
+    msg.contains("deadlock detected") || msg.contains("could not serialize")
+}
+
+/// Ids that rise in the order rounds take their order locks, within this
+/// process (first attempts and `events_before` go by id).
+fn rising_id() -> EventId {
+    static LAST: Mutex<Option<Uuid>> = Mutex::new(None);
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    let mut id = Uuid::now_v7();
+    if let Some(prev) = *last {
+        if id <= prev {
+            id = Uuid::from_u128(prev.as_u128() + 1);
+        }
+    }
+    *last = Some(id);
+    EventId(id)
+}
+
+/// Stores `events` in one transaction; their answers, in order.
+async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreError> {
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(db_error)?;
+
+    // Order keys first, in one order on every instance (no deadlock).
+    let mut locks: Vec<i64> = events
+        .iter()
+        .flat_map(|e| e.sequenced.iter())
+        .filter_map(|(t, s)| match s {
+            Sequenced::Ordered { key } => Some(order_lock(t, key)),
+            Sequenced::Grouped { .. } => None,
+        })
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
+    if !locks.is_empty() {
+        tx.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &[&locks])
+            .await
+            .map_err(db_error)?;
+    }
+
+    // Dedup: the first of each key in the round is its lead; later copies
+    // answer with the lead's outcome.
+    let ids: Vec<EventId> = events.iter().map(|_| rising_id()).collect();
+    let digests: Vec<[u8; 32]> = events.iter().map(|e| dedup_digest(&e.source, &e.dedup_key)).collect();
+    let mut lead_of: HashMap<[u8; 32], usize> = HashMap::new();
+    let leads: Vec<usize> = (0..events.len()).filter(|&n| *lead_of.entry(digests[n]).or_insert(n) == n).collect();
+    let now = crate::store::now_ms();
+    let mut by_hash: Vec<usize> = leads.clone();
+    by_hash.sort_by_key(|&n| digests[n]);
+    let hashes: Vec<&[u8]> = by_hash.iter().map(|&n| &digests[n][..]).collect();
+    let lead_ids: Vec<Uuid> = by_hash.iter().map(|&n| ids[n].0).collect();
+    let expires: Vec<i64> =
+        by_hash.iter().map(|&n| to_i64(now.saturating_add(events[n].dedup_window.as_millis() as u64))).collect();
+    let taken = tx
+        .query(
+            "INSERT INTO hr_dedup (hash, event_id, expires_ms)
+             SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::int8[])
+             ON CONFLICT (hash) DO UPDATE SET event_id = excluded.event_id, expires_ms = excluded.expires_ms
+               WHERE hr_dedup.expires_ms <= $4
+             RETURNING hash",
+            &[&hashes, &lead_ids, &expires, &to_i64(now)],
+        )
+        .await
+        .map_err(db_error)?;
+    let new: std::collections::HashSet<Vec<u8>> = taken.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
+    let seen: Vec<&[u8]> = hashes.iter().copied().filter(|h| !new.contains(*h)).collect();
+    let mut first_of: HashMap<Vec<u8>, Uuid> = HashMap::new();
+    if !seen.is_empty() {
+        let rows =
+            tx.query("SELECT hash, event_id FROM hr_dedup WHERE hash = ANY($1)", &[&seen]).await.map_err(db_error)?;
+        first_of = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    }
+    let stored: Vec<usize> = leads.iter().copied().filter(|&n| new.contains(&digests[n][..])).collect();
+
+    // Debounce groups: each (target, key) once per round, in one order.
+    let mut groups: BTreeMap<(&str, &str), Joined> = BTreeMap::new();
+    for &n in &stored {
+        let ev = &events[n];
+        for (target, s) in &ev.sequenced {
+            if let Sequenced::Grouped { key, window_ms, max_wait_ms } = s {
+                let received = to_i64(ev.received_ms);
+                let g = groups
+                    .entry((target.as_str(), key.as_str()))
+                    .or_insert(Joined { first_ms: received, ..Joined::default() });
+                g.first_ms = g.first_ms.min(received);
+                g.newest_ms = received;
+                g.newest_id = ids[n].0;
+                g.window_ms = to_i64(*window_ms);
+                g.max_wait_ms = to_i64(*max_wait_ms);
+            }
+        }
+    }
+    let mut group_due: HashMap<(String, String), i64> = HashMap::new();
+    if !groups.is_empty() {
+        let keys: (Vec<&str>, Vec<&str>) = groups.keys().copied().unzip();
+        let col = |f: fn(&Joined) -> i64| groups.values().map(f).collect::<Vec<i64>>();
+        let newest: Vec<Uuid> = groups.values().map(|g| g.newest_id).collect();
+        let rows = tx
+            .query(
+                "INSERT INTO hr_groups AS g (target, key, first_ms, newest_ms, newest_id, window_ms, max_wait_ms)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::uuid[], $6::int8[], $7::int8[])
+                 ON CONFLICT (target, key) DO UPDATE SET newest_ms = excluded.newest_ms, newest_id = excluded.newest_id,
+                    window_ms = excluded.window_ms, max_wait_ms = excluded.max_wait_ms
+                 RETURNING target, key, LEAST(newest_ms + window_ms, first_ms + max_wait_ms)",
+                &[
+                    &keys.0,
+                    &keys.1,
+                    &col(|g| g.first_ms),
+                    &col(|g| g.newest_ms),
+                    &newest,
+                    &col(|g| g.window_ms),
+                    &col(|g| g.max_wait_ms),
+                ],
+            )
+            .await
+            .map_err(db_error)?;
+        group_due = rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect();
+    }
+
+    // The events, then their deliveries.
+    let mut e_cols = EventColumns::default();
+    let mut d_cols = DeliveryColumns::default();
+    for &n in &stored {
+        let ev = &events[n];
+        e_cols.push(ids[n], ev, &digests[n])?;
+        for target in &ev.targets {
+            let s = ev.sequenced.iter().find(|(t, _)| t == target).map(|(_, s)| s);
+            let (order_key, grp) = match s {
+                Some(Sequenced::Ordered { key }) => (Some(key.clone()), None),
+                Some(Sequenced::Grouped { key, .. }) => (None, Some(key.clone())),
+                None => (None, None),
+            };
+            let due = grp
+                .as_ref()
+                .and_then(|k| group_due.get(&(target.clone(), k.clone())).copied())
+                .unwrap_or(to_i64(ev.received_ms));
+            d_cols.push(target, ids[n].0, due, order_key, grp)?;
+        }
+    }
+    if !stored.is_empty() {
+        tx.execute(
+            "INSERT INTO hr_events (id, source, event, received_ms, content_type, targets, dedup, order_keys, group_keys, body)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::jsonb[],
+                                  $7::bytea[], $8::jsonb[], $9::jsonb[], $10::bytea[])",
+            &[
+                &e_cols.id,
+                &e_cols.source,
+                &e_cols.event,
+                &e_cols.received,
+                &e_cols.content_type,
+                &e_cols.targets,
+                &e_cols.dedup,
+                &e_cols.order,
+                &e_cols.group,
+                &e_cols.body,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    }
+    if !d_cols.target.is_empty() {
+        // Places in a key's queue are taken in the round's order, under the key's lock.
+        tx.execute(
+            "INSERT INTO hr_deliveries (target, event_id, due_ms, order_key, grp, seq, record)
+             SELECT t, e, d, o, g, CASE WHEN o IS NULL THEN NULL ELSE nextval('hr_order_seq') END, r
+             FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::text[], $5::text[], $6::jsonb[])
+                  WITH ORDINALITY AS x(t, e, d, o, g, r, n)",
+            &[&d_cols.target, &d_cols.event_id, &d_cols.due, &d_cols.order_key, &d_cols.grp, &d_cols.record],
+        )
+        .await
+        .map_err(db_error)?;
+        let mut targets: Vec<&str> = d_cols.target.iter().map(String::as_str).collect();
+        targets.sort_unstable();
+        targets.dedup();
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &targets.join("\n")]).await.map_err(db_error)?;
+    }
+    tx.commit().await.map_err(db_error)?;
+
+    let mut answers = Vec::with_capacity(events.len());
+    for (n, ev) in events.iter().enumerate() {
+        let lead = lead_of.get(&digests[n]).copied().unwrap_or(n);
+        let answer = if new.contains(&digests[n][..]) {
+            if lead == n {
+                Ingested::Accepted { id: ids[n], targets: ev.targets.len() }
+            } else {
+                Ingested::Duplicate { id: ids[lead] }
+            }
+        } else {
+            match first_of.get(&digests[n][..]) {
+                Some(first) => Ingested::Duplicate { id: EventId(*first) },
+                None => return Err(StoreError::Io("a dedup entry vanished within its round".into())),
+            }
+        };
+        answers.push(answer);
+    }
+    Ok(answers)
+}
+
+/// What a round's events of one debounce group bring to it.
+#[derive(Default)]
+struct Joined {
+    first_ms: i64,
+    newest_ms: i64,
+    newest_id: Uuid,
+    window_ms: i64,
+    max_wait_ms: i64,
+}
+
+#[derive(Default)]
+struct EventColumns<'a> {
+    id: Vec<Uuid>,
+    source: Vec<&'a str>,
+    event: Vec<&'a str>,
+    received: Vec<i64>,
+    content_type: Vec<Option<&'a str>>,
+    targets: Vec<serde_json::Value>,
+    dedup: Vec<&'a [u8]>,
+    order: Vec<serde_json::Value>,
+    group: Vec<serde_json::Value>,
+    body: Vec<&'a [u8]>,
+}
+
+impl<'a> EventColumns<'a> {
+    fn push(&mut self, id: EventId, ev: &'a NewEvent, digest: &'a [u8; 32]) -> Result<(), StoreError> {
+        let keys = |grouped: bool| -> serde_json::Value {
+            ev.sequenced
+                .iter()
+                .filter_map(|(t, s)| match (s, grouped) {
+                    (Sequenced::Ordered { key }, false) | (Sequenced::Grouped { key, .. }, true) => {
+                        Some((t.clone(), serde_json::Value::String(key.clone())))
+                    }
+                    _ => None,
+                })
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        self.id.push(id.0);
+        self.source.push(&ev.source);
+        self.event.push(&ev.event);
+        self.received.push(to_i64(ev.received_ms));
+        self.content_type.push(ev.content_type.as_deref());
+        self.targets.push(serde_json::to_value(&ev.targets).map_err(|e| StoreError::Io(e.to_string()))?);
+        self.dedup.push(&digest[..]);
+        self.order.push(keys(false));
+        self.group.push(keys(true));
+        self.body.push(&ev.body);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct DeliveryColumns {
+    target: Vec<String>,
+    event_id: Vec<Uuid>,
+    due: Vec<i64>,
+    order_key: Vec<Option<String>>,
+    grp: Vec<Option<String>>,
+    record: Vec<serde_json::Value>,
+}
+
+impl DeliveryColumns {
+    fn push(
+        &mut self,
+        target: &str,
+        id: Uuid,
+        due: i64,
+        order_key: Option<String>,
+        grp: Option<String>,
+    ) -> Result<(), StoreError> {
+        let record = crate::store::DeliveryRecord::pending(due.max(0) as u64);
+        self.target.push(target.to_string());
+        self.event_id.push(id);
+        self.due.push(due);
+        self.order_key.push(order_key);
+        self.grp.push(grp);
+        self.record.push(serde_json::to_value(record).map_err(|e| StoreError::Io(e.to_string()))?);
+        Ok(())
+    }
+}
+
+/// Listens for `NOTIFY` on its own connection and passes on the targets
+/// named; reconnects when the connection drops, and then wakes every
+/// target (an empty name), since what was sent meanwhile is unknown.
+pub async fn listen(
+    config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
+    queued: broadcast::Sender<String>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let connected = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            c = config.connect(tls.clone()) => c,
+        };
+        match connected {
+            Ok((client, mut connection)) => {
+                let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+                let listen = format!("LISTEN {CHANNEL}");
+                let listening = client.batch_execute(&listen);
+                // The connection is driven by the stream: poll both.
+                let mut listening = std::pin::pin!(listening);
+                let mut listened = false;
+                backoff = Duration::from_millis(100);
+                let _ = queued.send(String::new());
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        done = &mut listening, if !listened => {
+                            listened = true;
+                            if let Err(e) = done {
+                                tracing::warn!(error = %db_error(e), "LISTEN failed");
+                                break;
+                            }
+                        }
+                        message = messages.next() => match message {
+                            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                                for target in n.payload().split('\n') {
+                                    let _ = queued.send(target.to_string());
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => {
+                                tracing::warn!(error = %db_error(e), "the database connection for wakeups dropped; reconnecting");
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %db_error(e), "cannot connect to the database for wakeups; retrying");
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,672 @@
+//! The shared store: PostgreSQL, so that several instances are one relay.
+//!
+//! Ingest is group commit: a round takes the webhooks queued while the
+//! previous rounds ran and stores them in one transaction, committed with
+//! `synchronous_commit` on before any of them is answered; a few rounds run
+//! at once. Deliveries are handed out under a lease (`FOR UPDATE SKIP
+//! LOCKED`), so one instance at a time attempts each; a lease that outlives
+//! its instance expires and another takes the delivery. `NOTIFY` tells every
+//! instance which targets have new work. The guarantees are the contract's
+//! (`conformance.rs`), the same as sled's.
+
+mod ingest;
+mod schema;
+#[cfg(test)]
+pub(crate) mod throwaway;
+
+use std::collections::HashSet;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::broadcast;
+use tokio_postgres::Row;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::*;
+
+/// The channel of `NOTIFY`: the targets (one per line) that got work.
+pub(crate) const CHANNEL: &str = "hookrelay_queued";
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// A libpq URL or key=value string; `sslmode=verify-full`/`verify-ca`
+    /// are taken as `require`: the certificate is always verified.
+    pub url: String,
+    /// Connections per instance.
+    pub pool: usize,
+    /// The CAs of `storage.ca_file`, trusted for the database's
+    /// certificate instead of the system's.
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// How long a delivery handed out stays this instance's: longer than
+    /// any attempt (the targets' timeouts), so that only a dead instance's
+    /// leases expire.
+    pub lease: Duration,
+}
+
+pub struct PgStore {
+    pool: Pool,
+    rounds: ingest::Rounds,
+    /// This instance, as the owner of its leases.
+    owner: Uuid,
+    lease_ms: u64,
+    queued: broadcast::Sender<String>,
+    shutdown: CancellationToken,
+}
+
+/// A database error with what the server said.
+pub(crate) fn db_error(e: tokio_postgres::Error) -> StoreError {
+    match e.as_db_error() {
+        Some(db) => StoreError::Io(format!("database: {}: {}", db.severity(), db.message())),
+        None => {
+            let mut msg = format!("database: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            StoreError::Io(msg)
+        }
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        other => StoreError::Io(format!("database pool: {other}")),
+    }
+}
+
+/// The rustls connector: verifies the server's certificate against the
+/// `ca_file`'s CAs, else the system's.
+fn tls(ca_certs: &[CertificateDer<'static>]) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let roots =
+        crate::dispatch::client::roots(ca_certs).map_err(|e| StoreError::Io(format!("storage.ca_file: {e}")))?;
+    let config = rustls::ClientConfig::builder_with_provider(crate::ingress::tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| StoreError::Io(format!("TLS setup failed: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+/// Parses `url`, `verify-full`/`verify-ca` read as `require`.
+pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
+    let url = url.replace("sslmode=verify-full", "sslmode=require").replace("sslmode=verify-ca", "sslmode=require");
+    let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| format!("storage.url: {e}"))?;
+    // The relay's sessions commit durably whatever the server's default.
+    config.options("-c synchronous_commit=on");
+    if config.get_application_name().is_none() {
+        config.application_name("hookrelay");
+    }
+    config.connect_timeout(Duration::from_secs(10));
+    Ok(config)
+}
+
+impl PgStore {
+    /// Connects, creates or migrates the schema, and starts the ingest
+    /// rounds and the listener for other instances' work.
+    pub async fn connect(options: &PgOptions) -> Result<PgStore, StoreError> {
+        let config = parse_url(&options.url).map_err(StoreError::Io)?;
+        let tls = tls(&options.ca_certs)?;
+        let manager = Manager::from_config(
+            config.clone(),
+            tls.clone(),
+            ManagerConfig { recycling_method: RecyclingMethod::Fast },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(options.pool.max(2))
+            .build()
+            .map_err(|e| StoreError::Io(format!("database pool: {e}")))?;
+        let mut client = pool.get().await.map_err(pool_error)?;
+        schema::migrate(&mut client).await?;
+        drop(client);
+        let shutdown = CancellationToken::new();
+        let (queued, _) = broadcast::channel(1024);
+        tokio::spawn(ingest::listen(config, tls, queued.clone(), shutdown.child_token()));
+        Ok(PgStore {
+            rounds: ingest::Rounds::start(pool.clone(), (options.pool / 2).clamp(1, 4)),
+            pool,
+            owner: Uuid::now_v7(),
+            lease_ms: options.lease.as_millis() as u64,
+            queued,
+            shutdown,
+        })
+    }
+
+    async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(pool_error)
+    }
+}
+
+fn ms(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn to_i64(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn record_of(row: &Row, col: &str) -> Result<DeliveryRecord, StoreError> {
+    let value: serde_json::Value = row.get(col);
+    serde_json::from_value(value)
+        .map_err(|e| StoreError::Corrupt { key: "hr_deliveries.record".into(), detail: e.to_string() })
+}
+
+fn json(record: &DeliveryRecord) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(record).map_err(|e| StoreError::Io(e.to_string()))
+}
+
+fn meta_of(row: &Row) -> Result<EventMeta, StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt { key: "hr_events".into(), detail: e.to_string() };
+    Ok(EventMeta {
+        source: row.get("source"),
+        event: row.get("event"),
+        received_ms: ms(row.get("received_ms")),
+        content_type: row.get("content_type"),
+        targets: serde_json::from_value(row.get("targets")).map_err(corrupt)?,
+        dedup: row.get("dedup"),
+        order: serde_json::from_value(row.get("order_keys")).map_err(corrupt)?,
+        group: serde_json::from_value(row.get("group_keys")).map_err(corrupt)?,
+    })
+}
+
+const META: &str = "id, source, event, received_ms, content_type, targets, dedup, order_keys, group_keys";
+
+/// The status letter of a state.
+fn status(state: &DeliveryState) -> i8 {
+    (match state {
+        DeliveryState::Pending { .. } => b'p',
+        DeliveryState::Delivered { .. } => b'd',
+        DeliveryState::Dead { .. } => b'x',
+        DeliveryState::Skipped { .. } => b's',
+        DeliveryState::Coalesced { .. } => b'c',
+    }) as i8
+}
+
+/// When a debounce group is due: `window` after its newest event, and no
+/// later than `max_wait` after its first.
+fn group_due(first_ms: i64, newest_ms: i64, window_ms: i64, max_wait_ms: i64) -> i64 {
+    (newest_ms.saturating_add(window_ms)).min(first_ms.saturating_add(max_wait_ms))
+}
+
+fn due_of(row: &Row, group: bool) -> Result<DueDelivery, StoreError> {
+    let record = record_of(row, "record")?;
+    Ok(DueDelivery {
+        event_id: EventId(row.get("event_id")),
+        due_ms: ms(row.get("due_ms")),
+        tries: record.tries,
+        made: record.made,
+        queued: row.get("queued"),
+        group,
+        coalesced: record.coalesced,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
+        self.rounds.ingest(event).await
+    }
+
+    async fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!("SELECT {META}, body FROM hr_events WHERE id = $1");
+        let Some(row) = client.query_opt(&sql, &[&id.0]).await.map_err(db_error)? else { return Ok(None) };
+        let body: Vec<u8> = row.get("body");
+        Ok(Some(StoredEvent { id, meta: meta_of(&row)?, body: body.into() }))
+    }
+
+    async fn events_before(
+        &self,
+        before: Option<EventId>,
+        source: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT {META} FROM hr_events WHERE ($1::uuid IS NULL OR id < $1) AND ($2::text IS NULL OR source = $2)
+             ORDER BY id DESC LIMIT $3"
+        );
+        let rows = client.query(&sql, &[&before.map(|b| b.0), &source, &(limit as i64)]).await.map_err(db_error)?;
+        rows.iter().map(|r| Ok((EventId(r.get("id")), meta_of(r)?))).collect()
+    }
+
+    async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError> {
+        let client = self.client().await?;
+        // The head of its key's queue, when that is another; the group's time.
+        let rows = client
+            .query(
+                "SELECT d.target, d.record, d.status, d.due_ms,
+                        (SELECT o.event_id FROM hr_deliveries o
+                          WHERE o.target = d.target AND o.order_key = d.order_key AND o.status = 'p'
+                          ORDER BY o.seq LIMIT 1) AS head,
+                        (SELECT LEAST(g.newest_ms + g.window_ms, g.first_ms + g.max_wait_ms) FROM hr_groups g
+                          WHERE g.target = d.target AND g.key = d.grp) AS group_due
+                 FROM hr_deliveries d JOIN hr_events e ON e.id = d.event_id
+                 WHERE d.event_id = $1
+                 ORDER BY array_position(ARRAY(SELECT jsonb_array_elements_text(e.targets)), d.target)",
+                &[&id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let mut record = record_of(row, "record")?;
+            let pending = row.get::<_, i8>("status") == b'p' as i8;
+            if pending {
+                let due: i64 = row.get::<_, Option<i64>>("group_due").unwrap_or(row.get("due_ms"));
+                record.state = DeliveryState::Pending { due_ms: ms(due) };
+            }
+            let head: Option<Uuid> = if pending { row.get("head") } else { None };
+            out.push(Delivery {
+                event_id: id,
+                target: row.get("target"),
+                record,
+                waiting_for: head.filter(|h| *h != id.0).map(EventId),
+            });
+        }
+        Ok(out)
+    }
+
+    async fn due(
+        &self,
+        target: &str,
+        now_ms: u64,
+        limit: usize,
+        skip: &HashSet<EventId>,
+    ) -> Result<DueBatch, StoreError> {
+        let client = self.client().await?;
+        let skip: Vec<Uuid> = skip.iter().map(|e| e.0).collect();
+        let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(self.lease_ms)));
+        // Open groups first (each is one delivery of its newest event), then
+        // retries by due time, then first attempts by arrival; an ordered
+        // delivery only at the head of its key's queue.
+        let groups = client
+            .query(
+                "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
+                 FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
+                 WHERE g.target = $1 AND d.event_id <> ALL($2)
+                   AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)",
+                &[&target, &skip, &self.owner, &now],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut next_due: Option<i64> = None;
+        let mut ripe = Vec::new();
+        for g in &groups {
+            let due = group_due(g.get(1), g.get(2), g.get(3), g.get(4));
+            if due <= now {
+                ripe.push((g.get::<_, Uuid>(0), due));
+            } else {
+                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+            }
+        }
+        ripe.sort_by_key(|(_, due)| *due);
+        ripe.truncate(limit);
+        let mut out = Vec::new();
+        if !ripe.is_empty() {
+            let ids: Vec<Uuid> = ripe.iter().map(|(id, _)| *id).collect();
+            let rows = client
+                .query(
+                    "UPDATE hr_deliveries SET lease_owner = $3, lease_until = $4
+                     WHERE target = $1 AND event_id = ANY($2) AND grp IS NOT NULL
+                     RETURNING event_id, due_ms, queued, record",
+                    &[&target, &ids, &self.owner, &until],
+                )
+                .await
+                .map_err(db_error)?;
+            for row in &rows {
+                let mut d = due_of(row, true)?;
+                if let Some((_, due)) = ripe.iter().find(|(id, _)| *id == d.event_id.0) {
+                    d.due_ms = ms(*due);
+                }
+                out.push(d);
+            }
+            out.sort_by_key(|d| d.due_ms);
+        }
+        let rest = limit.saturating_sub(out.len());
+        if rest > 0 {
+            let rows = client
+                .query(
+                    "WITH cand AS (
+                        SELECT d.event_id FROM hr_deliveries d
+                        WHERE d.target = $1 AND d.status = 'p' AND d.grp IS NULL AND d.due_ms <= $2
+                          AND d.event_id <> ALL($3)
+                          AND (d.lease_owner IS NULL OR d.lease_owner = $4 OR d.lease_until <= $2)
+                          AND (d.order_key IS NULL OR d.seq = (
+                                SELECT min(o.seq) FROM hr_deliveries o
+                                WHERE o.target = $1 AND o.order_key = d.order_key AND o.status = 'p'))
+                        ORDER BY d.queued DESC, d.due_ms, d.event_id
+                        LIMIT $5
+                        FOR UPDATE OF d SKIP LOCKED)
+                     UPDATE hr_deliveries d SET lease_owner = $4, lease_until = $6
+                     FROM cand WHERE d.target = $1 AND d.event_id = cand.event_id
+                     RETURNING d.event_id, d.due_ms, d.queued, d.record",
+                    &[&target, &now, &skip, &self.owner, &(rest as i64), &until],
+                )
+                .await
+                .map_err(db_error)?;
+            let mut found = rows.iter().map(|r| due_of(r, false)).collect::<Result<Vec<_>, _>>()?;
+            found.sort_by_key(|d| (!d.queued, d.due_ms, d.event_id));
+            out.extend(found);
+        }
+        let later = client
+            .query_opt(
+                "SELECT due_ms FROM hr_deliveries
+                 WHERE target = $1 AND status = 'p' AND grp IS NULL AND queued AND due_ms > $2
+                 ORDER BY queued DESC, due_ms LIMIT 1",
+                &[&target, &now],
+            )
+            .await
+            .map_err(db_error)?;
+        if let Some(row) = later {
+            let due: i64 = row.get(0);
+            next_due = Some(next_due.map_or(due, |n| n.min(due)));
+        }
+        Ok(DueBatch { due: out, next_due_ms: next_due.map(ms) })
+    }
+
+    async fn complete(
+        &self,
+        target: &str,
+        due: &DueDelivery,
+        attempt: Attempt,
+        next: NextStep,
+    ) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let row = tx
+            .query_opt(
+                "SELECT status, due_ms, queued, order_key, record FROM hr_deliveries
+                 WHERE target = $1 AND event_id = $2 FOR UPDATE",
+                &[&target, &due.event_id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        // Purged meanwhile: nothing to record the attempt on.
+        let Some(row) = row else { return Ok(()) };
+        let mut record = record_of(&row, "record")?;
+        // Still where it was handed out? If an operator requeued it
+        // meanwhile, their position is kept and the attempt recorded only.
+        let current = row.get::<_, i8>("status") == b'p' as i8
+            && ms(row.get("due_ms")) == due.due_ms
+            && row.get::<_, bool>("queued") == due.queued;
+        let now = now_ms();
+        record.attempted(attempt, &next, current, now);
+        let (due_ms, queued) = match record.state {
+            DeliveryState::Pending { due_ms } if current => (to_i64(due_ms), true),
+            _ => (row.get("due_ms"), row.get("queued")),
+        };
+        let at_ms = match &record.state {
+            DeliveryState::Dead { at_ms, .. } => Some(to_i64(*at_ms)),
+            _ => None,
+        };
+        tx.execute(
+            "UPDATE hr_deliveries SET status = $3, due_ms = $4, queued = $5, at_ms = $6, record = $7,
+                    lease_owner = NULL, lease_until = NULL
+             WHERE target = $1 AND event_id = $2",
+            &[&target, &due.event_id.0, &status(&record.state), &due_ms, &queued, &at_ms, &json(&record)?],
+        )
+        .await
+        .map_err(db_error)?;
+        let order_key: Option<String> = row.get("order_key");
+        if current && record.state.is_finished() && order_key.is_some() {
+            // The next of its key is now the head: any instance may take it.
+            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await.map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn close_group(&self, target: &str, due: &DueDelivery) -> Result<Option<DueDelivery>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let group = tx
+            .query_opt(
+                "DELETE FROM hr_groups WHERE target = $1 AND newest_id = $2 RETURNING key",
+                &[&target, &due.event_id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(group) = group else { return Ok(None) };
+        let key: String = group.get(0);
+        let into = due.event_id.to_string();
+        let now = now_ms();
+        let members = tx
+            .query(
+                "SELECT event_id, record FROM hr_deliveries
+                 WHERE target = $1 AND grp = $2 AND event_id <> $3 FOR UPDATE",
+                &[&target, &key, &due.event_id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        for m in &members {
+            let mut record = record_of(m, "record")?;
+            record.state = DeliveryState::Coalesced { at_ms: now, into: into.clone() };
+            tx.execute(
+                "UPDATE hr_deliveries SET status = 'c', grp = NULL, at_ms = $3, record = $4,
+                        lease_owner = NULL, lease_until = NULL
+                 WHERE target = $1 AND event_id = $2",
+                &[&target, &m.get::<_, Uuid>(0), &to_i64(now), &json(&record)?],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        let coalesced = members.len() as u32 + 1;
+        let row = tx
+            .query_opt(
+                "SELECT record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",
+                &[&target, &due.event_id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else { return Ok(None) };
+        let mut record = record_of(&row, "record")?;
+        record.coalesced = coalesced;
+        record.state = DeliveryState::Pending { due_ms: due.due_ms };
+        tx.execute(
+            "UPDATE hr_deliveries SET grp = NULL, due_ms = $3, record = $4 WHERE target = $1 AND event_id = $2",
+            &[&target, &due.event_id.0, &to_i64(due.due_ms), &json(&record)?],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(Some(DueDelivery { group: false, coalesced, ..due.clone() }))
+    }
+
+    async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let sql = if paused {
+            "INSERT INTO hr_paused VALUES ($1) ON CONFLICT DO NOTHING"
+        } else {
+            "DELETE FROM hr_paused WHERE target = $1"
+        };
+        client.execute(sql, &[&target]).await.map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn paused_targets(&self) -> Result<HashSet<String>, StoreError> {
+        let client = self.client().await?;
+        let rows = client.query("SELECT target FROM hr_paused", &[]).await.map_err(db_error)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError> {
+        let client = self.client().await?;
+        // Held: in an open group, or behind the head of their key's queue.
+        let row = client
+            .query_one(
+                "SELECT count(*) FILTER (WHERE status = 'p'),
+                        count(*) FILTER (WHERE status = 'x'),
+                        count(*) FILTER (WHERE status = 'p' AND grp IS NOT NULL),
+                        count(*) FILTER (WHERE status = 'p' AND order_key IS NOT NULL)
+                          - count(DISTINCT order_key) FILTER (WHERE status = 'p')
+                 FROM hr_deliveries WHERE target = $1",
+                &[&target],
+            )
+            .await
+            .map_err(db_error)?;
+        let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
+        Ok(TargetCounts { queued: n(0), dead: n(1), held: n(2) + n(3) })
+    }
+
+    async fn purge(
+        &self,
+        cutoff_ms: u64,
+        after: Option<EventId>,
+        limit: usize,
+    ) -> Result<(usize, Option<EventId>), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        // One instance purges at a time; the others find nothing to do.
+        let mine: bool =
+            tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK]).await.map_err(db_error)?.get(0);
+        if !mine {
+            return Ok((0, None));
+        }
+        let row = tx
+            .query_one(
+                "WITH examined AS (
+                    SELECT id FROM hr_events
+                    WHERE ($1::uuid IS NULL OR id > $1) AND received_ms < $2
+                    ORDER BY id LIMIT $3),
+                 gone AS (
+                    DELETE FROM hr_events e USING examined x
+                    WHERE e.id = x.id
+                      AND NOT EXISTS (SELECT 1 FROM hr_deliveries d WHERE d.event_id = e.id AND d.status = 'p')
+                    RETURNING e.id)
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM examined),
+                        (SELECT id FROM examined ORDER BY id DESC LIMIT 1)",
+                &[&after.map(|a| a.0), &to_i64(cutoff_ms), &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        tx.execute("DELETE FROM hr_dedup WHERE expires_ms < $1", &[&to_i64(now_ms())]).await.map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        let (purged, examined): (i64, i64) = (row.get(0), row.get(1));
+        let last: Option<Uuid> = row.get(2);
+        let cursor = if examined as usize >= limit { last.map(EventId) } else { None };
+        Ok((purged as usize, cursor))
+    }
+
+    async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let row = tx
+            .query_opt(
+                "SELECT status, order_key, grp, record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",
+                &[&target, &id.0],
+            )
+            .await
+            .map_err(db_error)?;
+        let Some(row) = row else { return Ok(false) };
+        if row.get::<_, Option<String>>("grp").is_some() {
+            // Waiting in an open group: it is queued already.
+            return Ok(true);
+        }
+        let order_key: Option<String> = row.get("order_key");
+        if let Some(key) = &order_key {
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ingest::order_lock(target, key)])
+                .await
+                .map_err(db_error)?;
+        }
+        let mut record = record_of(&row, "record")?;
+        let now = now_ms();
+        record.state = DeliveryState::Pending { due_ms: now };
+        record.tries = 0;
+        tx.execute(
+            "UPDATE hr_deliveries SET status = 'p', due_ms = $3, queued = true, at_ms = NULL, record = $4,
+                    seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END,
+                    lease_owner = NULL, lease_until = NULL
+             WHERE target = $1 AND event_id = $2",
+            &[&target, &id.0, &to_i64(now), &json(&record)?],
+        )
+        .await
+        .map_err(db_error)?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await.map_err(db_error)?;
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+        let client = self.client().await?;
+        let rows = client
+            .query(
+                "SELECT target, event_id, record FROM hr_deliveries
+                 WHERE status = 'x' AND ($1::text IS NULL OR target = $1)
+                 ORDER BY target, event_id LIMIT $2",
+                &[&target, &(limit as i64)],
+            )
+            .await
+            .map_err(db_error)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let record = record_of(row, "record")?;
+            let DeliveryState::Dead { at_ms, reason } = record.state else { continue };
+            out.push(DeadLetter {
+                event_id: EventId(row.get("event_id")),
+                target: row.get("target"),
+                reason,
+                at_ms,
+                last_attempt: record.attempts.last().cloned(),
+            });
+        }
+        Ok(out)
+    }
+
+    fn queued_elsewhere(&self) -> Option<broadcast::Receiver<String>> {
+        Some(self.queued.subscribe())
+    }
+
+    async fn close(&self) -> Result<(), StoreError> {
+        self.rounds.close().await;
+        self.shutdown.cancel();
+        self.pool.close();
+        Ok(())
+    }
+}
+
+/// Held by the instance that purges (an arbitrary constant: "purge").
+const PURGE_LOCK: i64 = 0x0070_7572_6765;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    #[test]
+    fn verify_full_is_read_as_require() {
+        let config = parse_url("postgres://u:p@db.internal:5432/relay?sslmode=verify-full").expect("parses");
+        assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        assert!(parse_url("postgres://u@h/db?sslmode=bogus").is_err());
+    }
+
+    #[test]
+    fn a_group_is_due_a_window_after_its_newest_and_no_later_than_max_wait() {
+        assert_eq!(group_due(0, 20, 100, 1_000), 120);
+        assert_eq!(group_due(60, 120, 100, 150), 210);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meets_the_store_contract() {
+        let Some(cluster) = throwaway::cluster("the PostgreSQL store contract") else { return };
+        crate::store::conformance::run(Box::new(move || {
+            Box::pin(async move {
+                let options = PgOptions {
+                    url: cluster.database(),
+                    pool: 8,
+                    ca_certs: Vec::new(),
+                    lease: Duration::from_secs(60),
+                };
+                let store = PgStore::connect(&options).await.expect("connect");
+                (Arc::new(store) as Arc<dyn Store>, ())
+            })
+        }))
+        .await;
+    }
+}

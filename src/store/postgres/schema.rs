@@ -1,0 +1,105 @@
+//! The relay's tables, created and migrated at start: each migration runs
+//! once, in order, under an advisory lock, so that instances starting at
+//! once wait for the first and then find the schema current.
+
+use deadpool_postgres::Client;
+
+use super::db_error;
+use crate::store::StoreError;
+
+/// Held by the instance that migrates (an arbitrary constant: "hookrly").
+const MIGRATION_LOCK: i64 = 0x0068_6f6f_6b72_6c79;
+
+/// The migrations, oldest first; `hr_schema` records how many have run.
+/// Never edit one that has shipped: add another.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE hr_events (
+    id           uuid PRIMARY KEY,
+    source       text NOT NULL,
+    event        text NOT NULL,
+    received_ms  bigint NOT NULL,
+    content_type text,
+    targets      jsonb NOT NULL,
+    dedup        bytea NOT NULL,
+    order_keys   jsonb NOT NULL DEFAULT '{}',
+    group_keys   jsonb NOT NULL DEFAULT '{}',
+    body         bytea NOT NULL
+);
+CREATE INDEX hr_events_source ON hr_events (source, id);
+CREATE INDEX hr_events_received ON hr_events (received_ms, id);
+
+-- The live dedup key of each webhook; an entry past expires_ms may be taken over.
+CREATE TABLE hr_dedup (
+    hash       bytea PRIMARY KEY,
+    event_id   uuid NOT NULL REFERENCES hr_events (id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
+    expires_ms bigint NOT NULL
+);
+
+-- One row per (target, event). status: p(ending), d(elivered), x (dead),
+-- s(kipped), c(oalesced). A first attempt is due at its arrival (queued
+-- false); retries, holds and replays are queued. order_key/seq: its place in
+-- its key's queue (order_by); grp: the open debounce group it is in.
+CREATE TABLE hr_deliveries (
+    target      text NOT NULL,
+    event_id    uuid NOT NULL REFERENCES hr_events (id) ON DELETE CASCADE,
+    status      "char" NOT NULL DEFAULT 'p',
+    due_ms      bigint NOT NULL,
+    queued      boolean NOT NULL DEFAULT false,
+    at_ms       bigint,
+    order_key   text,
+    seq         bigint,
+    grp         text,
+    lease_owner uuid,
+    lease_until bigint,
+    record      jsonb NOT NULL,
+    PRIMARY KEY (target, event_id)
+);
+CREATE INDEX hr_deliveries_due ON hr_deliveries (target, queued DESC, due_ms, event_id)
+    WHERE status = 'p' AND grp IS NULL;
+CREATE INDEX hr_deliveries_order ON hr_deliveries (target, order_key, seq)
+    WHERE status = 'p' AND order_key IS NOT NULL;
+CREATE INDEX hr_deliveries_grp ON hr_deliveries (target, grp) WHERE grp IS NOT NULL;
+CREATE INDEX hr_deliveries_dead ON hr_deliveries (target, event_id) WHERE status = 'x';
+CREATE INDEX hr_deliveries_event ON hr_deliveries (event_id);
+CREATE SEQUENCE hr_order_seq;
+
+-- The open debounce group of each (target, key).
+CREATE TABLE hr_groups (
+    target      text NOT NULL,
+    key         text NOT NULL,
+    first_ms    bigint NOT NULL,
+    newest_ms   bigint NOT NULL,
+    newest_id   uuid NOT NULL,
+    window_ms   bigint NOT NULL,
+    max_wait_ms bigint NOT NULL,
+    PRIMARY KEY (target, key)
+);
+
+CREATE TABLE hr_paused (target text PRIMARY KEY);
+"#];
+
+/// Creates or migrates the schema; safe when several instances start at once.
+pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let tx = client.transaction().await.map_err(db_error)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_error)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)").await.map_err(db_error)?;
+    let version: i32 = match tx.query_opt("SELECT version FROM hr_schema", &[]).await.map_err(db_error)? {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO hr_schema VALUES (0)", &[]).await.map_err(db_error)?;
+            0
+        }
+    };
+    let known = MIGRATIONS.len() as i32;
+    if version > known {
+        return Err(StoreError::Io(format!(
+            "the database's schema is version {version}, newer than this hookrelay knows ({known}): run a newer hookrelay"
+        )));
+    }
+    for (n, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        tx.batch_execute(sql).await.map_err(|e| StoreError::Io(format!("migration {}: {}", n + 1, db_error(e))))?;
+        tracing::info!(version = n + 1, "database schema migrated");
+    }
+    tx.execute("UPDATE hr_schema SET version = $1", &[&known]).await.map_err(db_error)?;
+    tx.commit().await.map_err(db_error)
+}

@@ -16,7 +16,7 @@ use crate::config::{Auth, Settings};
 use crate::dispatch::{DispatchError, Dispatcher};
 use crate::ingress::{self, Ingress, Routes};
 use crate::metrics::Metrics;
-use crate::store::{SledStore, Store, StoreError};
+use crate::store::{PgOptions, PgStore, SledStore, Store, StoreError};
 
 /// How long shutdown waits for requests in progress.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -62,14 +62,32 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Opens the sled store of `settings` and starts serving.
+    /// Opens the store of `settings` (sled, or the shared PostgreSQL
+    /// database) and starts serving.
     pub async fn start(settings: Settings) -> Result<Relay, StartError> {
         let storage = &settings.storage;
-        let (path, cache) = (storage.path.clone(), storage.cache_bytes);
-        let store = tokio::task::spawn_blocking(move || SledStore::open(&path, cache))
-            .await
-            .map_err(|e| StoreError::Io(e.to_string()))??;
-        Self::start_with_store(settings, Arc::new(store)).await
+        let store: Arc<dyn Store> = match &storage.postgres {
+            Some(pg) => {
+                let options = PgOptions {
+                    url: String::from_utf8_lossy(pg.url.expose()).into_owned(),
+                    pool: pg.pool,
+                    ca_certs: pg.ca_certs.clone(),
+                    lease: lease(&settings.targets),
+                };
+                let store =
+                    PgStore::connect(&options).await.map_err(|e| StoreError::Io(format!("{}: {e}", pg.describe)))?;
+                tracing::info!(database = %pg.describe, pool = pg.pool, "PostgreSQL store open");
+                Arc::new(store)
+            }
+            None => {
+                let (path, cache) = (storage.path.clone(), storage.cache_bytes);
+                let store = tokio::task::spawn_blocking(move || SledStore::open(&path, cache))
+                    .await
+                    .map_err(|e| StoreError::Io(e.to_string()))??;
+                Arc::new(store)
+            }
+        };
+        Self::start_with_store(settings, store).await
     }
 
     /// Starts serving with a store of the caller's choosing.
@@ -166,7 +184,15 @@ struct Fixed {
     listen: SocketAddr,
     tls: bool,
     admin_listen: SocketAddr,
-    storage: (std::path::PathBuf, u64, Duration),
+    storage: (std::path::PathBuf, u64, Duration, Option<String>),
+}
+
+/// How long a delivery handed out stays this instance's on a shared store:
+/// twice the longest target timeout, and 10 s more, so that only an instance
+/// that died loses its leases.
+fn lease(targets: &[Arc<crate::config::Target>]) -> Duration {
+    let longest = targets.iter().map(|t| t.timeout).max().unwrap_or(Duration::from_secs(10));
+    longest * 2 + Duration::from_secs(10)
 }
 
 impl Fixed {
@@ -175,7 +201,12 @@ impl Fixed {
             listen: s.server.listen,
             tls: s.server.tls.is_some(),
             admin_listen: s.admin.listen,
-            storage: (s.storage.path.clone(), s.storage.cache_bytes, s.storage.retention),
+            storage: (
+                s.storage.path.clone(),
+                s.storage.cache_bytes,
+                s.storage.retention,
+                s.storage.postgres.as_ref().map(|p| format!("{} pool {}", p.describe, p.pool)),
+            ),
         }
     }
 }

@@ -266,12 +266,21 @@ fn print_summary(s: &Settings) {
     );
     let admin = if s.admin.token.is_some() { "/admin/* enabled" } else { "/admin/* disabled (no token)" };
     println!("admin     {} ({admin})", s.admin.listen);
-    println!(
-        "storage   {} (cache {} bytes, retention {})",
-        s.storage.path.display(),
-        s.storage.cache_bytes,
-        human(s.storage.retention)
-    );
+    match &s.storage.postgres {
+        Some(pg) => println!(
+            "storage   {} (pool {}, retention {}{})",
+            pg.describe,
+            pg.pool,
+            human(s.storage.retention),
+            if pg.ca_certs.is_empty() { "" } else { ", CA from ca_file" }
+        ),
+        None => println!(
+            "storage   {} (cache {} bytes, retention {})",
+            s.storage.path.display(),
+            s.storage.cache_bytes,
+            human(s.storage.retention)
+        ),
+    }
     println!("sources   {}", s.sources.len());
     for src in &s.sources {
         println!("  {:<16} POST {:<24} format {:<10} auth {}", src.name, src.path, src.format.name(), src.auth.kind());

@@ -47,9 +47,13 @@ pub struct RawAdmin {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
+    pub backend: Option<String>,
     pub path: Option<String>,
     pub cache: Option<String>,
     pub retention: Option<String>,
+    pub url: Option<String>,
+    pub pool: Option<u64>,
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

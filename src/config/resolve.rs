@@ -56,18 +56,7 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
             Secret::new(t)
         }),
     };
-    let storage = StorageSettings {
-        path: base.join(raw.storage.path.as_deref().unwrap_or("./data")),
-        cache_bytes: match raw.storage.cache.as_deref() {
-            None => 64 << 20,
-            Some(s) => p.take("storage.cache", parse_size(s)).unwrap_or(0),
-        },
-        retention: p.duration(
-            "storage.retention".into(),
-            raw.storage.retention.as_deref(),
-            Duration::from_secs(7 * 86_400),
-        ),
-    };
+    let storage = storage(&raw.storage, &base, &mut p);
 
     let targets: Vec<Arc<Target>> = raw
         .targets
@@ -105,6 +94,80 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
         sources: sources.into_iter().map(Arc::new).collect(),
         targets,
     })
+}
+
+fn storage(raw: &RawStorage, base: &Path, p: &mut Problems) -> StorageSettings {
+    let postgres = match raw.backend.as_deref() {
+        None | Some("sled") => {
+            for (key, set) in
+                [("url", raw.url.is_some()), ("pool", raw.pool.is_some()), ("ca_file", raw.ca_file.is_some())]
+            {
+                if set {
+                    p.push(format!("storage.{key}"), "is for backend postgres only (the backend is sled)");
+                }
+            }
+            None
+        }
+        Some("postgres") => {
+            for (key, set) in [("path", raw.path.is_some()), ("cache", raw.cache.is_some())] {
+                if set {
+                    p.push(format!("storage.{key}"), "is sled's: remove it with backend postgres");
+                }
+            }
+            postgres(raw, base, p)
+        }
+        Some(other) => {
+            p.push("storage.backend", format!("{other:?} is not a backend: use sled or postgres"));
+            None
+        }
+    };
+    StorageSettings {
+        path: base.join(raw.path.as_deref().unwrap_or("./data")),
+        cache_bytes: match raw.cache.as_deref() {
+            None => 64 << 20,
+            Some(s) => p.take("storage.cache", parse_size(s)).unwrap_or(0),
+        },
+        postgres,
+        retention: p.duration("storage.retention".into(), raw.retention.as_deref(), Duration::from_secs(7 * 86_400)),
+    }
+}
+
+fn postgres(raw: &RawStorage, base: &Path, p: &mut Problems) -> Option<PostgresSettings> {
+    let pool = match raw.pool {
+        None => 16,
+        Some(n @ 2..=1000) => n as usize,
+        Some(n) => {
+            p.push("storage.pool", format!("{n} connections: use 2 to 1000"));
+            16
+        }
+    };
+    let ca_certs = match &raw.ca_file {
+        None => Vec::new(),
+        Some(f) => p.take("storage.ca_file", crate::ingress::tls::load_certs(&base.join(f))).unwrap_or_default(),
+    };
+    let url = match raw.url.as_deref().map(str::trim) {
+        None | Some("") => {
+            p.push("storage.url", "is required with backend postgres (postgres://user:password@host:5432/db)");
+            return None;
+        }
+        Some(url) => url,
+    };
+    let config = p.take("storage.url", crate::store::parse_pg_url(url))?;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(h, port)| match h {
+            tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+            tokio_postgres::config::Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    if hosts.is_empty() {
+        p.push("storage.url", "names no host");
+        return None;
+    }
+    let describe = format!("postgres {} database {}", hosts.join(","), config.get_dbname().unwrap_or("(the user's)"));
+    Some(PostgresSettings { url: Secret::new(url), pool, ca_certs, describe })
 }
 
 fn server(raw: &RawServer, base: &Path, p: &mut Problems) -> ServerSettings {

@@ -45,11 +45,27 @@ pub struct AdminSettings {
 
 #[derive(Debug)]
 pub struct StorageSettings {
+    /// sled's folder (`backend: sled`).
     pub path: PathBuf,
     /// sled's page cache, in bytes.
     pub cache_bytes: u64,
+    /// `backend: postgres`: the database every instance shares, instead of sled.
+    pub postgres: Option<PostgresSettings>,
     /// Delivered and dead events are purged after this.
     pub retention: Duration,
+}
+
+/// How to reach the shared PostgreSQL database.
+#[derive(Debug)]
+pub struct PostgresSettings {
+    /// May hold a password: never logged or printed whole.
+    pub url: Secret,
+    /// Connections per instance.
+    pub pool: usize,
+    /// The CAs of `storage.ca_file` (none: the system's).
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// Where the database is, without credentials, for logs.
+    pub describe: String,
 }
 
 /// Where webhooks come in: one path, one format, one way to authenticate.

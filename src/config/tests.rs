@@ -305,3 +305,31 @@ fn programs_order_by_and_debounce_are_checked_with_their_key_paths() {
     let ordered = load(&t("    order_by: '.data.id'")).unwrap();
     assert!(matches!(ordered.targets[0].sequencing, Some(Sequencing::Ordered(_))));
 }
+
+#[test]
+fn the_postgres_backend_takes_its_keys_and_refuses_sleds() {
+    let pg = |storage: &str| format!("{MINIMAL}storage:\n{storage}");
+    let s =
+        load(&pg("  backend: postgres\n  url: postgres://relay:hunter2@db.internal:6432/relay?sslmode=verify-full\n"))
+            .unwrap();
+    let p = s.storage.postgres.as_ref().unwrap();
+    assert_eq!(p.pool, 16, "the default pool");
+    assert_eq!(p.describe, "postgres db.internal:6432 database relay");
+    assert!(!format!("{s:?}").contains("hunter2"), "the password is never printed");
+    assert!(load(MINIMAL).unwrap().storage.postgres.is_none(), "sled by default");
+
+    assert_problem(&pg("  backend: postgres\n"), "storage.url", "required");
+    assert_problem(&pg("  backend: postgres\n  url: postgres://h/db\n  path: ./data\n"), "storage.path", "sled's");
+    assert_problem(&pg("  backend: postgres\n  url: postgres://h/db\n  cache: 64MB\n"), "storage.cache", "sled's");
+    assert_problem(&pg("  backend: postgres\n  url: postgres://h/db\n  pool: 1\n"), "storage.pool", "2 to 1000");
+    assert_problem(
+        &pg("  backend: postgres\n  url: postgres://h/db\n  ca_file: missing.pem\n"),
+        "storage.ca_file",
+        "missing.pem",
+    );
+    assert_problem(&pg("  url: postgres://h/db\n"), "storage.url", "postgres only");
+    assert_problem(&pg("  backend: mysql\n"), "storage.backend", "sled or postgres");
+    let bad = problems(&pg("  backend: postgres\n  url: postgres://relay:hunter2@h/db?sslmode=bogus\n"));
+    assert!(bad.iter().any(|p| p.starts_with("storage.url: ")), "{bad:?}");
+    assert!(!bad.iter().any(|p| p.contains("hunter2")), "a bad URL's password is not echoed: {bad:?}");
+}

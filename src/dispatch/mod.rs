@@ -53,6 +53,13 @@ impl Workers {
         }
     }
 
+    /// Wakes every worker.
+    pub fn wake_all(&self) {
+        for h in self.read().values() {
+            h.wake.notify_one();
+        }
+    }
+
     /// The live state of a target's worker; `None` for an unknown target.
     pub fn status(&self, target: &str) -> Option<TargetStatus> {
         self.read().get(target).map(|h| *h.status.borrow())
@@ -109,6 +116,10 @@ impl Dispatcher {
         let paused = dispatcher.store.paused_targets().await?;
         for target in targets {
             dispatcher.spawn_worker(target, paused.contains(&target.name))?;
+        }
+        if let Some(queued) = dispatcher.store.queued_elsewhere() {
+            let wakes = upkeep::wake_on_queued(queued, dispatcher.workers.clone(), dispatcher.shutdown.child_token());
+            dispatcher.tasks.spawn(wakes);
         }
         Ok(dispatcher)
     }

@@ -63,3 +63,25 @@ pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics
         }
     }
 }
+
+/// Wakes the workers of the targets that got work on a store shared with
+/// other instances (an empty name, or wakeups missed: every worker).
+pub async fn wake_on_queued(
+    mut queued: tokio::sync::broadcast::Receiver<String>,
+    workers: Arc<super::Workers>,
+    shutdown: CancellationToken,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            next = queued.recv() => next,
+        };
+        match next {
+            Ok(target) if target.is_empty() => workers.wake_all(),
+            Ok(target) => workers.wake([target.as_str()]),
+            Err(RecvError::Lagged(_)) => workers.wake_all(),
+            Err(RecvError::Closed) => return,
+        }
+    }
+}

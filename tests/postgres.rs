@@ -150,3 +150,48 @@ async fn a_killed_instances_deliveries_are_taken_over_after_its_lease() {
     let repeated = seen.values().filter(|n| **n > 1).count();
     eprintln!("kill -9 of one of two instances: {repeated} deliveries repeated (at-least-once)");
 }
+
+/// `concurrency: 1` means one request at a time to the target, whichever
+/// instance sends it; a rate limit is the cluster's, not each instance's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_and_rate_limit_hold_across_instances() {
+    let Some(cluster) = throwaway::cluster("concurrency_and_rate_limit_hold_across_instances") else { return };
+    let url = cluster.database();
+    let mut build = FakeTarget::start().await;
+    build.always(Answer::status(200).delay(Duration::from_millis(30)));
+    let mut slack = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "  - name: build\n    url: \"{}\"\n    concurrency: 1\n  - name: slack\n    url: \"{}\"\n    concurrency: 8\n    rate_limit: {{ per_second: 20, burst: 1 }}",
+        build.url("/build"),
+        slack.url("/slack")
+    );
+    let config = instance_config(
+        dir.path(),
+        &url,
+        &targets,
+        "  - { source: buttercms, events: [\"page.*\"], targets: [build, slack] }",
+    );
+    let relays: Vec<_> = (0..3).map(|_| spawn_relay(&config)).collect();
+    let addrs: Vec<SocketAddr> = relays.iter().map(|(_, a)| *a).collect();
+
+    let ids = post_all(&addrs, 0, 30).await;
+    let mut to_slack = HashMap::new();
+    let (mut first, mut last) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while to_slack.len() < ids.len() && Instant::now() < deadline {
+        if let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(5), slack.received.recv()).await {
+            first = first.or(Some(r.at));
+            last = Some(r.at);
+            to_slack.insert(r.headers["webhook-id"].to_str().unwrap().to_string(), ());
+        }
+    }
+    let slack_took = last.zip(first).map(|(l, f)| l - f).unwrap_or_default();
+    let to_build = collect(&mut build, ids.len(), Duration::from_secs(30)).await;
+    assert_eq!((to_build.len(), to_slack.len()), (30, 30), "everything delivered to both");
+    let most = build.max_in_flight.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(most, 1, "three instances, one build request at a time");
+    // 30 at 20/s with a burst of 1: 1.45 s from the first to the last, not
+    // a third of it (each instance at 20/s).
+    assert!(slack_took >= Duration::from_millis(1_300), "the rate is the cluster's: 30 sent in {slack_took:?}");
+}

@@ -20,7 +20,7 @@ use super::retry::{next_step, Verdict};
 use crate::config::Target;
 use crate::jq::{Lane, Output};
 use crate::metrics::{DeliveryOutcome, Metrics};
-use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Store, StoredEvent};
+use crate::store::{now_ms, Attempt, DueDelivery, EventId, NextStep, Share, Store, StoredEvent};
 
 /// Due deliveries read from the store at once, at most.
 const BATCH: usize = 64;
@@ -110,6 +110,7 @@ impl Worker {
         let Links { wake, control, status } = links;
         let client = client::client_for(&target)?;
         let limiter = limiter_for(&target);
+        store.share(&target.name, share_of(&target));
         let (reports_tx, reports) = mpsc::unbounded_channel();
         Ok(Worker {
             breaker: Breaker::new(target.circuit_breaker),
@@ -258,6 +259,7 @@ impl Worker {
             }
         }
         self.limiter = limiter_for(&target);
+        self.store.share(&target.name, share_of(&target));
         self.breaker.set_settings(target.circuit_breaker);
         self.target = target;
     }
@@ -294,6 +296,12 @@ impl Worker {
             Done::Sent(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),
         }
     }
+}
+
+/// The target's limits, for a store that several instances share to hold
+/// over all of them.
+fn share_of(target: &Target) -> Share {
+    Share { concurrency: target.concurrency, rate: target.rate_limit.map(|r| (r.per_second, r.burst)) }
 }
 
 fn limiter_for(target: &Target) -> Option<DefaultDirectRateLimiter> {

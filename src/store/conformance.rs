@@ -563,3 +563,116 @@ async fn a_long_queue_of_one_key_keeps_its_order(store: &dyn Store) {
     assert_eq!(delivered, expected);
     assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
 }
+
+/// Opens two instances of one fresh, empty store, as two relay processes
+/// sharing it would, with leases of the given length.
+pub type FreshPair<G> = Box<dyn Fn(Duration) -> Pin<Box<dyn Future<Output = (Arc<dyn Store>, Arc<dyn Store>, G)>>>>;
+
+type SharedScenario = for<'a> fn(&'a dyn Store, &'a dyn Store) -> Pin<Box<dyn Future<Output = ()> + Send + 'a>>;
+
+macro_rules! shared_scenarios {
+    ($($name:ident),* $(,)?) => {
+        &[$((stringify!($name), |a, b| Box::pin($name(a, b)))),*]
+    };
+}
+
+/// The contract of a store that several instances share, on top of
+/// [`SCENARIOS`]: what one instance does, the others see and respect.
+const SHARED: &[(&str, SharedScenario)] = shared_scenarios![
+    a_delivery_is_handed_to_one_instance_at_a_time,
+    an_expired_lease_is_taken_over_and_both_attempts_are_kept,
+    concurrency_is_held_over_every_instance,
+    the_rate_is_held_over_every_instance,
+];
+
+/// The lease [`run_shared`] opens its pairs with.
+const LEASE: Duration = Duration::from_secs(30);
+
+/// Runs every scenario of a shared store on a fresh pair from `fresh`.
+pub async fn run_shared<G>(fresh: FreshPair<G>) {
+    for (name, scenario) in SHARED {
+        let (a, b, guard) = fresh(LEASE).await;
+        let outcome = tokio::spawn(async move {
+            scenario(a.as_ref(), b.as_ref()).await;
+            a.close().await.expect("close");
+            b.close().await.expect("close");
+        });
+        if let Err(e) = outcome.await {
+            panic!("shared store contract, scenario `{name}` failed: {e}");
+        }
+        drop(guard);
+    }
+}
+
+async fn a_delivery_is_handed_to_one_instance_at_a_time(a: &dyn Store, b: &dyn Store) {
+    let ids = futures_join((0..10).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;
+    let now = now_ms() + 1;
+    let to_a = a.due("t", now, 6, &HashSet::new()).await.expect("due").due;
+    let to_b = b.due("t", now, 10, &HashSet::new()).await.expect("due").due;
+    assert_eq!((to_a.len(), to_b.len()), (6, 4));
+    let mut all: Vec<EventId> = to_a.iter().chain(&to_b).map(|d| d.event_id).collect();
+    all.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(all, expected, "each delivery to one instance");
+    let in_flight: HashSet<EventId> = to_a.iter().map(|d| d.event_id).collect();
+    assert!(a.due("t", now, 10, &in_flight).await.expect("due").due.is_empty(), "b's are b's");
+    // Either instance's records are the one store's.
+    for d in &to_b {
+        b.complete("t", d, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    }
+    assert_eq!(a.counts("t").await.expect("counts").queued, 6);
+    let seen_by_a = a.deliveries(to_b[0].event_id).await.expect("deliveries");
+    assert!(matches!(seen_by_a[0].record.state, DeliveryState::Delivered { .. }));
+}
+
+/// An instance that stops answering (killed mid-attempt) leaves its lease
+/// to expire; another attempts the delivery; a late completion by the first
+/// is recorded beside the second's (at-least-once).
+async fn an_expired_lease_is_taken_over_and_both_attempts_are_kept(a: &dyn Store, b: &dyn Store) {
+    let id = accepted(a, event("cms", "x", &["t"])).await;
+    let now = now_ms() + 1;
+    let first = a.due("t", now, 10, &HashSet::new()).await.expect("due").due;
+    assert_eq!(ids(&DueBatch { due: first.clone(), next_due_ms: None }), [id]);
+    assert!(b.due("t", now, 10, &HashSet::new()).await.expect("due").due.is_empty(), "leased to a");
+    let after = now + LEASE.as_millis() as u64 + 1;
+    let taken = b.due("t", after, 10, &HashSet::new()).await.expect("due").due;
+    assert_eq!(taken.iter().map(|d| d.event_id).collect::<Vec<_>>(), [id], "taken over once the lease expired");
+    b.complete("t", &taken[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    a.complete("t", &first[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let record = state(a, id, "t").await;
+    assert!(matches!(record.state, DeliveryState::Delivered { .. }));
+    assert_eq!(record.attempts.len(), 2, "both attempts are visible");
+    assert_eq!(a.counts("t").await.expect("counts").queued, 0);
+}
+
+async fn concurrency_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
+    let share = Share { concurrency: 2, rate: None };
+    a.share("t", share);
+    b.share("t", share);
+    futures_join((0..5).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;
+    let now = now_ms() + 1;
+    let to_a = a.due("t", now, 5, &HashSet::new()).await.expect("due").due;
+    assert_eq!(to_a.len(), 2, "the target's concurrency");
+    let none = b.due("t", now, 5, &HashSet::new()).await.expect("due");
+    assert!(none.due.is_empty(), "a's two fill the target's concurrency");
+    assert!(none.next_due_ms.is_some(), "b is told to look again");
+    a.complete("t", &to_a[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    assert_eq!(b.due("t", now, 5, &HashSet::new()).await.expect("due").due.len(), 1, "a's end makes room for one");
+    // a's own attempt in flight counts too.
+    let in_flight = HashSet::from([to_a[1].event_id]);
+    assert!(a.due("t", now, 5, &in_flight).await.expect("due").due.is_empty());
+}
+
+async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
+    let share = Share { concurrency: 100, rate: Some((10, 2)) };
+    a.share("t", share);
+    b.share("t", share);
+    futures_join((0..6).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;
+    let now = now_ms() + 1;
+    assert_eq!(a.due("t", now, 10, &HashSet::new()).await.expect("due").due.len(), 2, "the burst");
+    let none = b.due("t", now, 10, &HashSet::new()).await.expect("due");
+    assert!(none.due.is_empty(), "a used the burst for both");
+    assert_eq!(none.next_due_ms, Some(now + 100), "the next token, at 10 per second");
+    assert_eq!(b.due("t", now + 150, 10, &HashSet::new()).await.expect("due").due.len(), 1, "one token in 150 ms");
+}

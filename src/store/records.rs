@@ -334,6 +334,15 @@ pub struct DeadLetter {
     pub last_attempt: Option<Attempt>,
 }
 
+/// A target's limits over every instance sharing a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share {
+    /// Attempts in flight at once.
+    pub concurrency: u32,
+    /// Attempts started per second, and the burst.
+    pub rate: Option<(u32, u32)>,
+}
+
 /// How many deliveries of one target wait, and how many are dead.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TargetCounts {

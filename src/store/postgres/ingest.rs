@@ -45,7 +45,14 @@ pub struct Rounds {
 /// are given their places, so that places follow commit order on every
 /// instance.
 pub fn order_lock(target: &str, key: &str) -> i64 {
+    lock_id("order", target, key)
+}
+
+/// An advisory lock's id: the first 8 bytes of a digest of what it guards.
+pub fn lock_id(kind: &str, target: &str, key: &str) -> i64 {
     let mut h = Sha256::new();
+    h.update(kind.as_bytes());
+    h.update([0]);
     h.update(target.as_bytes());
     h.update([0]);
     h.update(key.as_bytes());

@@ -11,6 +11,7 @@
 
 mod ingest;
 mod schema;
+mod share;
 #[cfg(test)]
 pub(crate) mod throwaway;
 
@@ -56,6 +57,8 @@ pub struct PgStore {
     lease_ms: u64,
     queued: broadcast::Sender<String>,
     shutdown: CancellationToken,
+    /// The targets' limits, held over every instance.
+    shares: std::sync::Mutex<std::collections::HashMap<String, Share>>,
 }
 
 /// A database error with what the server said.
@@ -135,6 +138,7 @@ impl PgStore {
             lease_ms: options.lease.as_millis() as u64,
             queued,
             shutdown,
+            shares: Default::default(),
         })
     }
 
@@ -280,13 +284,63 @@ impl Store for PgStore {
         limit: usize,
         skip: &HashSet<EventId>,
     ) -> Result<DueBatch, StoreError> {
-        let client = self.client().await?;
+        let share = self.shares.lock().unwrap_or_else(|p| p.into_inner()).get(target).copied();
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
         let skip: Vec<Uuid> = skip.iter().map(|e| e.0).collect();
         let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(self.lease_ms)));
+        let mut next_due: Option<i64> = None;
+        let mut soonest = |at: i64| next_due = Some(next_due.map_or(at, |n: i64| n.min(at)));
+        let mut limit = limit;
+        let mut bucket = None;
+        if let Some(share) = share {
+            // Every instance's hand-outs of this target, one at a time.
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ingest::lock_id("share", target, "")])
+                .await
+                .map_err(db_error)?;
+            // Handed out earlier but not started (a local rate limit): back.
+            tx.execute(
+                "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL
+                 WHERE target = $1 AND lease_owner = $2 AND event_id <> ALL($3)",
+                &[&target, &self.owner, &skip],
+            )
+            .await
+            .map_err(db_error)?;
+            let others: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM hr_deliveries
+                     WHERE target = $1 AND lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until > $3",
+                    &[&target, &self.owner, &now],
+                )
+                .await
+                .map_err(db_error)?
+                .get(0);
+            let asked = limit;
+            limit = share::room(limit, share.concurrency, others.max(0) as usize + skip.len());
+            if limit < asked && others > 0 {
+                // Room comes back when another instance's attempt ends.
+                soonest(now + SHARE_POLL_MS);
+            }
+            if let Some((per_second, burst)) = share.rate {
+                let stored = tx
+                    .query_opt("SELECT tokens, at_ms FROM hr_rates WHERE target = $1", &[&target])
+                    .await
+                    .map_err(db_error)?
+                    .map(|r| share::Bucket { tokens: r.get(0), at_ms: r.get(1) });
+                let b = share::Bucket::refilled(stored, now, per_second, burst);
+                if b.whole() < limit {
+                    limit = b.whole();
+                    if let Some(at) = b.take(limit).next_token_ms(per_second) {
+                        soonest(at);
+                    }
+                }
+                bucket = Some((b, per_second));
+            }
+        }
         // Open groups first (each is one delivery of its newest event), then
         // retries by due time, then first attempts by arrival; an ordered
         // delivery only at the head of its key's queue.
-        let groups = client
+        let groups = tx
             .query(
                 "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
                  FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
@@ -296,14 +350,13 @@ impl Store for PgStore {
             )
             .await
             .map_err(db_error)?;
-        let mut next_due: Option<i64> = None;
         let mut ripe = Vec::new();
         for g in &groups {
             let due = group_due(g.get(1), g.get(2), g.get(3), g.get(4));
             if due <= now {
                 ripe.push((g.get::<_, Uuid>(0), due));
             } else {
-                next_due = Some(next_due.map_or(due, |n| n.min(due)));
+                soonest(due);
             }
         }
         ripe.sort_by_key(|(_, due)| *due);
@@ -311,7 +364,7 @@ impl Store for PgStore {
         let mut out = Vec::new();
         if !ripe.is_empty() {
             let ids: Vec<Uuid> = ripe.iter().map(|(id, _)| *id).collect();
-            let rows = client
+            let rows = tx
                 .query(
                     "UPDATE hr_deliveries SET lease_owner = $3, lease_until = $4
                      WHERE target = $1 AND event_id = ANY($2) AND grp IS NOT NULL
@@ -331,7 +384,7 @@ impl Store for PgStore {
         }
         let rest = limit.saturating_sub(out.len());
         if rest > 0 {
-            let rows = client
+            let rows = tx
                 .query(
                     "WITH cand AS (
                         SELECT d.event_id FROM hr_deliveries d
@@ -355,7 +408,7 @@ impl Store for PgStore {
             found.sort_by_key(|d| (!d.queued, d.due_ms, d.event_id));
             out.extend(found);
         }
-        let later = client
+        let later = tx
             .query_opt(
                 "SELECT due_ms FROM hr_deliveries
                  WHERE target = $1 AND status = 'p' AND grp IS NULL AND queued AND due_ms > $2
@@ -365,10 +418,24 @@ impl Store for PgStore {
             .await
             .map_err(db_error)?;
         if let Some(row) = later {
-            let due: i64 = row.get(0);
-            next_due = Some(next_due.map_or(due, |n| n.min(due)));
+            soonest(row.get(0));
         }
+        if let Some((b, _)) = bucket {
+            let b = b.take(out.len());
+            tx.execute(
+                "INSERT INTO hr_rates VALUES ($1, $2, $3)
+                 ON CONFLICT (target) DO UPDATE SET tokens = excluded.tokens, at_ms = excluded.at_ms",
+                &[&target, &b.tokens, &b.at_ms],
+            )
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
         Ok(DueBatch { due: out, next_due_ms: next_due.map(ms) })
+    }
+
+    fn share(&self, target: &str, share: Share) {
+        self.shares.lock().unwrap_or_else(|p| p.into_inner()).insert(target.to_string(), share);
     }
 
     async fn complete(
@@ -630,6 +697,10 @@ impl Store for PgStore {
     }
 }
 
+/// How soon `due` looks again when another instance's attempts fill the
+/// target's concurrency.
+const SHARE_POLL_MS: i64 = 50;
+
 /// Held by the instance that purges (an arbitrary constant: "purge").
 const PURGE_LOCK: i64 = 0x0070_7572_6765;
 
@@ -665,6 +736,20 @@ mod tests {
                 };
                 let store = PgStore::connect(&options).await.expect("connect");
                 (Arc::new(store) as Arc<dyn Store>, ())
+            })
+        }))
+        .await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn meets_the_shared_store_contract() {
+        let Some(cluster) = throwaway::cluster("the PostgreSQL shared store contract") else { return };
+        crate::store::conformance::run_shared(Box::new(move |lease| {
+            Box::pin(async move {
+                let options = PgOptions { url: cluster.database(), pool: 4, ca_certs: Vec::new(), lease };
+                let a = PgStore::connect(&options).await.expect("connect");
+                let b = PgStore::connect(&options).await.expect("connect");
+                (Arc::new(a) as Arc<dyn Store>, Arc::new(b) as Arc<dyn Store>, ())
             })
         }))
         .await;

@@ -76,6 +76,16 @@ CREATE TABLE hr_groups (
 );
 
 CREATE TABLE hr_paused (target text PRIMARY KEY);
+
+-- Leased deliveries: what every instance has in flight, per target.
+CREATE INDEX hr_deliveries_leased ON hr_deliveries (target, lease_owner) WHERE lease_owner IS NOT NULL;
+
+-- Each rate-limited target's token bucket, shared by every instance.
+CREATE TABLE hr_rates (
+    target text PRIMARY KEY,
+    tokens double precision NOT NULL,
+    at_ms  bigint NOT NULL
+);
 "#];
 
 /// Creates or migrates the schema; safe when several instances start at once.

@@ -1,0 +1,78 @@
+//! A target's limits shared by every instance: the arithmetic `due` does
+//! under the target's lock, apart from the database.
+
+/// Attempts `due` may start now: what the caller asked, within the
+/// concurrency left once every instance's attempts in flight are counted.
+pub fn room(limit: usize, concurrency: u32, in_flight: usize) -> usize {
+    limit.min((concurrency as usize).saturating_sub(in_flight))
+}
+
+/// A token bucket as stored: `tokens` at `at_ms`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Bucket {
+    pub tokens: f64,
+    pub at_ms: i64,
+}
+
+impl Bucket {
+    /// Refilled at `per_second` since it was stored, up to `burst` (a new
+    /// bucket starts full).
+    pub fn refilled(stored: Option<Bucket>, now_ms: i64, per_second: u32, burst: u32) -> Bucket {
+        let burst = f64::from(burst.max(1));
+        let tokens = match stored {
+            None => burst,
+            Some(b) => {
+                let elapsed = (now_ms - b.at_ms).max(0) as f64 / 1000.0;
+                (b.tokens + elapsed * f64::from(per_second)).min(burst)
+            }
+        };
+        Bucket { tokens, at_ms: now_ms }
+    }
+
+    /// Whole tokens there are.
+    pub fn whole(&self) -> usize {
+        self.tokens.max(0.0).floor() as usize
+    }
+
+    /// `n` taken.
+    pub fn take(self, n: usize) -> Bucket {
+        Bucket { tokens: self.tokens - n as f64, ..self }
+    }
+
+    /// When the next whole token is there, if none is now.
+    pub fn next_token_ms(&self, per_second: u32) -> Option<i64> {
+        (self.tokens < 1.0).then(|| {
+            let missing = 1.0 - self.tokens;
+            self.at_ms + (missing * 1000.0 / f64::from(per_second.max(1))).ceil() as i64
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_counts_every_instances_attempts() {
+        assert_eq!(room(10, 4, 0), 4);
+        assert_eq!(room(10, 4, 3), 1);
+        assert_eq!(room(10, 1, 5), 0, "more in flight than allowed (a lowered limit): none");
+        assert_eq!(room(2, 100, 0), 2, "never more than asked");
+    }
+
+    #[test]
+    fn a_bucket_starts_full_refills_at_the_rate_and_caps_at_the_burst() {
+        let b = Bucket::refilled(None, 1_000, 10, 3);
+        assert_eq!(b.whole(), 3);
+        let b = b.take(3);
+        assert_eq!(b.whole(), 0);
+        assert_eq!(b.next_token_ms(10), Some(1_100), "one token per 100 ms");
+        let later = Bucket::refilled(Some(b), 1_250, 10, 3);
+        assert_eq!(later.whole(), 2);
+        let much_later = Bucket::refilled(Some(later), 60_000, 10, 3);
+        assert_eq!(much_later.whole(), 3, "capped at the burst");
+        assert_eq!(much_later.next_token_ms(10), None);
+        let clock_back = Bucket::refilled(Some(b), 500, 10, 3);
+        assert_eq!(clock_back.whole(), 0, "a clock going back adds nothing");
+    }
+}

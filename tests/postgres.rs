@@ -195,3 +195,36 @@ async fn concurrency_and_rate_limit_hold_across_instances() {
     // a third of it (each instance at 20/s).
     assert!(slack_took >= Duration::from_millis(1_300), "the rate is the cluster's: 30 sent in {slack_took:?}");
 }
+
+/// A pause on one instance holds the target on every instance, and a
+/// resume on another releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_on_one_instance_holds_the_target_on_all() {
+    let Some(cluster) = throwaway::cluster("a_pause_on_one_instance_holds_the_target_on_all") else { return };
+    let url = cluster.database();
+    let mut target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!("  - name: search\n    url: \"{}\"", target.url("/reindex"));
+    let config = instance_config(
+        dir.path(),
+        &url,
+        &targets,
+        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
+    );
+    let (a, _) = spawn_relay(&config);
+    let (b, b_addr) = spawn_relay(&config);
+    let paused = admin_call(a.admin, http::Method::POST, "/admin/targets/search/pause", Some(ADMIN_TOKEN), "").await;
+    assert_eq!(paused.status, 200);
+    let is_paused = |admin: SocketAddr| async move {
+        let targets = admin_call(admin, http::Method::GET, "/admin/targets", Some(ADMIN_TOKEN), "").await.json();
+        targets["targets"][0]["paused"].as_bool() == Some(true)
+    };
+    eventually("b hears of the pause", || is_paused(b.admin)).await;
+    let ids = post_all(&[b_addr], 0, 5).await;
+    target.nothing_for(Duration::from_millis(500)).await;
+    let resumed = admin_call(b.admin, http::Method::POST, "/admin/targets/search/resume", Some(ADMIN_TOKEN), "").await;
+    assert_eq!(resumed.status, 200);
+    let seen = collect(&mut target, ids.len(), Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 5, "released by the resume on the other instance");
+    eventually("a hears of the resume", || async { !is_paused(a.admin).await }).await;
+}

@@ -117,9 +117,9 @@ impl Dispatcher {
         for target in targets {
             dispatcher.spawn_worker(target, paused.contains(&target.name))?;
         }
-        if let Some(queued) = dispatcher.store.queued_elsewhere() {
-            let wakes = upkeep::wake_on_queued(queued, dispatcher.workers.clone(), dispatcher.shutdown.child_token());
-            dispatcher.tasks.spawn(wakes);
+        if let Some(notices) = dispatcher.store.notices() {
+            let follow = upkeep::follow_notices(notices, dispatcher.workers.clone(), dispatcher.shutdown.child_token());
+            dispatcher.tasks.spawn(follow);
         }
         Ok(dispatcher)
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::store::{now_ms, Store};
+use crate::store::{now_ms, Notice, Store};
 
 /// How often finished events are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -64,10 +64,11 @@ pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics
     }
 }
 
-/// Wakes the workers of the targets that got work on a store shared with
-/// other instances (an empty name, or wakeups missed: every worker).
-pub async fn wake_on_queued(
-    mut queued: tokio::sync::broadcast::Receiver<String>,
+/// Follows what the instances sharing the store tell each other: wakes the
+/// workers of targets that got work (every worker when notices were
+/// missed), and pauses or resumes a target's worker as another instance did.
+pub async fn follow_notices(
+    mut notices: tokio::sync::broadcast::Receiver<Notice>,
     workers: Arc<super::Workers>,
     shutdown: CancellationToken,
 ) {
@@ -75,12 +76,15 @@ pub async fn wake_on_queued(
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
-            next = queued.recv() => next,
+            next = notices.recv() => next,
         };
         match next {
-            Ok(target) if target.is_empty() => workers.wake_all(),
-            Ok(target) => workers.wake([target.as_str()]),
-            Err(RecvError::Lagged(_)) => workers.wake_all(),
+            Ok(Notice::Queued(target)) => workers.wake([target.as_str()]),
+            Ok(Notice::AnyQueued) | Err(RecvError::Lagged(_)) => workers.wake_all(),
+            Ok(Notice::Paused { target, paused }) => {
+                let control = if paused { super::Control::Pause } else { super::Control::Resume };
+                workers.control(&target, control).await;
+            }
             Err(RecvError::Closed) => return,
         }
     }

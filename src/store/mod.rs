@@ -43,6 +43,17 @@ impl From<std::io::Error> for StoreError {
     }
 }
 
+/// What an instance sharing a store hears from the others.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    /// Deliveries of this target were queued or released.
+    Queued(String),
+    /// Anything may have been queued (notices were missed).
+    AnyQueued,
+    /// This target was paused or resumed.
+    Paused { target: String, paused: bool },
+}
+
 /// What the rest of hookrelay needs from storage.
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
@@ -137,11 +148,10 @@ pub trait Store: Send + Sync + 'static {
     /// Dead-lettered deliveries, of one target or of all, at most `limit`.
     async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
 
-    /// The targets that got deliveries queued on the store, by this
-    /// instance or another sharing it (an empty name: any may have), for a
-    /// backend that several instances share; `None` for one that only this
-    /// process writes (its own ingress wakes its workers).
-    fn queued_elsewhere(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+    /// What the instances sharing the store tell each other (this one
+    /// included), for a backend that several instances share; `None` for
+    /// one that only this process writes.
+    fn notices(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
         None
     }
 

@@ -18,8 +18,8 @@ use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{db_error, pool_error, to_i64, CHANNEL};
-use crate::store::{dedup_digest, EventId, Ingested, NewEvent, Sequenced, StoreError};
+use super::{db_error, pool_error, to_i64, CHANNEL, PAUSES};
+use crate::store::{dedup_digest, EventId, Ingested, NewEvent, Notice, Sequenced, StoreError};
 
 /// Webhooks a round takes at most.
 const MAX_ROUND: usize = 512;
@@ -408,13 +408,14 @@ impl DeliveryColumns {
     }
 }
 
-/// Listens for `NOTIFY` on its own connection and passes on the targets
-/// named; reconnects when the connection drops, and then wakes every
-/// target (an empty name), since what was sent meanwhile is unknown.
+/// Listens for `NOTIFY` on its own connection and passes on what other
+/// instances (and this one) did; reconnects when the connection drops, and
+/// then says that anything may have been queued, since what was sent
+/// meanwhile is unknown.
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
-    queued: broadcast::Sender<String>,
+    notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -426,13 +427,13 @@ pub async fn listen(
         match connected {
             Ok((client, mut connection)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let listen = format!("LISTEN {CHANNEL}");
+                let listen = format!("LISTEN {CHANNEL}; LISTEN {PAUSES}");
                 let listening = client.batch_execute(&listen);
                 // The connection is driven by the stream: poll both.
                 let mut listening = std::pin::pin!(listening);
                 let mut listened = false;
                 backoff = Duration::from_millis(100);
-                let _ = queued.send(String::new());
+                let _ = notices.send(Notice::AnyQueued);
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -445,8 +446,8 @@ pub async fn listen(
                         }
                         message = messages.next() => match message {
                             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                for target in n.payload().split('\n') {
-                                    let _ = queued.send(target.to_string());
+                                for notice in notices_of(n.channel(), n.payload()) {
+                                    let _ = notices.send(notice);
                                 }
                             }
                             Some(Ok(_)) => {}
@@ -468,5 +469,36 @@ pub async fn listen(
             _ = tokio::time::sleep(backoff) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// What one `NOTIFY` says.
+fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
+    if channel == PAUSES {
+        return match payload.split_once('\n') {
+            Some((flag, target)) => vec![Notice::Paused { target: target.to_string(), paused: flag == "1" }],
+            None => Vec::new(),
+        };
+    }
+    payload.split('\n').filter(|t| !t.is_empty()).map(|t| Notice::Queued(t.to_string())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_notify_names_targets_or_a_pause() {
+        assert_eq!(notices_of(CHANNEL, "a\nb"), [Notice::Queued("a".into()), Notice::Queued("b".into())]);
+        assert_eq!(notices_of(PAUSES, "1\nbuild"), [Notice::Paused { target: "build".into(), paused: true }]);
+        assert_eq!(notices_of(PAUSES, "0\nbuild"), [Notice::Paused { target: "build".into(), paused: false }]);
+        assert!(notices_of(PAUSES, "garbage").is_empty());
+    }
+
+    #[test]
+    fn lock_ids_differ_by_kind_target_and_key() {
+        assert_ne!(lock_id("order", "t", "k"), lock_id("share", "t", "k"));
+        assert_ne!(order_lock("t", "k"), order_lock("t", "k2"));
+        assert_ne!(order_lock("ab", "c"), order_lock("a", "bc"));
     }
 }

@@ -31,6 +31,8 @@ use super::*;
 
 /// The channel of `NOTIFY`: the targets (one per line) that got work.
 pub(crate) const CHANNEL: &str = "hookrelay_queued";
+/// The channel of pauses: `1` or `0`, a line feed, the target.
+pub(crate) const PAUSES: &str = "hookrelay_paused";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -55,7 +57,7 @@ pub struct PgStore {
     /// This instance, as the owner of its leases.
     owner: Uuid,
     lease_ms: u64,
-    queued: broadcast::Sender<String>,
+    notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
     /// The targets' limits, held over every instance.
     shares: std::sync::Mutex<std::collections::HashMap<String, Share>>,
@@ -129,14 +131,14 @@ impl PgStore {
         schema::migrate(&mut client).await?;
         drop(client);
         let shutdown = CancellationToken::new();
-        let (queued, _) = broadcast::channel(1024);
-        tokio::spawn(ingest::listen(config, tls, queued.clone(), shutdown.child_token()));
+        let (notices, _) = broadcast::channel(1024);
+        tokio::spawn(ingest::listen(config, tls, notices.clone(), shutdown.child_token()));
         Ok(PgStore {
             rounds: ingest::Rounds::start(pool.clone(), (options.pool / 2).clamp(1, 4)),
             pool,
             owner: Uuid::now_v7(),
             lease_ms: options.lease.as_millis() as u64,
-            queued,
+            notices,
             shutdown,
             shares: Default::default(),
         })
@@ -546,14 +548,17 @@ impl Store for PgStore {
     }
 
     async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
         let sql = if paused {
             "INSERT INTO hr_paused VALUES ($1) ON CONFLICT DO NOTHING"
         } else {
             "DELETE FROM hr_paused WHERE target = $1"
         };
-        client.execute(sql, &[&target]).await.map_err(db_error)?;
-        Ok(())
+        tx.execute(sql, &[&target]).await.map_err(db_error)?;
+        let notice = format!("{}\n{target}", u8::from(paused));
+        tx.execute("SELECT pg_notify($1, $2)", &[&PAUSES, &notice]).await.map_err(db_error)?;
+        tx.commit().await.map_err(db_error)
     }
 
     async fn paused_targets(&self) -> Result<HashSet<String>, StoreError> {
@@ -685,12 +690,24 @@ impl Store for PgStore {
         Ok(out)
     }
 
-    fn queued_elsewhere(&self) -> Option<broadcast::Receiver<String>> {
-        Some(self.queued.subscribe())
+    fn notices(&self) -> Option<broadcast::Receiver<Notice>> {
+        Some(self.notices.subscribe())
     }
 
     async fn close(&self) -> Result<(), StoreError> {
         self.rounds.close().await;
+        // What this instance leaves unattempted, another may take at once.
+        if let Ok(client) = self.client().await {
+            let released = client
+                .execute(
+                    "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+                    &[&self.owner],
+                )
+                .await;
+            if let Err(e) = released {
+                tracing::warn!(error = %db_error(e), "leases not released at shutdown: they expire");
+            }
+        }
         self.shutdown.cancel();
         self.pool.close();
         Ok(())

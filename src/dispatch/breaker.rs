@@ -113,6 +113,20 @@ impl Breaker {
         self.state = State::Closed { failures: 0 };
     }
 
+    /// Another instance sharing the store opened the target's circuit for
+    /// `open_for`: this one holds too, unless its own circuit is open
+    /// already or its probe is out (whose answer decides). True when it
+    /// opened.
+    pub fn opened_elsewhere(&mut self, now: Instant, open_for: Duration) -> bool {
+        match self.state {
+            State::Closed { .. } | State::HalfOpen { probing: false } => {
+                self.state = State::Open { until: now + open_for };
+                true
+            }
+            State::Open { .. } | State::HalfOpen { probing: true } => false,
+        }
+    }
+
     /// Returns true when this failure opened the circuit.
     pub fn on_failure(&mut self, now: Instant) -> bool {
         let open_for: Duration = self.settings.open_for;
@@ -134,6 +148,19 @@ impl Breaker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_instances_open_circuit_holds_this_one_unless_its_probe_is_out() {
+        let now = Instant::now();
+        let mut b = breaker();
+        assert!(b.opened_elsewhere(now, Duration::from_secs(5)));
+        assert_eq!(b.permit(now), Permit::Wait(Some(now + Duration::from_secs(5))));
+        assert!(!b.opened_elsewhere(now, Duration::from_secs(60)), "already open: its own time stands");
+        let later = now + Duration::from_secs(6);
+        assert_eq!(b.permit(later), Permit::Probe);
+        b.on_dispatch();
+        assert!(!b.opened_elsewhere(later, Duration::from_secs(5)), "the probe out decides");
+    }
 
     fn breaker() -> Breaker {
         Breaker::new(BreakerSettings { failure_threshold: 3, open_for: Duration::from_secs(30) })

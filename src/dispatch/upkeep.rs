@@ -85,6 +85,9 @@ pub async fn follow_notices(
                 let control = if paused { super::Control::Pause } else { super::Control::Resume };
                 workers.control(&target, control).await;
             }
+            Ok(Notice::CircuitOpened { target, open_ms }) => {
+                workers.control(&target, super::Control::CircuitOpened(Duration::from_millis(open_ms))).await;
+            }
             Err(RecvError::Closed) => return,
         }
     }

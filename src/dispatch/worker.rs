@@ -37,6 +37,8 @@ pub enum Control {
     Resume,
     /// New settings from a reloaded config.
     Reconfigure(Arc<Target>),
+    /// Another instance sharing the store opened the circuit for this long.
+    CircuitOpened(Duration),
 }
 
 /// A worker's live state, for the admin API.
@@ -241,6 +243,12 @@ impl Worker {
             Control::Pause => true,
             Control::Resume => false,
             Control::Reconfigure(target) => return self.reconfigure(target),
+            Control::CircuitOpened(open_for) => {
+                if self.breaker.opened_elsewhere(Instant::now(), open_for) {
+                    tracing::warn!(target = %self.target.name, ?open_for, "circuit opened by another instance: deliveries wait");
+                }
+                return;
+            }
         };
         if paused != self.paused {
             let action = if paused { "paused" } else { "resumed" };
@@ -283,7 +291,11 @@ impl Worker {
             Done::Unsent => self.breaker.on_abandoned(),
             Done::Sent(Verdict::Retry { .. }) => {
                 if self.breaker.on_failure(Instant::now()) {
-                    tracing::warn!(target = %name, open_for = ?self.target.circuit_breaker.open_for, "circuit opened: deliveries wait");
+                    let open_for = self.target.circuit_breaker.open_for;
+                    tracing::warn!(target = %name, ?open_for, "circuit opened: deliveries wait");
+                    if let Err(e) = self.store.circuit_opened(name, open_for).await {
+                        tracing::warn!(target = %name, error = %e, "other instances not told of the open circuit");
+                    }
                 }
             }
             Done::Sent(Verdict::Pause) => {

@@ -583,6 +583,7 @@ const SHARED: &[(&str, SharedScenario)] = shared_scenarios![
     an_expired_lease_is_taken_over_and_both_attempts_are_kept,
     concurrency_is_held_over_every_instance,
     the_rate_is_held_over_every_instance,
+    instances_hear_of_each_others_work_pauses_and_circuits,
 ];
 
 /// The lease [`run_shared`] opens its pairs with.
@@ -675,4 +676,21 @@ async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
     assert!(none.due.is_empty(), "a used the burst for both");
     assert_eq!(none.next_due_ms, Some(now + 100), "the next token, at 10 per second");
     assert_eq!(b.due("t", now + 150, 10, &HashSet::new()).await.expect("due").due.len(), 1, "one token in 150 ms");
+}
+
+async fn instances_hear_of_each_others_work_pauses_and_circuits(a: &dyn Store, b: &dyn Store) {
+    let mut heard = b.notices().expect("a shared store has notices");
+    async fn next(heard: &mut tokio::sync::broadcast::Receiver<Notice>) -> Notice {
+        match tokio::time::timeout(Duration::from_secs(5), heard.recv()).await {
+            Ok(Ok(notice)) => notice,
+            other => panic!("nothing heard: {other:?}"),
+        }
+    }
+    assert_eq!(next(&mut heard).await, Notice::AnyQueued, "b says when it starts listening: anything may be queued");
+    accepted(a, event("cms", "1", &["t"])).await;
+    assert_eq!(next(&mut heard).await, Notice::Queued("t".into()));
+    a.set_paused("t", true).await.expect("pause");
+    assert_eq!(next(&mut heard).await, Notice::Paused { target: "t".into(), paused: true });
+    a.circuit_opened("t", Duration::from_secs(30)).await.expect("tell");
+    assert_eq!(next(&mut heard).await, Notice::CircuitOpened { target: "t".into(), open_ms: 30_000 });
 }

@@ -52,6 +52,8 @@ pub enum Notice {
     AnyQueued,
     /// This target was paused or resumed.
     Paused { target: String, paused: bool },
+    /// An instance opened this target's circuit for `open_ms`.
+    CircuitOpened { target: String, open_ms: u64 },
 }
 
 /// What the rest of hookrelay needs from storage.
@@ -119,6 +121,13 @@ pub trait Store: Send + Sync + 'static {
     /// events; `None` when the hand-out is stale (a newer event joined the
     /// group since: it is due later).
     async fn close_group(&self, target: &str, due: &DueDelivery) -> Result<Option<DueDelivery>, StoreError>;
+
+    /// Tells the instances sharing the store that this one opened a
+    /// target's circuit for `open_for`, so that they hold too (nothing to
+    /// tell where no other instance shares it).
+    async fn circuit_opened(&self, _target: &str, _open_for: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// Holds or releases a target's queue; survives restarts.
     async fn set_paused(&self, target: &str, paused: bool) -> Result<(), StoreError>;

@@ -18,7 +18,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{db_error, pool_error, to_i64, CHANNEL, PAUSES};
+use super::{db_error, pool_error, to_i64, CHANNEL, CIRCUITS, PAUSES};
 use crate::store::{dedup_digest, EventId, Ingested, NewEvent, Notice, Sequenced, StoreError};
 
 /// Webhooks a round takes at most.
@@ -427,13 +427,12 @@ pub async fn listen(
         match connected {
             Ok((client, mut connection)) => {
                 let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-                let listen = format!("LISTEN {CHANNEL}; LISTEN {PAUSES}");
+                let listen = format!("LISTEN {CHANNEL}; LISTEN {PAUSES}; LISTEN {CIRCUITS}");
                 let listening = client.batch_execute(&listen);
                 // The connection is driven by the stream: poll both.
                 let mut listening = std::pin::pin!(listening);
                 let mut listened = false;
                 backoff = Duration::from_millis(100);
-                let _ = notices.send(Notice::AnyQueued);
                 loop {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -443,6 +442,8 @@ pub async fn listen(
                                 tracing::warn!(error = %db_error(e), "LISTEN failed");
                                 break;
                             }
+                            // Listening from here on; what came before is unknown.
+                            let _ = notices.send(Notice::AnyQueued);
                         }
                         message = messages.next() => match message {
                             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
@@ -474,11 +475,13 @@ pub async fn listen(
 
 /// What one `NOTIFY` says.
 fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
-    if channel == PAUSES {
-        return match payload.split_once('\n') {
-            Some((flag, target)) => vec![Notice::Paused { target: target.to_string(), paused: flag == "1" }],
-            None => Vec::new(),
-        };
+    if channel == PAUSES || channel == CIRCUITS {
+        let Some((value, target)) = payload.split_once('\n') else { return Vec::new() };
+        let target = target.to_string();
+        if channel == PAUSES {
+            return vec![Notice::Paused { target, paused: value == "1" }];
+        }
+        return value.parse().map(|open_ms| vec![Notice::CircuitOpened { target, open_ms }]).unwrap_or_default();
     }
     payload.split('\n').filter(|t| !t.is_empty()).map(|t| Notice::Queued(t.to_string())).collect()
 }
@@ -493,6 +496,11 @@ mod tests {
         assert_eq!(notices_of(PAUSES, "1\nbuild"), [Notice::Paused { target: "build".into(), paused: true }]);
         assert_eq!(notices_of(PAUSES, "0\nbuild"), [Notice::Paused { target: "build".into(), paused: false }]);
         assert!(notices_of(PAUSES, "garbage").is_empty());
+        assert_eq!(
+            notices_of(CIRCUITS, "30000\nbuild"),
+            [Notice::CircuitOpened { target: "build".into(), open_ms: 30_000 }]
+        );
+        assert!(notices_of(CIRCUITS, "soon\nbuild").is_empty());
     }
 
     #[test]

@@ -33,6 +33,8 @@ use super::*;
 pub(crate) const CHANNEL: &str = "hookrelay_queued";
 /// The channel of pauses: `1` or `0`, a line feed, the target.
 pub(crate) const PAUSES: &str = "hookrelay_paused";
+/// The channel of opened circuits: how long in ms, a line feed, the target.
+pub(crate) const CIRCUITS: &str = "hookrelay_circuit";
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -559,6 +561,13 @@ impl Store for PgStore {
         let notice = format!("{}\n{target}", u8::from(paused));
         tx.execute("SELECT pg_notify($1, $2)", &[&PAUSES, &notice]).await.map_err(db_error)?;
         tx.commit().await.map_err(db_error)
+    }
+
+    async fn circuit_opened(&self, target: &str, open_for: Duration) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        let notice = format!("{}\n{target}", open_for.as_millis());
+        client.execute("SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await.map_err(db_error)?;
+        Ok(())
     }
 
     async fn paused_targets(&self) -> Result<HashSet<String>, StoreError> {

@@ -228,3 +228,100 @@ async fn a_pause_on_one_instance_holds_the_target_on_all() {
     assert_eq!(seen.len(), 5, "released by the resume on the other instance");
     eventually("a hears of the resume", || async { !is_paused(a.admin).await }).await;
 }
+
+/// A ButterCMS page.published body for page `key`, the `n`th sent.
+fn page(key: &str, n: usize) -> Vec<u8> {
+    format!(r#"{{"data":{{"id":"{key}","n":{n}}},"webhook":{{"event":"page.published","target":"x"}}}}"#).into_bytes()
+}
+
+/// `order_by` and `debounce` are the cluster's: webhooks of one page posted
+/// to three instances in turn arrive in the order posted, whichever
+/// instance delivers each; a burst posted to three instances is one build.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_and_coalescing_hold_across_instances() {
+    let Some(cluster) = throwaway::cluster("ordering_and_coalescing_hold_across_instances") else { return };
+    let url = cluster.database();
+    let mut search = FakeTarget::start().await;
+    // Some failures, so that retries interleave with the other keys.
+    search.script((0..6).map(|_| Answer::status(503)));
+    search.always(Answer::status(200).delay(Duration::from_millis(5)));
+    let mut site = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!(
+        "  - name: search\n    url: \"{}\"\n    order_by: '.data.id'\n    retry: {{ initial_backoff: 20ms, max_backoff: 50ms }}\n  - name: site\n    url: \"{}\"\n    debounce: {{ window: 1s, max_wait: 10s }}",
+        search.url("/reindex"),
+        site.url("/build")
+    );
+    let config = instance_config(
+        dir.path(),
+        &url,
+        &targets,
+        "  - { source: buttercms, events: [\"page.*\"], targets: [search, site] }",
+    );
+    let relays: Vec<_> = (0..3).map(|_| spawn_relay(&config)).collect();
+    let addrs: Vec<SocketAddr> = relays.iter().map(|(_, a)| *a).collect();
+
+    let keys = ["home", "about", "pricing"];
+    let mut posted: HashMap<&str, Vec<String>> = HashMap::new();
+    for n in 0..30 {
+        let key = keys[n % keys.len()];
+        let reply =
+            post(addrs[n % addrs.len()], "/hooks/buttercms", &[("x-webhook-secret", BUTTER_SECRET)], page(key, n))
+                .await;
+        assert_eq!(reply.status, 202, "{}", reply.body.escape_ascii());
+        posted.entry(key).or_default().push(reply.json()["id"].as_str().unwrap().to_string());
+    }
+    // Per key: the successful deliveries in the order posted.
+    let mut delivered: HashMap<String, Vec<String>> = HashMap::new();
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while done < 30 && Instant::now() < deadline {
+        let Ok(Some(r)) = tokio::time::timeout(Duration::from_secs(5), search.received.recv()).await else { break };
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let key = body["data"]["id"].as_str().unwrap().to_string();
+        let id = r.headers["webhook-id"].to_str().unwrap().to_string();
+        let ids = delivered.entry(key).or_default();
+        // A retry of the same delivery repeats it; anything else is next.
+        if ids.last() != Some(&id) {
+            ids.push(id);
+            done += 1;
+        }
+    }
+    for key in keys {
+        assert_eq!(delivered.get(key), posted.get(key), "page {key}: in the order posted, across instances");
+    }
+    // The 30 webhooks were one burst for the site: one build of the newest.
+    let build = tokio::time::timeout(Duration::from_secs(15), site.received.recv()).await.unwrap().unwrap();
+    assert_eq!(build.headers["x-hookrelay-coalesced"], "30");
+    assert_eq!(build.headers["webhook-id"], posted["pricing"].last().unwrap().as_str(), "the newest event");
+    site.nothing_for(Duration::from_millis(1_500)).await;
+}
+
+/// With the database unreachable, `serve` stops at once and says which
+/// database and why, without the password.
+#[test]
+fn serve_names_an_unreachable_database_and_exits() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("postgres://relay:hunter2@127.0.0.1:{port}/relay?sslmode=disable");
+    let config = instance_config(
+        dir.path(),
+        &url,
+        "  - name: search\n    url: \"http://127.0.0.1:9/\"",
+        "  - { source: buttercms, events: [\"*\"], targets: [search] }",
+    );
+    let started = Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(15), "{:?}", started.elapsed());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(&format!("postgres 127.0.0.1:{port} database relay")), "{said}");
+    assert!(said.to_lowercase().contains("connection refused"), "{said}");
+    assert!(!said.contains("hunter2"), "{said}");
+}

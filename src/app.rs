@@ -74,8 +74,10 @@ impl Relay {
                     ca_certs: pg.ca_certs.clone(),
                     lease: lease(&settings.targets),
                 };
-                let store =
-                    PgStore::connect(&options).await.map_err(|e| StoreError::Io(format!("{}: {e}", pg.describe)))?;
+                let store = PgStore::connect(&options).await.map_err(|e| match e {
+                    StoreError::Io(m) => StoreError::Io(format!("{}: {m}", pg.describe)),
+                    other => other,
+                })?;
                 tracing::info!(database = %pg.describe, pool = pg.pool, "PostgreSQL store open");
                 Arc::new(store)
             }

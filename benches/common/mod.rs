@@ -119,6 +119,8 @@ pub async fn connect(addr: SocketAddr) -> hyper::client::conn::http1::SendReques
 /// each `webhook-id` first arrived.
 #[derive(Clone, Default)]
 pub struct FastTarget {
+    /// What it answers: 200 unless started with [`FastTarget::answering`].
+    pub status: u16,
     pub count: Arc<AtomicU64>,
     pub first_at: Arc<Mutex<Option<Instant>>>,
     pub arrivals: Arc<Mutex<Vec<(String, Instant)>>>,
@@ -127,9 +129,15 @@ pub struct FastTarget {
 
 impl FastTarget {
     pub async fn start(record_arrivals: bool) -> (FastTarget, SocketAddr) {
+        Self::answering(200, record_arrivals).await
+    }
+
+    /// A target answering `status` (202: the bare hyper server that
+    /// benchmarks measure the relay against).
+    pub async fn answering(status: u16, record_arrivals: bool) -> (FastTarget, SocketAddr) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let target = FastTarget { record_arrivals, ..Default::default() };
+        let target = FastTarget { status, record_arrivals, ..Default::default() };
         let t = target.clone();
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
@@ -147,7 +155,9 @@ impl FastTarget {
                                 t.arrivals.lock().expect("lock").push((id.to_string(), now));
                             }
                             let _ = req.into_body().collect().await;
-                            Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::new())))
+                            let mut resp = http::Response::new(Full::new(Bytes::new()));
+                            *resp.status_mut() = http::StatusCode::from_u16(t.status).unwrap_or(http::StatusCode::OK);
+                            Ok::<_, std::convert::Infallible>(resp)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;

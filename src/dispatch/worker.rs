@@ -146,7 +146,14 @@ impl Worker {
             self.publish();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
-                Some(report) = self.reports.recv() => self.on_report(report).await,
+                Some(report) = self.reports.recv() => {
+                    self.on_report(report).await;
+                    // Every attempt that ended meanwhile, before looking
+                    // for more: one read of the queue for all their slots.
+                    while let Ok(report) = self.reports.try_recv() {
+                        self.on_report(report).await;
+                    }
+                }
                 Some(control) = self.control.recv() => self.on_control(control).await,
                 _ = self.wake.notified() => {}
                 _ = sleep_until(next), if next.is_some() => {}

@@ -291,6 +291,8 @@ impl Store for PgStore {
         let share = self.shares.lock().unwrap_or_else(|p| p.into_inner()).get(target).copied();
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
+        // Leases are soft: one lost in a database crash is handed out again.
+        tx.batch_execute(RELAXED).await.map_err(db_error)?;
         let skip: Vec<Uuid> = skip.iter().map(|e| e.0).collect();
         let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(self.lease_ms)));
         let mut next_due: Option<i64> = None;
@@ -451,6 +453,9 @@ impl Store for PgStore {
     ) -> Result<(), StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
+        // An outcome that a database crash forgets is attempted again
+        // (at-least-once); acks are always committed durably.
+        tx.batch_execute(RELAXED).await.map_err(db_error)?;
         let row = tx
             .query_opt(
                 "SELECT status, due_ms, queued, order_key, record FROM hr_deliveries
@@ -722,6 +727,11 @@ impl Store for PgStore {
         Ok(())
     }
 }
+
+/// For transactions that a database crash may undo without losing a
+/// webhook: hand-outs and attempt outcomes. PostgreSQL writes them to disk
+/// within three `wal_writer_delay`s (600 ms by default).
+const RELAXED: &str = "SET LOCAL synchronous_commit = off";
 
 /// How soon `due` looks again when another instance's attempts fill the
 /// target's concurrency.

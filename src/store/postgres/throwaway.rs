@@ -190,6 +190,11 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// The postmaster's process id (its backends are its children).
+    pub fn server_pid(&self) -> u32 {
+        *self.server.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Stops the server at once (as a crash would), leaving it down.
     pub fn kill(&self) {
         let pid = *self.server.lock().unwrap_or_else(|p| p.into_inner());

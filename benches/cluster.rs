@@ -197,7 +197,8 @@ async fn main() {
         Some(cluster) => {
             for (n, name) in [(1, "postgres, 1 instance"), (3, "postgres, 3 instances")] {
                 let storage = format!("{{ backend: postgres, url: \"{}\", pool: 16 }}", cluster.database());
-                let instances: Vec<Instance> = (0..n).map(|i| spawn(dir.path(), 10 * n + i, &storage, target_addr)).collect();
+                let instances: Vec<Instance> =
+                    (0..n).map(|i| spawn(dir.path(), 10 * n + i, &storage, target_addr)).collect();
                 results.push(case(name, &instances, &target, Some(cluster.server_pid()), secs).await);
             }
         }
@@ -205,7 +206,9 @@ async fn main() {
     }
 
     let bare_rate = bare_max.acks as f64 / bare_max.elapsed.as_secs_f64();
-    println!("\nbare hyper server answering 202, max load: {bare_rate:.0} requests/s ({CONNS} connections, {secs} s)\n");
+    println!(
+        "\nbare hyper server answering 202, max load: {bare_rate:.0} requests/s ({CONNS} connections, {secs} s)\n"
+    );
     println!(
         "{:<24} {:>9} {:>8} {:>8} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10}",
         "case", "acks/s", "×bare", "p50 ms", "p99 ms", "errors", "deliv/s*", "sustained", "relay µs", "pg µs"

@@ -1,45 +1,26 @@
-//! Group commit, and the wakeups of other instances.
+//! Ingest rounds, and the wakeups of other instances.
 //!
-//! A round takes every webhook queued while the previous rounds ran and
-//! stores them in one transaction: dedup entries, events, deliveries, group
-//! rows, one `NOTIFY`; none is answered before the commit. A few rounds run
-//! at once, each on its own connection, so that a commit's wait on the disk
-//! does not stall the next round.
+//! A round (a batch of [`super::batch`]) stores the webhooks queued while
+//! the previous rounds ran in one transaction: dedup entries, events,
+//! deliveries, group rows, one `NOTIFY`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, mpsc, oneshot, Semaphore};
+use tokio::sync::broadcast;
+use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{db_error, pool_error, to_i64, CHANNEL, CIRCUITS, PAUSES};
+use super::{db_error, execute, pool_error, query, to_i64, CHANNEL, CIRCUITS, PAUSES};
 use crate::store::{dedup_digest, EventId, Ingested, NewEvent, Notice, Sequenced, StoreError};
 
 /// Webhooks a round takes at most.
-const MAX_ROUND: usize = 512;
-/// Webhooks queued at most; past this, requests wait (backpressure).
-const QUEUE: usize = 8192;
-/// Times a round is tried again when the database aborts it for a deadlock
-/// or a serialization failure with another instance.
-const RETRIES: usize = 3;
-
-struct Job {
-    event: NewEvent,
-    answer: oneshot::Sender<Result<Ingested, StoreError>>,
-}
-
-pub struct Rounds {
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
-    closed: AtomicBool,
-    running: Arc<Semaphore>,
-    parallel: u32,
-}
+pub const MAX_ROUND: usize = 512;
 
 /// The advisory lock of an order key's queue: taken while its deliveries
 /// are given their places, so that places follow commit order on every
@@ -62,75 +43,6 @@ pub fn lock_id(kind: &str, target: &str, key: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
-impl Rounds {
-    pub fn start(pool: Pool, parallel: usize) -> Rounds {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let running = Arc::new(Semaphore::new(parallel));
-        tokio::spawn(run(pool, rx, running.clone()));
-        Rounds { jobs: Mutex::new(Some(tx)), closed: AtomicBool::new(false), running, parallel: parallel as u32 }
-    }
-
-    pub async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        let sender = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let Some(sender) = sender.filter(|_| !self.closed.load(Ordering::SeqCst)) else {
-            return Err(StoreError::Closed);
-        };
-        let (answer, answered) = oneshot::channel();
-        sender.send(Job { event, answer }).await.map_err(|_| StoreError::Closed)?;
-        answered.await.map_err(|_| StoreError::Closed)?
-    }
-
-    /// Refuses new webhooks and waits for the rounds in progress.
-    pub async fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
-        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let _ = self.running.acquire_many(self.parallel).await;
-    }
-}
-
-async fn run(pool: Pool, mut rx: mpsc::Receiver<Job>, running: Arc<Semaphore>) {
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = running.clone().acquire_owned().await else { return };
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_ROUND {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let (events, answers): (Vec<NewEvent>, Vec<_>) = jobs.into_iter().map(|j| (j.event, j.answer)).unzip();
-            let mut outcome = Err(StoreError::Closed);
-            for _ in 0..RETRIES {
-                outcome = round(&pool, &events).await;
-                match &outcome {
-                    Err(StoreError::Io(msg)) if retryable(msg) => continue,
-                    _ => break,
-                }
-            }
-            match outcome {
-                Ok(results) => {
-                    for (answer, result) in answers.into_iter().zip(results) {
-                        let _ = answer.send(Ok(result));
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, webhooks = answers.len(), "storing a round failed; answered 503");
-                    for answer in answers {
-                        let _ = answer.send(Err(e.clone()));
-                    }
-                }
-            }
-            drop(permit);
-        });
-    }
-}
-
-fn retryable(msg: &str) -> bool {
-    msg.contains("deadlock detected") || msg.contains("could not serialize")
-}
-
 /// Ids that rise in the order rounds take their order locks, within this
 /// process (first attempts and `events_before` go by id).
 fn rising_id() -> EventId {
@@ -147,7 +59,7 @@ fn rising_id() -> EventId {
 }
 
 /// Stores `events` in one transaction; their answers, in order.
-async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreError> {
+pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
 
@@ -163,9 +75,7 @@ async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreE
     locks.sort_unstable();
     locks.dedup();
     if !locks.is_empty() {
-        tx.execute("SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &[&locks])
-            .await
-            .map_err(db_error)?;
+        execute(&tx, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &[&locks]).await?;
     }
 
     // Dedup: the first of each key in the round is its lead; later copies
@@ -181,23 +91,21 @@ async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreE
     let lead_ids: Vec<Uuid> = by_hash.iter().map(|&n| ids[n].0).collect();
     let expires: Vec<i64> =
         by_hash.iter().map(|&n| to_i64(now.saturating_add(events[n].dedup_window.as_millis() as u64))).collect();
-    let taken = tx
-        .query(
-            "INSERT INTO hr_dedup (hash, event_id, expires_ms)
+    let taken = query(
+        &tx,
+        "INSERT INTO hr_dedup (hash, event_id, expires_ms)
              SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::int8[])
              ON CONFLICT (hash) DO UPDATE SET event_id = excluded.event_id, expires_ms = excluded.expires_ms
                WHERE hr_dedup.expires_ms <= $4
              RETURNING hash",
-            &[&hashes, &lead_ids, &expires, &to_i64(now)],
-        )
-        .await
-        .map_err(db_error)?;
+        &[&hashes, &lead_ids, &expires, &to_i64(now)],
+    )
+    .await?;
     let new: std::collections::HashSet<Vec<u8>> = taken.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
     let seen: Vec<&[u8]> = hashes.iter().copied().filter(|h| !new.contains(*h)).collect();
     let mut first_of: HashMap<Vec<u8>, Uuid> = HashMap::new();
     if !seen.is_empty() {
-        let rows =
-            tx.query("SELECT hash, event_id FROM hr_dedup WHERE hash = ANY($1)", &[&seen]).await.map_err(db_error)?;
+        let rows = query(&tx, "SELECT hash, event_id FROM hr_dedup WHERE hash = ANY($1)", &[&seen]).await?;
         first_of = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     }
     let stored: Vec<usize> = leads.iter().copied().filter(|&n| new.contains(&digests[n][..])).collect();
@@ -225,8 +133,7 @@ async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreE
         let keys: (Vec<&str>, Vec<&str>) = groups.keys().copied().unzip();
         let col = |f: fn(&Joined) -> i64| groups.values().map(f).collect::<Vec<i64>>();
         let newest: Vec<Uuid> = groups.values().map(|g| g.newest_id).collect();
-        let rows = tx
-            .query(
+        let rows = query(&tx,
                 "INSERT INTO hr_groups AS g (target, key, first_ms, newest_ms, newest_id, window_ms, max_wait_ms)
                  SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::uuid[], $6::int8[], $7::int8[])
                  ON CONFLICT (target, key) DO UPDATE SET newest_ms = excluded.newest_ms, newest_id = excluded.newest_id,
@@ -241,9 +148,7 @@ async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreE
                     &col(|g| g.window_ms),
                     &col(|g| g.max_wait_ms),
                 ],
-            )
-            .await
-            .map_err(db_error)?;
+            ).await?;
         group_due = rows.iter().map(|r| ((r.get(0), r.get(1)), r.get(2))).collect();
     }
 
@@ -267,43 +172,67 @@ async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreE
             d_cols.push(target, ids[n].0, due, order_key, grp)?;
         }
     }
-    if !stored.is_empty() {
-        tx.execute(
+    // The events, their deliveries and the notice in one round trip: the
+    // statements are prepared first, so that they go out in this order.
+    let insert_events = tx
+        .prepare_cached(
             "INSERT INTO hr_events (id, source, event, received_ms, content_type, targets, dedup, order_keys, group_keys, body)
              SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::jsonb[],
                                   $7::bytea[], $8::jsonb[], $9::jsonb[], $10::bytea[])",
-            &[
-                &e_cols.id,
-                &e_cols.source,
-                &e_cols.event,
-                &e_cols.received,
-                &e_cols.content_type,
-                &e_cols.targets,
-                &e_cols.dedup,
-                &e_cols.order,
-                &e_cols.group,
-                &e_cols.body,
-            ],
         )
         .await
         .map_err(db_error)?;
-    }
-    if !d_cols.target.is_empty() {
-        // Places in a key's queue are taken in the round's order, under the key's lock.
-        tx.execute(
+    // Places in a key's queue are taken in the round's order, under the key's lock.
+    let insert_deliveries = tx
+        .prepare_cached(
             "INSERT INTO hr_deliveries (target, event_id, due_ms, order_key, grp, seq, record)
              SELECT t, e, d, o, g, CASE WHEN o IS NULL THEN NULL ELSE nextval('hr_order_seq') END, r
              FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::text[], $5::text[], $6::jsonb[])
                   WITH ORDINALITY AS x(t, e, d, o, g, r, n)",
-            &[&d_cols.target, &d_cols.event_id, &d_cols.due, &d_cols.order_key, &d_cols.grp, &d_cols.record],
         )
         .await
         .map_err(db_error)?;
-        let mut targets: Vec<&str> = d_cols.target.iter().map(String::as_str).collect();
-        targets.sort_unstable();
-        targets.dedup();
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &targets.join("\n")]).await.map_err(db_error)?;
-    }
+    let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await.map_err(db_error)?;
+    let mut targets: Vec<&str> = d_cols.target.iter().map(String::as_str).collect();
+    targets.sort_unstable();
+    targets.dedup();
+    let notice = targets.join("\n");
+    let events_params: [&(dyn ToSql + Sync); 10] = [
+        &e_cols.id,
+        &e_cols.source,
+        &e_cols.event,
+        &e_cols.received,
+        &e_cols.content_type,
+        &e_cols.targets,
+        &e_cols.dedup,
+        &e_cols.order,
+        &e_cols.group,
+        &e_cols.body,
+    ];
+    let deliveries_params: [&(dyn ToSql + Sync); 6] =
+        [&d_cols.target, &d_cols.event_id, &d_cols.due, &d_cols.order_key, &d_cols.grp, &d_cols.record];
+    let (with_events, with_deliveries) = (!stored.is_empty(), !d_cols.target.is_empty());
+    futures_util::try_join!(
+        async {
+            if with_events {
+                tx.execute(&insert_events, &events_params).await?;
+            }
+            Ok(())
+        },
+        async {
+            if with_deliveries {
+                tx.execute(&insert_deliveries, &deliveries_params).await?;
+            }
+            Ok(())
+        },
+        async {
+            if with_deliveries {
+                tx.execute(&notify, &[&CHANNEL, &notice]).await?;
+            }
+            Ok(())
+        },
+    )
+    .map_err(db_error)?;
     tx.commit().await.map_err(db_error)?;
 
     let mut answers = Vec::with_capacity(events.len());

@@ -9,7 +9,9 @@
 //! instance which targets have new work. The guarantees are the contract's
 //! (`conformance.rs`), the same as sled's.
 
+mod batch;
 mod ingest;
+mod outcomes;
 mod schema;
 mod share;
 #[cfg(test)]
@@ -20,9 +22,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Object, Pool, RecyclingMethod};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::broadcast;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -55,7 +58,18 @@ pub struct PgOptions {
 
 pub struct PgStore {
     pool: Pool,
-    rounds: ingest::Rounds,
+    /// Connections for hand-outs and outcomes.
+    ///
+    /// Hand-outs (leases) and attempt outcomes commit with `synchronous_commit`
+    /// off: a database crash may undo the last of them (PostgreSQL writes them
+    /// to disk within three `wal_writer_delay`s, 600 ms by default), and then
+    /// those deliveries are attempted again: at-least-once, never lost. Acks
+    /// and operators' changes always commit durably.
+    relaxed: Pool,
+    /// Ingest: group commit of webhooks.
+    rounds: batch::Batches<NewEvent, Ingested>,
+    /// Attempt outcomes, recorded in batches.
+    outcomes: batch::Batches<outcomes::Outcome, ()>,
     /// This instance, as the owner of its leases.
     owner: Uuid,
     lease_ms: u64,
@@ -79,6 +93,44 @@ pub(crate) fn db_error(e: tokio_postgres::Error) -> StoreError {
             StoreError::Io(msg)
         }
     }
+}
+
+/// `sql` run as a statement prepared once per connection (parsed and
+/// planned once, one round trip a run).
+pub(crate) async fn query<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let st = c.prepare_cached(sql).await.map_err(db_error)?;
+    c.query(&st, params).await.map_err(db_error)
+}
+
+pub(crate) async fn query_opt<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, StoreError> {
+    let st = c.prepare_cached(sql).await.map_err(db_error)?;
+    c.query_opt(&st, params).await.map_err(db_error)
+}
+
+pub(crate) async fn query_one<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Row, StoreError> {
+    let st = c.prepare_cached(sql).await.map_err(db_error)?;
+    c.query_one(&st, params).await.map_err(db_error)
+}
+
+pub(crate) async fn execute<C: GenericClient>(
+    c: &C,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, StoreError> {
+    let st = c.prepare_cached(sql).await.map_err(db_error)?;
+    c.execute(&st, params).await.map_err(db_error)
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
@@ -120,15 +172,13 @@ impl PgStore {
     pub async fn connect(options: &PgOptions) -> Result<PgStore, StoreError> {
         let config = parse_url(&options.url).map_err(StoreError::Io)?;
         let tls = tls(&options.ca_certs)?;
-        let manager = Manager::from_config(
-            config.clone(),
-            tls.clone(),
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(options.pool.max(2))
-            .build()
-            .map_err(|e| StoreError::Io(format!("database pool: {e}")))?;
+        // Half the connections commit durably (acks, operators' changes),
+        // half not (hand-outs and outcomes: see `relaxed`).
+        let durable = options.pool.max(2) - options.pool.max(2) / 2;
+        let pool = pool_of(config.clone(), &tls, durable)?;
+        let mut relaxed_config = config.clone();
+        relaxed_config.options("-c synchronous_commit=off");
+        let relaxed = pool_of(relaxed_config, &tls, options.pool.max(2) / 2)?;
         let mut client = pool.get().await.map_err(pool_error)?;
         schema::migrate(&mut client).await?;
         drop(client);
@@ -136,8 +186,22 @@ impl PgStore {
         let (notices, _) = broadcast::channel(1024);
         tokio::spawn(ingest::listen(config, tls, notices.clone(), shutdown.child_token()));
         Ok(PgStore {
-            rounds: ingest::Rounds::start(pool.clone(), (options.pool / 2).clamp(1, 4)),
+            rounds: batch::Batches::start(
+                "webhooks",
+                pool.clone(),
+                (durable / 2).clamp(1, 4),
+                ingest::MAX_ROUND,
+                |pool, events| async move { ingest::round(&pool, &events).await },
+            ),
+            outcomes: batch::Batches::start(
+                "attempt outcomes",
+                relaxed.clone(),
+                2,
+                outcomes::MAX_BATCH,
+                |pool, outcomes| async move { outcomes::record(&pool, &outcomes).await },
+            ),
             pool,
+            relaxed,
             owner: Uuid::now_v7(),
             lease_ms: options.lease.as_millis() as u64,
             notices,
@@ -149,6 +213,20 @@ impl PgStore {
     async fn client(&self) -> Result<Object, StoreError> {
         self.pool.get().await.map_err(pool_error)
     }
+
+    /// A connection whose commits do not wait for the disk (see `relaxed`).
+    async fn relaxed(&self) -> Result<Object, StoreError> {
+        self.relaxed.get().await.map_err(pool_error)
+    }
+}
+
+fn pool_of(
+    config: tokio_postgres::Config,
+    tls: &tokio_postgres_rustls::MakeRustlsConnect,
+    size: usize,
+) -> Result<Pool, StoreError> {
+    let manager = Manager::from_config(config, tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager).max_size(size).build().map_err(|e| StoreError::Io(format!("database pool: {e}")))
 }
 
 fn ms(v: i64) -> u64 {
@@ -218,13 +296,13 @@ fn due_of(row: &Row, group: bool) -> Result<DueDelivery, StoreError> {
 #[async_trait]
 impl Store for PgStore {
     async fn ingest(&self, event: NewEvent) -> Result<Ingested, StoreError> {
-        self.rounds.ingest(event).await
+        self.rounds.submit(event).await
     }
 
     async fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError> {
         let client = self.client().await?;
         let sql = format!("SELECT {META}, body FROM hr_events WHERE id = $1");
-        let Some(row) = client.query_opt(&sql, &[&id.0]).await.map_err(db_error)? else { return Ok(None) };
+        let Some(row) = query_opt(&client, &sql, &[&id.0]).await? else { return Ok(None) };
         let body: Vec<u8> = row.get("body");
         Ok(Some(StoredEvent { id, meta: meta_of(&row)?, body: body.into() }))
     }
@@ -240,16 +318,16 @@ impl Store for PgStore {
             "SELECT {META} FROM hr_events WHERE ($1::uuid IS NULL OR id < $1) AND ($2::text IS NULL OR source = $2)
              ORDER BY id DESC LIMIT $3"
         );
-        let rows = client.query(&sql, &[&before.map(|b| b.0), &source, &(limit as i64)]).await.map_err(db_error)?;
+        let rows = query(&client, &sql, &[&before.map(|b| b.0), &source, &(limit as i64)]).await?;
         rows.iter().map(|r| Ok((EventId(r.get("id")), meta_of(r)?))).collect()
     }
 
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError> {
         let client = self.client().await?;
         // The head of its key's queue, when that is another; the group's time.
-        let rows = client
-            .query(
-                "SELECT d.target, d.record, d.status, d.due_ms,
+        let rows = query(
+            &client,
+            "SELECT d.target, d.record, d.status, d.due_ms,
                         (SELECT o.event_id FROM hr_deliveries o
                           WHERE o.target = d.target AND o.order_key = d.order_key AND o.status = 'p'
                           ORDER BY o.seq LIMIT 1) AS head,
@@ -258,10 +336,9 @@ impl Store for PgStore {
                  FROM hr_deliveries d JOIN hr_events e ON e.id = d.event_id
                  WHERE d.event_id = $1
                  ORDER BY array_position(ARRAY(SELECT jsonb_array_elements_text(e.targets)), d.target)",
-                &[&id.0],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&id.0],
+        )
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut record = record_of(row, "record")?;
@@ -289,10 +366,8 @@ impl Store for PgStore {
         skip: &HashSet<EventId>,
     ) -> Result<DueBatch, StoreError> {
         let share = self.shares.lock().unwrap_or_else(|p| p.into_inner()).get(target).copied();
-        let mut client = self.client().await?;
+        let mut client = self.relaxed().await?;
         let tx = client.transaction().await.map_err(db_error)?;
-        // Leases are soft: one lost in a database crash is handed out again.
-        tx.batch_execute(RELAXED).await.map_err(db_error)?;
         let skip: Vec<Uuid> = skip.iter().map(|e| e.0).collect();
         let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(self.lease_ms)));
         let mut next_due: Option<i64> = None;
@@ -301,26 +376,23 @@ impl Store for PgStore {
         let mut bucket = None;
         if let Some(share) = share {
             // Every instance's hand-outs of this target, one at a time.
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ingest::lock_id("share", target, "")])
-                .await
-                .map_err(db_error)?;
+            execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&ingest::lock_id("share", target, "")]).await?;
             // Handed out earlier but not started (a local rate limit): back.
-            tx.execute(
+            execute(
+                &tx,
                 "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL
                  WHERE target = $1 AND lease_owner = $2 AND event_id <> ALL($3)",
                 &[&target, &self.owner, &skip],
             )
-            .await
-            .map_err(db_error)?;
-            let others: i64 = tx
-                .query_one(
-                    "SELECT count(*) FROM hr_deliveries
+            .await?;
+            let others: i64 = query_one(
+                &tx,
+                "SELECT count(*) FROM hr_deliveries
                      WHERE target = $1 AND lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until > $3",
-                    &[&target, &self.owner, &now],
-                )
-                .await
-                .map_err(db_error)?
-                .get(0);
+                &[&target, &self.owner, &now],
+            )
+            .await?
+            .get(0);
             let asked = limit;
             limit = share::room(limit, share.concurrency, others.max(0) as usize + skip.len());
             if limit < asked && others > 0 {
@@ -328,10 +400,8 @@ impl Store for PgStore {
                 soonest(now + SHARE_POLL_MS);
             }
             if let Some((per_second, burst)) = share.rate {
-                let stored = tx
-                    .query_opt("SELECT tokens, at_ms FROM hr_rates WHERE target = $1", &[&target])
-                    .await
-                    .map_err(db_error)?
+                let stored = query_opt(&tx, "SELECT tokens, at_ms FROM hr_rates WHERE target = $1", &[&target])
+                    .await?
                     .map(|r| share::Bucket { tokens: r.get(0), at_ms: r.get(1) });
                 let b = share::Bucket::refilled(stored, now, per_second, burst);
                 if b.whole() < limit {
@@ -346,16 +416,15 @@ impl Store for PgStore {
         // Open groups first (each is one delivery of its newest event), then
         // retries by due time, then first attempts by arrival; an ordered
         // delivery only at the head of its key's queue.
-        let groups = tx
-            .query(
-                "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
+        let groups = query(
+            &tx,
+            "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
                  FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
                  WHERE g.target = $1 AND d.event_id <> ALL($2)
                    AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)",
-                &[&target, &skip, &self.owner, &now],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&target, &skip, &self.owner, &now],
+        )
+        .await?;
         let mut ripe = Vec::new();
         for g in &groups {
             let due = group_due(g.get(1), g.get(2), g.get(3), g.get(4));
@@ -370,15 +439,14 @@ impl Store for PgStore {
         let mut out = Vec::new();
         if !ripe.is_empty() {
             let ids: Vec<Uuid> = ripe.iter().map(|(id, _)| *id).collect();
-            let rows = tx
-                .query(
-                    "UPDATE hr_deliveries SET lease_owner = $3, lease_until = $4
+            let rows = query(
+                &tx,
+                "UPDATE hr_deliveries SET lease_owner = $3, lease_until = $4
                      WHERE target = $1 AND event_id = ANY($2) AND grp IS NOT NULL
                      RETURNING event_id, due_ms, queued, record",
-                    &[&target, &ids, &self.owner, &until],
-                )
-                .await
-                .map_err(db_error)?;
+                &[&target, &ids, &self.owner, &until],
+            )
+            .await?;
             for row in &rows {
                 let mut d = due_of(row, true)?;
                 if let Some((_, due)) = ripe.iter().find(|(id, _)| *id == d.event_id.0) {
@@ -390,9 +458,9 @@ impl Store for PgStore {
         }
         let rest = limit.saturating_sub(out.len());
         if rest > 0 {
-            let rows = tx
-                .query(
-                    "WITH cand AS (
+            let rows = query(
+                &tx,
+                "WITH cand AS (
                         SELECT d.event_id FROM hr_deliveries d
                         WHERE d.target = $1 AND d.status = 'p' AND d.grp IS NULL AND d.due_ms <= $2
                           AND d.event_id <> ALL($3)
@@ -406,35 +474,33 @@ impl Store for PgStore {
                      UPDATE hr_deliveries d SET lease_owner = $4, lease_until = $6
                      FROM cand WHERE d.target = $1 AND d.event_id = cand.event_id
                      RETURNING d.event_id, d.due_ms, d.queued, d.record",
-                    &[&target, &now, &skip, &self.owner, &(rest as i64), &until],
-                )
-                .await
-                .map_err(db_error)?;
+                &[&target, &now, &skip, &self.owner, &(rest as i64), &until],
+            )
+            .await?;
             let mut found = rows.iter().map(|r| due_of(r, false)).collect::<Result<Vec<_>, _>>()?;
             found.sort_by_key(|d| (!d.queued, d.due_ms, d.event_id));
             out.extend(found);
         }
-        let later = tx
-            .query_opt(
-                "SELECT due_ms FROM hr_deliveries
+        let later = query_opt(
+            &tx,
+            "SELECT due_ms FROM hr_deliveries
                  WHERE target = $1 AND status = 'p' AND grp IS NULL AND queued AND due_ms > $2
                  ORDER BY queued DESC, due_ms LIMIT 1",
-                &[&target, &now],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&target, &now],
+        )
+        .await?;
         if let Some(row) = later {
             soonest(row.get(0));
         }
         if let Some((b, _)) = bucket {
             let b = b.take(out.len());
-            tx.execute(
+            execute(
+                &tx,
                 "INSERT INTO hr_rates VALUES ($1, $2, $3)
                  ON CONFLICT (target) DO UPDATE SET tokens = excluded.tokens, at_ms = excluded.at_ms",
                 &[&target, &b.tokens, &b.at_ms],
             )
-            .await
-            .map_err(db_error)?;
+            .await?;
         }
         tx.commit().await.map_err(db_error)?;
         Ok(DueBatch { due: out, next_due_ms: next_due.map(ms) })
@@ -451,105 +517,59 @@ impl Store for PgStore {
         attempt: Attempt,
         next: NextStep,
     ) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_error)?;
-        // An outcome that a database crash forgets is attempted again
-        // (at-least-once); acks are always committed durably.
-        tx.batch_execute(RELAXED).await.map_err(db_error)?;
-        let row = tx
-            .query_opt(
-                "SELECT status, due_ms, queued, order_key, record FROM hr_deliveries
-                 WHERE target = $1 AND event_id = $2 FOR UPDATE",
-                &[&target, &due.event_id.0],
-            )
-            .await
-            .map_err(db_error)?;
-        // Purged meanwhile: nothing to record the attempt on.
-        let Some(row) = row else { return Ok(()) };
-        let mut record = record_of(&row, "record")?;
-        // Still where it was handed out? If an operator requeued it
-        // meanwhile, their position is kept and the attempt recorded only.
-        let current = row.get::<_, i8>("status") == b'p' as i8
-            && ms(row.get("due_ms")) == due.due_ms
-            && row.get::<_, bool>("queued") == due.queued;
-        let now = now_ms();
-        record.attempted(attempt, &next, current, now);
-        let (due_ms, queued) = match record.state {
-            DeliveryState::Pending { due_ms } if current => (to_i64(due_ms), true),
-            _ => (row.get("due_ms"), row.get("queued")),
-        };
-        let at_ms = match &record.state {
-            DeliveryState::Dead { at_ms, .. } => Some(to_i64(*at_ms)),
-            _ => None,
-        };
-        tx.execute(
-            "UPDATE hr_deliveries SET status = $3, due_ms = $4, queued = $5, at_ms = $6, record = $7,
-                    lease_owner = NULL, lease_until = NULL
-             WHERE target = $1 AND event_id = $2",
-            &[&target, &due.event_id.0, &status(&record.state), &due_ms, &queued, &at_ms, &json(&record)?],
-        )
-        .await
-        .map_err(db_error)?;
-        let order_key: Option<String> = row.get("order_key");
-        if current && record.state.is_finished() && order_key.is_some() {
-            // The next of its key is now the head: any instance may take it.
-            tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await.map_err(db_error)?;
-        }
-        tx.commit().await.map_err(db_error)
+        let outcome = outcomes::Outcome { target: target.to_string(), due: due.clone(), attempt, next };
+        self.outcomes.submit(outcome).await
     }
 
     async fn close_group(&self, target: &str, due: &DueDelivery) -> Result<Option<DueDelivery>, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
-        let group = tx
-            .query_opt(
-                "DELETE FROM hr_groups WHERE target = $1 AND newest_id = $2 RETURNING key",
-                &[&target, &due.event_id.0],
-            )
-            .await
-            .map_err(db_error)?;
+        let group = query_opt(
+            &tx,
+            "DELETE FROM hr_groups WHERE target = $1 AND newest_id = $2 RETURNING key",
+            &[&target, &due.event_id.0],
+        )
+        .await?;
         let Some(group) = group else { return Ok(None) };
         let key: String = group.get(0);
         let into = due.event_id.to_string();
         let now = now_ms();
-        let members = tx
-            .query(
-                "SELECT event_id, record FROM hr_deliveries
+        let members = query(
+            &tx,
+            "SELECT event_id, record FROM hr_deliveries
                  WHERE target = $1 AND grp = $2 AND event_id <> $3 FOR UPDATE",
-                &[&target, &key, &due.event_id.0],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&target, &key, &due.event_id.0],
+        )
+        .await?;
         for m in &members {
             let mut record = record_of(m, "record")?;
             record.state = DeliveryState::Coalesced { at_ms: now, into: into.clone() };
-            tx.execute(
+            execute(
+                &tx,
                 "UPDATE hr_deliveries SET status = 'c', grp = NULL, at_ms = $3, record = $4,
                         lease_owner = NULL, lease_until = NULL
                  WHERE target = $1 AND event_id = $2",
                 &[&target, &m.get::<_, Uuid>(0), &to_i64(now), &json(&record)?],
             )
-            .await
-            .map_err(db_error)?;
+            .await?;
         }
         let coalesced = members.len() as u32 + 1;
-        let row = tx
-            .query_opt(
-                "SELECT record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",
-                &[&target, &due.event_id.0],
-            )
-            .await
-            .map_err(db_error)?;
+        let row = query_opt(
+            &tx,
+            "SELECT record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",
+            &[&target, &due.event_id.0],
+        )
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let mut record = record_of(&row, "record")?;
         record.coalesced = coalesced;
         record.state = DeliveryState::Pending { due_ms: due.due_ms };
-        tx.execute(
+        execute(
+            &tx,
             "UPDATE hr_deliveries SET grp = NULL, due_ms = $3, record = $4 WHERE target = $1 AND event_id = $2",
             &[&target, &due.event_id.0, &to_i64(due.due_ms), &json(&record)?],
         )
-        .await
-        .map_err(db_error)?;
+        .await?;
         tx.commit().await.map_err(db_error)?;
         Ok(Some(DueDelivery { group: false, coalesced, ..due.clone() }))
     }
@@ -562,40 +582,39 @@ impl Store for PgStore {
         } else {
             "DELETE FROM hr_paused WHERE target = $1"
         };
-        tx.execute(sql, &[&target]).await.map_err(db_error)?;
+        execute(&tx, sql, &[&target]).await?;
         let notice = format!("{}\n{target}", u8::from(paused));
-        tx.execute("SELECT pg_notify($1, $2)", &[&PAUSES, &notice]).await.map_err(db_error)?;
+        execute(&tx, "SELECT pg_notify($1, $2)", &[&PAUSES, &notice]).await?;
         tx.commit().await.map_err(db_error)
     }
 
     async fn circuit_opened(&self, target: &str, open_for: Duration) -> Result<(), StoreError> {
         let client = self.client().await?;
         let notice = format!("{}\n{target}", open_for.as_millis());
-        client.execute("SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await.map_err(db_error)?;
+        execute(&client, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
         Ok(())
     }
 
     async fn paused_targets(&self) -> Result<HashSet<String>, StoreError> {
         let client = self.client().await?;
-        let rows = client.query("SELECT target FROM hr_paused", &[]).await.map_err(db_error)?;
+        let rows = query(&client, "SELECT target FROM hr_paused", &[]).await?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
     async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError> {
         let client = self.client().await?;
         // Held: in an open group, or behind the head of their key's queue.
-        let row = client
-            .query_one(
-                "SELECT count(*) FILTER (WHERE status = 'p'),
+        let row = query_one(
+            &client,
+            "SELECT count(*) FILTER (WHERE status = 'p'),
                         count(*) FILTER (WHERE status = 'x'),
                         count(*) FILTER (WHERE status = 'p' AND grp IS NOT NULL),
                         count(*) FILTER (WHERE status = 'p' AND order_key IS NOT NULL)
                           - count(DISTINCT order_key) FILTER (WHERE status = 'p')
                  FROM hr_deliveries WHERE target = $1",
-                &[&target],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&target],
+        )
+        .await?;
         let n = |i: usize| row.get::<_, i64>(i).max(0) as u64;
         Ok(TargetCounts { queued: n(0), dead: n(1), held: n(2) + n(3) })
     }
@@ -609,14 +628,13 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
         // One instance purges at a time; the others find nothing to do.
-        let mine: bool =
-            tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK]).await.map_err(db_error)?.get(0);
+        let mine: bool = query_one(&tx, "SELECT pg_try_advisory_xact_lock($1)", &[&PURGE_LOCK]).await?.get(0);
         if !mine {
             return Ok((0, None));
         }
-        let row = tx
-            .query_one(
-                "WITH examined AS (
+        let row = query_one(
+            &tx,
+            "WITH examined AS (
                     SELECT id FROM hr_events
                     WHERE ($1::uuid IS NULL OR id > $1) AND received_ms < $2
                     ORDER BY id LIMIT $3),
@@ -627,11 +645,10 @@ impl Store for PgStore {
                     RETURNING e.id)
                  SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM examined),
                         (SELECT id FROM examined ORDER BY id DESC LIMIT 1)",
-                &[&after.map(|a| a.0), &to_i64(cutoff_ms), &(limit as i64)],
-            )
-            .await
-            .map_err(db_error)?;
-        tx.execute("DELETE FROM hr_dedup WHERE expires_ms < $1", &[&to_i64(now_ms())]).await.map_err(db_error)?;
+            &[&after.map(|a| a.0), &to_i64(cutoff_ms), &(limit as i64)],
+        )
+        .await?;
+        execute(&tx, "DELETE FROM hr_dedup WHERE expires_ms < $1", &[&to_i64(now_ms())]).await?;
         tx.commit().await.map_err(db_error)?;
         let (purged, examined): (i64, i64) = (row.get(0), row.get(1));
         let last: Option<Uuid> = row.get(2);
@@ -642,13 +659,12 @@ impl Store for PgStore {
     async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
-        let row = tx
-            .query_opt(
-                "SELECT status, order_key, grp, record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",
-                &[&target, &id.0],
-            )
-            .await
-            .map_err(db_error)?;
+        let row = query_opt(
+            &tx,
+            "SELECT status, order_key, grp, record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",
+            &[&target, &id.0],
+        )
+        .await?;
         let Some(row) = row else { return Ok(false) };
         if row.get::<_, Option<String>>("grp").is_some() {
             // Waiting in an open group: it is queued already.
@@ -656,39 +672,36 @@ impl Store for PgStore {
         }
         let order_key: Option<String> = row.get("order_key");
         if let Some(key) = &order_key {
-            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&ingest::order_lock(target, key)])
-                .await
-                .map_err(db_error)?;
+            execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&ingest::order_lock(target, key)]).await?;
         }
         let mut record = record_of(&row, "record")?;
         let now = now_ms();
         record.state = DeliveryState::Pending { due_ms: now };
         record.tries = 0;
-        tx.execute(
+        execute(
+            &tx,
             "UPDATE hr_deliveries SET status = 'p', due_ms = $3, queued = true, at_ms = NULL, record = $4,
                     seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END,
                     lease_owner = NULL, lease_until = NULL
              WHERE target = $1 AND event_id = $2",
             &[&target, &id.0, &to_i64(now), &json(&record)?],
         )
-        .await
-        .map_err(db_error)?;
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await.map_err(db_error)?;
+        .await?;
+        execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(true)
     }
 
     async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
         let client = self.client().await?;
-        let rows = client
-            .query(
-                "SELECT target, event_id, record FROM hr_deliveries
+        let rows = query(
+            &client,
+            "SELECT target, event_id, record FROM hr_deliveries
                  WHERE status = 'x' AND ($1::text IS NULL OR target = $1)
                  ORDER BY target, event_id LIMIT $2",
-                &[&target, &(limit as i64)],
-            )
-            .await
-            .map_err(db_error)?;
+            &[&target, &(limit as i64)],
+        )
+        .await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let record = record_of(row, "record")?;
@@ -710,16 +723,17 @@ impl Store for PgStore {
 
     async fn close(&self) -> Result<(), StoreError> {
         self.rounds.close().await;
+        self.outcomes.close().await;
         // What this instance leaves unattempted, another may take at once.
         if let Ok(client) = self.client().await {
-            let released = client
-                .execute(
-                    "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
-                    &[&self.owner],
-                )
-                .await;
+            let released = execute(
+                &client,
+                "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+                &[&self.owner],
+            )
+            .await;
             if let Err(e) = released {
-                tracing::warn!(error = %db_error(e), "leases not released at shutdown: they expire");
+                tracing::warn!(error = %e, "leases not released at shutdown: they expire");
             }
         }
         self.shutdown.cancel();
@@ -727,11 +741,6 @@ impl Store for PgStore {
         Ok(())
     }
 }
-
-/// For transactions that a database crash may undo without losing a
-/// webhook: hand-outs and attempt outcomes. PostgreSQL writes them to disk
-/// within three `wal_writer_delay`s (600 ms by default).
-const RELAXED: &str = "SET LOCAL synchronous_commit = off";
 
 /// How soon `due` looks again when another instance's attempts fill the
 /// target's concurrency.

@@ -4,7 +4,7 @@
 
 use deadpool_postgres::Client;
 
-use super::db_error;
+use super::{db_error, execute, query_opt};
 use crate::store::StoreError;
 
 /// Held by the instance that migrates (an arbitrary constant: "hookrly").
@@ -91,12 +91,12 @@ CREATE TABLE hr_rates (
 /// Creates or migrates the schema; safe when several instances start at once.
 pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     let tx = client.transaction().await.map_err(db_error)?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await.map_err(db_error)?;
+    execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS hr_schema (version integer NOT NULL)").await.map_err(db_error)?;
-    let version: i32 = match tx.query_opt("SELECT version FROM hr_schema", &[]).await.map_err(db_error)? {
+    let version: i32 = match query_opt(&tx, "SELECT version FROM hr_schema", &[]).await? {
         Some(row) => row.get(0),
         None => {
-            tx.execute("INSERT INTO hr_schema VALUES (0)", &[]).await.map_err(db_error)?;
+            execute(&tx, "INSERT INTO hr_schema VALUES (0)", &[]).await?;
             0
         }
     };
@@ -110,6 +110,6 @@ pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         tx.batch_execute(sql).await.map_err(|e| StoreError::Io(format!("migration {}: {}", n + 1, db_error(e))))?;
         tracing::info!(version = n + 1, "database schema migrated");
     }
-    tx.execute("UPDATE hr_schema SET version = $1", &[&known]).await.map_err(db_error)?;
+    execute(&tx, "UPDATE hr_schema SET version = $1", &[&known]).await?;
     tx.commit().await.map_err(db_error)
 }

@@ -1,0 +1,118 @@
+//! Group commit, for any kind of write: a batch takes every job queued
+//! while the previous batches ran and applies them in one transaction; none
+//! is answered before its commit. A few batches run at once, each on its
+//! own connection, so that one commit's wait does not stall the next batch.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use deadpool_postgres::Pool;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::store::StoreError;
+
+/// Jobs queued at most; past this, callers wait (backpressure).
+const QUEUE: usize = 8192;
+/// Times a batch is tried again when the database aborts it for a deadlock
+/// or a serialization failure with another instance.
+const RETRIES: usize = 3;
+
+type Job<I, O> = (I, oneshot::Sender<Result<O, StoreError>>);
+
+pub struct Batches<I, O> {
+    jobs: Mutex<Option<mpsc::Sender<Job<I, O>>>>,
+    closed: AtomicBool,
+    running: Arc<Semaphore>,
+    parallel: u32,
+}
+
+impl<I: Send + Sync + 'static, O: Send + 'static> Batches<I, O> {
+    /// Runs batches of at most `max` jobs, `parallel` at once, with `apply`,
+    /// which answers one outcome per job, in order. `what` names a job in
+    /// the log line of a failed batch.
+    pub fn start<F, Fut>(what: &'static str, pool: Pool, parallel: usize, max: usize, apply: F) -> Self
+    where
+        F: Fn(Pool, Arc<Vec<I>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Vec<O>, StoreError>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let running = Arc::new(Semaphore::new(parallel));
+        tokio::spawn(run(what, pool, rx, running.clone(), max, Arc::new(apply)));
+        Batches { jobs: Mutex::new(Some(tx)), closed: AtomicBool::new(false), running, parallel: parallel as u32 }
+    }
+
+    /// Queues `job` and returns its outcome once its batch has committed.
+    pub async fn submit(&self, job: I) -> Result<O, StoreError> {
+        let sender = self.jobs.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let Some(sender) = sender.filter(|_| !self.closed.load(Ordering::SeqCst)) else {
+            return Err(StoreError::Closed);
+        };
+        let (answer, answered) = oneshot::channel();
+        sender.send((job, answer)).await.map_err(|_| StoreError::Closed)?;
+        answered.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Refuses new jobs and waits for the batches in progress.
+    pub async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let _ = self.running.acquire_many(self.parallel).await;
+    }
+}
+
+async fn run<I, O, F, Fut>(
+    what: &'static str,
+    pool: Pool,
+    mut rx: mpsc::Receiver<Job<I, O>>,
+    running: Arc<Semaphore>,
+    max: usize,
+    apply: Arc<F>,
+) where
+    I: Send + Sync + 'static,
+    O: Send + 'static,
+    F: Fn(Pool, Arc<Vec<I>>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Vec<O>, StoreError>> + Send + 'static,
+{
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = running.clone().acquire_owned().await else { return };
+        let mut jobs = vec![first];
+        while jobs.len() < max {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let (pool, apply) = (pool.clone(), apply.clone());
+        tokio::spawn(async move {
+            let (items, answers): (Vec<I>, Vec<_>) = jobs.into_iter().unzip();
+            let items = Arc::new(items);
+            let mut outcome = Err(StoreError::Closed);
+            for _ in 0..RETRIES {
+                outcome = apply(pool.clone(), items.clone()).await;
+                match &outcome {
+                    Err(StoreError::Io(msg)) if retryable(msg) => continue,
+                    _ => break,
+                }
+            }
+            match outcome {
+                Ok(results) => {
+                    for (answer, result) in answers.into_iter().zip(results) {
+                        let _ = answer.send(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, count = answers.len(), "a batch of {what} failed; none applied");
+                    for answer in answers {
+                        let _ = answer.send(Err(e.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn retryable(msg: &str) -> bool {
+    msg.contains("deadlock detected") || msg.contains("could not serialize")
+}

@@ -21,7 +21,8 @@ fn deploy_file(name: &str) -> String {
 
 fn hookrelay(args: &[&str], envs: &[(&str, String)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hookrelay"));
-    for name in ["HOOKRELAY_ADMIN_TOKEN", "BUTTER_SECRET", "COMET_SECRET", "HOOKRELAY_HEALTHCHECK_URL"] {
+    for name in ["HOOKRELAY_ADMIN_TOKEN", "BUTTER_SECRET", "COMET_SECRET", "HOOKRELAY_HEALTHCHECK_URL", "DATABASE_URL"]
+    {
         cmd.env_remove(name);
     }
     cmd.args(args).envs(envs.iter().map(|(k, v)| (k, v))).output().unwrap()
@@ -64,6 +65,39 @@ impl Production {
 fn the_configmap_carries_the_production_routes() {
     let map: serde_yaml::Value = serde_yaml::from_str(&deploy_file("k8s/configmap.yaml")).unwrap();
     assert_eq!(map["data"]["routes.yaml"].as_str(), Some(deploy_file("routes.yaml").as_str()));
+}
+
+#[test]
+fn the_postgres_configmap_carries_the_production_routes_on_postgres() {
+    let map: serde_yaml::Value = serde_yaml::from_str(&deploy_file("k8s-postgres/configmap.yaml")).unwrap();
+    assert_eq!(map["data"]["routes.yaml"].as_str(), Some(deploy_file("routes-postgres.yaml").as_str()));
+    // Everything but the storage is deploy/routes.yaml's.
+    let sled: serde_yaml::Mapping = serde_yaml::from_str(&deploy_file("routes.yaml")).unwrap();
+    let pg: serde_yaml::Mapping = serde_yaml::from_str(&deploy_file("routes-postgres.yaml")).unwrap();
+    let without_storage = |m: &serde_yaml::Mapping| {
+        let mut m = m.clone();
+        m.remove("storage");
+        m
+    };
+    assert_eq!(without_storage(&sled), without_storage(&pg));
+    assert_eq!(pg["storage"]["backend"].as_str(), Some("postgres"));
+}
+
+#[test]
+fn the_postgres_routes_need_the_database_url() {
+    let prod = Production::new();
+    let config = deploy_path("routes-postgres.yaml").display().to_string();
+    let out = hookrelay(&["check", "--config", &config], &prod.env());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("DATABASE_URL"), "{err}");
+    let mut env = prod.env();
+    env.push(("DATABASE_URL", "postgres://relay:s3cret@db.internal:5432/relay?sslmode=verify-full".to_string()));
+    let out = hookrelay(&["check", "--config", &config], &env);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("postgres db.internal:5432 database relay"), "{said}");
+    assert!(!said.contains("s3cret"), "{said}");
 }
 
 #[test]

@@ -52,7 +52,8 @@ CREATE TABLE hr_deliveries (
     lease_owner uuid,
     lease_until bigint,
     record      jsonb NOT NULL,
-    PRIMARY KEY (target, event_id)
+    -- Event first: also what an event's deliveries are found by.
+    PRIMARY KEY (event_id, target)
 );
 CREATE INDEX hr_deliveries_due ON hr_deliveries (target, queued DESC, due_ms, event_id)
     WHERE status = 'p' AND grp IS NULL;
@@ -60,7 +61,6 @@ CREATE INDEX hr_deliveries_order ON hr_deliveries (target, order_key, seq)
     WHERE status = 'p' AND order_key IS NOT NULL;
 CREATE INDEX hr_deliveries_grp ON hr_deliveries (target, grp) WHERE grp IS NOT NULL;
 CREATE INDEX hr_deliveries_dead ON hr_deliveries (target, event_id) WHERE status = 'x';
-CREATE INDEX hr_deliveries_event ON hr_deliveries (event_id);
 CREATE SEQUENCE hr_order_seq;
 
 -- The open debounce group of each (target, key).

@@ -13,6 +13,9 @@ use crate::store::{now_ms, Notice, Store};
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 /// Events examined per writer job, so that ingest never waits long behind a purge.
 const PURGE_STEP: usize = 256;
+/// How long wakeups from other instances are gathered before the workers
+/// are woken.
+const GATHER: Duration = Duration::from_millis(5);
 /// Time between two readings of a target's counts.
 const COUNT_EVERY: Duration = Duration::from_secs(5);
 
@@ -73,13 +76,27 @@ pub async fn follow_notices(
     shutdown: CancellationToken,
 ) {
     use tokio::sync::broadcast::error::RecvError;
+    // Targets heard of, woken together once GATHER has passed: every
+    // instance's every round notifies, and a worker's read of the queue
+    // serves all the rounds that came meanwhile.
+    let mut heard: std::collections::BTreeSet<String> = Default::default();
+    let mut wake_at: Option<tokio::time::Instant> = None;
     loop {
         let next = tokio::select! {
             _ = shutdown.cancelled() => return,
             next = notices.recv() => next,
+            _ = async { if let Some(at) = wake_at { tokio::time::sleep_until(at).await } }, if wake_at.is_some() => {
+                workers.wake(heard.iter().map(String::as_str));
+                heard.clear();
+                wake_at = None;
+                continue;
+            }
         };
         match next {
-            Ok(Notice::Queued(target)) => workers.wake([target.as_str()]),
+            Ok(Notice::Queued(target)) => {
+                heard.insert(target);
+                wake_at.get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
+            }
             Ok(Notice::AnyQueued) | Err(RecvError::Lagged(_)) => workers.wake_all(),
             Ok(Notice::Paused { target, paused }) => {
                 let control = if paused { super::Control::Pause } else { super::Control::Resume };

@@ -38,6 +38,11 @@ routes:
     path
 }
 
+/// The database name in a throwaway cluster's URL.
+fn database_of(url: &str) -> String {
+    url.rsplit('/').next().and_then(|d| d.split('?').next()).unwrap().to_string()
+}
+
 /// The `webhook-id`s received, with how many times each came.
 async fn collect(target: &mut FakeTarget, want: usize, limit: Duration) -> HashMap<String, usize> {
     collect_more(target, HashMap::new(), want, limit).await
@@ -88,8 +93,14 @@ async fn three_instances_on_one_database_ack_and_deliver_every_webhook_once() {
         &targets,
         "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
     );
-    let relays: Vec<_> = (0..3).map(|_| spawn_relay(&config)).collect();
+    // Three processes started at once on an empty database: one creates the
+    // schema, the others wait for it and find it current.
+    let relays: Vec<_> = std::thread::scope(|s| {
+        let starting: Vec<_> = (0..3).map(|_| s.spawn(|| spawn_relay(&config))).collect();
+        starting.into_iter().map(|t| t.join().unwrap()).collect()
+    });
     let addrs: Vec<SocketAddr> = relays.iter().map(|(_, a)| *a).collect();
+    assert_eq!(cluster.query(&database_of(&url), "select version from hr_schema"), "1");
 
     let ids = post_all(&addrs, 0, 300).await;
     let seen = collect(&mut target, ids.len(), Duration::from_secs(30)).await;

@@ -40,7 +40,7 @@ pub(crate) const PAUSES: &str = "hookrelay_paused";
 pub(crate) const CIRCUITS: &str = "hookrelay_circuit";
 
 /// How to reach the database.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgOptions {
     /// A libpq URL or key=value string; `sslmode=verify-full`/`verify-ca`
     /// are taken as `require`: the certificate is always verified.
@@ -54,6 +54,18 @@ pub struct PgOptions {
     /// any attempt (the targets' timeouts), so that only a dead instance's
     /// leases expire.
     pub lease: Duration,
+}
+
+impl std::fmt::Debug for PgOptions {
+    /// Without the URL, which may hold a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &"<redacted>")
+            .field("pool", &self.pool)
+            .field("ca_certs", &self.ca_certs.len())
+            .field("lease", &self.lease)
+            .finish()
+    }
 }
 
 pub struct PgStore {
@@ -606,14 +618,15 @@ impl Store for PgStore {
     async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError> {
         let client = self.client().await?;
         // Held: in an open group, or behind the head of their key's queue.
+        // Only pending and dead rows are read (delivered ones stay until
+        // retention), each through its partial index.
         let row = query_one(
             &client,
-            "SELECT count(*) FILTER (WHERE status = 'p'),
-                        count(*) FILTER (WHERE status = 'x'),
-                        count(*) FILTER (WHERE status = 'p' AND grp IS NOT NULL),
-                        count(*) FILTER (WHERE status = 'p' AND order_key IS NOT NULL)
-                          - count(DISTINCT order_key) FILTER (WHERE status = 'p')
-                 FROM hr_deliveries WHERE target = $1",
+            "SELECT (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'p'),
+                    (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'x'),
+                    (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'p' AND grp IS NOT NULL),
+                    (SELECT count(*) - count(DISTINCT order_key) FROM hr_deliveries
+                      WHERE target = $1 AND status = 'p' AND order_key IS NOT NULL)",
             &[&target],
         )
         .await?;

@@ -60,6 +60,7 @@ CREATE INDEX hr_deliveries_due ON hr_deliveries (target, queued DESC, due_ms, ev
 CREATE INDEX hr_deliveries_order ON hr_deliveries (target, order_key, seq)
     WHERE status = 'p' AND order_key IS NOT NULL;
 CREATE INDEX hr_deliveries_grp ON hr_deliveries (target, grp) WHERE grp IS NOT NULL;
+CREATE INDEX hr_deliveries_pending ON hr_deliveries (target) WHERE status = 'p';
 CREATE INDEX hr_deliveries_dead ON hr_deliveries (target, event_id) WHERE status = 'x';
 CREATE SEQUENCE hr_order_seq;
 

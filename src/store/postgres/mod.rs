@@ -801,6 +801,47 @@ mod tests {
         .await;
     }
 
+    /// TLS to the database is always verified: against `ca_file` it
+    /// connects (and the session is encrypted); without it, the system's
+    /// roots refuse a private CA's certificate, with `require` as with
+    /// `verify-full`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_to_the_database_is_verified() {
+        let Some(cluster) = throwaway::cluster("TLS to PostgreSQL") else { return };
+        let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).expect("certificate");
+        cluster.enable_tls(&cert.cert.pem(), &cert.key_pair.serialize_pem());
+        let plain = cluster.database();
+        let url = |mode: &str| plain.replace("sslmode=disable", &format!("sslmode={mode}"));
+        let options = |mode: &str, ca_certs: Vec<CertificateDer<'static>>| PgOptions {
+            url: url(mode),
+            pool: 2,
+            ca_certs,
+            lease: Duration::from_secs(60),
+        };
+        let trusted = vec![cert.cert.der().clone()];
+        // ssl = on takes effect at the reload; a new connection may race it.
+        let mut store = None;
+        for _ in 0..50 {
+            match PgStore::connect(&options("verify-full", trusted.clone())).await {
+                Ok(s) => {
+                    store = Some(s);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let store = store.expect("connects over TLS verified against ca_file");
+        let client = store.client().await.expect("client");
+        let row = query_one(&client, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await;
+        assert!(row.expect("pg_stat_ssl").get::<_, bool>(0), "the session is encrypted");
+        drop(client);
+        store.close().await.expect("close");
+        for mode in ["verify-full", "verify-ca", "require"] {
+            let refused = PgStore::connect(&options(mode, Vec::new())).await.err().expect("refused");
+            assert!(refused.to_string().to_lowercase().contains("certificate"), "{mode}: {refused}");
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn meets_the_shared_store_contract() {
         let Some(cluster) = throwaway::cluster("the PostgreSQL shared store contract") else { return };

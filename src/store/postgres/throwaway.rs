@@ -190,6 +190,29 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
+    /// Turns TLS on with this certificate and key (PEM), for connections
+    /// that ask for it; others stay plain.
+    pub fn enable_tls(&self, cert_pem: &str, key_pem: &str) {
+        let (cert, key) = (self.dir.join("server.crt"), self.dir.join("server.key"));
+        std::fs::write(&cert, cert_pem).expect("server.crt");
+        std::fs::write(&key, key_pem).expect("server.key");
+        if is_root() {
+            for f in [&cert, &key] {
+                std::os::unix::fs::chown(f, Some(NOBODY), Some(NOBODY)).expect("chown");
+            }
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        for sql in [
+            format!("alter system set ssl_cert_file = '{}'", cert.display()),
+            format!("alter system set ssl_key_file = '{}'", key.display()),
+            "alter system set ssl = on".to_string(),
+            "select pg_reload_conf()".to_string(),
+        ] {
+            self.query("postgres", &sql);
+        }
+    }
+
     /// The postmaster's process id (its backends are its children).
     pub fn server_pid(&self) -> u32 {
         *self.server.lock().unwrap_or_else(|p| p.into_inner())

@@ -189,12 +189,11 @@ struct Fixed {
     storage: (std::path::PathBuf, u64, Duration, Option<String>),
 }
 
-/// How long a delivery handed out stays this instance's on a shared store:
-/// twice the longest target timeout, and 10 s more, so that only an instance
-/// that died loses its leases.
+/// The lease of a target without its own (see [`crate::store::lease_for`]):
+/// that of the longest target timeout.
 fn lease(targets: &[Arc<crate::config::Target>]) -> Duration {
     let longest = targets.iter().map(|t| t.timeout).max().unwrap_or(Duration::from_secs(10));
-    longest * 2 + Duration::from_secs(10)
+    crate::store::lease_for(longest)
 }
 
 impl Fixed {

@@ -264,6 +264,20 @@ async fn a_pause_on_one_instance_holds_the_target_on_all() {
     let seen = collect(&mut target, ids.len(), Duration::from_secs(10)).await;
     assert_eq!(seen.len(), 5, "released by the resume on the other instance");
     eventually("a hears of the resume", || async { !is_paused(a.admin).await }).await;
+    // Pauses and resumes in quick succession settle as the last one said,
+    // on both, and stay so (an instance applies what it hears without
+    // writing and telling it again).
+    for _ in 0..3 {
+        for action in ["pause", "resume"] {
+            let path = format!("/admin/targets/search/{action}");
+            assert_eq!(admin_call(a.admin, http::Method::POST, &path, Some(ADMIN_TOKEN), "").await.status, 200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!is_paused(a.admin).await && !is_paused(b.admin).await, "resumed on both");
+    assert_eq!(cluster.query(&database_of(&url), "select count(*) from hr_paused"), "0");
+    let after = post_all(&[b_addr], 100, 3).await;
+    assert_eq!(collect(&mut target, after.len(), Duration::from_secs(10)).await.len(), 3);
 }
 
 /// A ButterCMS page.published body for page `key`, the `n`th sent.
@@ -279,13 +293,14 @@ async fn ordering_and_coalescing_hold_across_instances() {
     let Some(cluster) = throwaway::cluster("ordering_and_coalescing_hold_across_instances") else { return };
     let url = cluster.database();
     let mut search = FakeTarget::start().await;
-    // Some failures, so that retries interleave with the other keys.
+    // Some failures, so that retries interleave with the other keys (the
+    // circuit stays closed: an instance opening it would hold all three).
     search.script((0..6).map(|_| Answer::status(503)));
     search.always(Answer::status(200).delay(Duration::from_millis(5)));
     let mut site = FakeTarget::start().await;
     let dir = tempfile::tempdir().unwrap();
     let targets = format!(
-        "  - name: search\n    url: \"{}\"\n    order_by: '.data.id'\n    retry: {{ initial_backoff: 20ms, max_backoff: 50ms }}\n  - name: site\n    url: \"{}\"\n    debounce: {{ window: 1s, max_wait: 10s }}",
+        "  - name: search\n    url: \"{}\"\n    order_by: '.data.id'\n    retry: {{ initial_backoff: 20ms, max_backoff: 50ms }}\n    circuit_breaker: {{ failure_threshold: 100 }}\n  - name: site\n    url: \"{}\"\n    debounce: {{ window: 1s, max_wait: 10s }}",
         search.url("/reindex"),
         site.url("/build")
     );

@@ -53,6 +53,11 @@ impl Workers {
         }
     }
 
+    /// The targets that have a worker.
+    pub fn names(&self) -> Vec<String> {
+        self.read().keys().cloned().collect()
+    }
+
     /// Wakes every worker.
     pub fn wake_all(&self) {
         for h in self.read().values() {
@@ -118,7 +123,12 @@ impl Dispatcher {
             dispatcher.spawn_worker(target, paused.contains(&target.name))?;
         }
         if let Some(notices) = dispatcher.store.notices() {
-            let follow = upkeep::follow_notices(notices, dispatcher.workers.clone(), dispatcher.shutdown.child_token());
+            let follow = upkeep::follow_notices(
+                notices,
+                dispatcher.store.clone(),
+                dispatcher.workers.clone(),
+                dispatcher.shutdown.child_token(),
+            );
             dispatcher.tasks.spawn(follow);
         }
         Ok(dispatcher)

@@ -72,6 +72,7 @@ pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics
 /// missed), and pauses or resumes a target's worker as another instance did.
 pub async fn follow_notices(
     mut notices: tokio::sync::broadcast::Receiver<Notice>,
+    store: Arc<dyn Store>,
     workers: Arc<super::Workers>,
     shutdown: CancellationToken,
 ) {
@@ -97,10 +98,21 @@ pub async fn follow_notices(
                 heard.insert(target);
                 wake_at.get_or_insert_with(|| tokio::time::Instant::now() + GATHER);
             }
-            Ok(Notice::AnyQueued) | Err(RecvError::Lagged(_)) => workers.wake_all(),
+            Ok(Notice::AnyQueued) | Err(RecvError::Lagged(_)) => {
+                // Notices were missed: pauses too may have changed.
+                match store.paused_targets().await {
+                    Ok(paused) => {
+                        for target in workers.names() {
+                            let control = super::Control::PausedElsewhere(paused.contains(&target));
+                            workers.control(&target, control).await;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the paused targets after missed notices"),
+                }
+                workers.wake_all();
+            }
             Ok(Notice::Paused { target, paused }) => {
-                let control = if paused { super::Control::Pause } else { super::Control::Resume };
-                workers.control(&target, control).await;
+                workers.control(&target, super::Control::PausedElsewhere(paused)).await;
             }
             Ok(Notice::CircuitOpened { target, open_ms }) => {
                 workers.control(&target, super::Control::CircuitOpened(Duration::from_millis(open_ms))).await;

@@ -39,6 +39,9 @@ pub enum Control {
     Reconfigure(Arc<Target>),
     /// Another instance sharing the store opened the circuit for this long.
     CircuitOpened(Duration),
+    /// The target is paused (or not) in the store shared with other
+    /// instances: applied, not written again.
+    PausedElsewhere(bool),
 }
 
 /// A worker's live state, for the admin API.
@@ -256,6 +259,14 @@ impl Worker {
                 }
                 return;
             }
+            Control::PausedElsewhere(paused) => {
+                if paused != self.paused {
+                    let action = if paused { "paused" } else { "resumed" };
+                    tracing::warn!(target = %self.target.name, "target {action} on another instance");
+                    self.paused = paused;
+                }
+                return;
+            }
         };
         if paused != self.paused {
             let action = if paused { "paused" } else { "resumed" };
@@ -320,7 +331,11 @@ impl Worker {
 /// The target's limits, for a store that several instances share to hold
 /// over all of them.
 fn share_of(target: &Target) -> Share {
-    Share { concurrency: target.concurrency, rate: target.rate_limit.map(|r| (r.per_second, r.burst)) }
+    Share {
+        concurrency: target.concurrency,
+        rate: target.rate_limit.map(|r| (r.per_second, r.burst)),
+        attempt: target.timeout,
+    }
 }
 
 fn limiter_for(target: &Target) -> Option<DefaultDirectRateLimiter> {

@@ -648,7 +648,7 @@ async fn an_expired_lease_is_taken_over_and_both_attempts_are_kept(a: &dyn Store
 }
 
 async fn concurrency_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
-    let share = Share { concurrency: 2, rate: None };
+    let share = Share { concurrency: 2, rate: None, attempt: Duration::from_secs(5) };
     a.share("t", share);
     b.share("t", share);
     futures_join((0..5).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;
@@ -666,7 +666,7 @@ async fn concurrency_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
 }
 
 async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
-    let share = Share { concurrency: 100, rate: Some((10, 2)) };
+    let share = Share { concurrency: 100, rate: Some((10, 2)), attempt: Duration::from_secs(5) };
     a.share("t", share);
     b.share("t", share);
     futures_join((0..6).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;

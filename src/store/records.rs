@@ -341,6 +341,9 @@ pub struct Share {
     pub concurrency: u32,
     /// Attempts started per second, and the burst.
     pub rate: Option<(u32, u32)>,
+    /// The longest an attempt may take (the target's `timeout`): what a
+    /// delivery handed out is kept from other instances for, with margin.
+    pub attempt: std::time::Duration,
 }
 
 /// How many deliveries of one target wait, and how many are dead.

@@ -62,6 +62,8 @@ fn rising_id() -> EventId {
 pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
+    // Durable before any 202, also where a pooler dropped the session's options.
+    tx.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(db_error)?;
 
     // Order keys first, in one order on every instance (no deadlock).
     let mut locks: Vec<i64> = events
@@ -196,7 +198,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
     let mut targets: Vec<&str> = d_cols.target.iter().map(String::as_str).collect();
     targets.sort_unstable();
     targets.dedup();
-    let notice = targets.join("\n");
+    let notice = notice_of(&targets);
     let events_params: [&(dyn ToSql + Sync); 10] = [
         &e_cols.id,
         &e_cols.source,
@@ -402,6 +404,20 @@ pub async fn listen(
     }
 }
 
+/// A `NOTIFY hookrelay_queued` payload naming `targets`, or `*` (any may
+/// have work) past what a notice may carry (8,000 bytes).
+pub fn notice_of(targets: &[&str]) -> String {
+    let named = targets.join("\n");
+    if named.len() > 7_000 {
+        ANY.to_string()
+    } else {
+        named
+    }
+}
+
+/// The payload that stands for every target.
+const ANY: &str = "*";
+
 /// What one `NOTIFY` says.
 fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
     if channel == PAUSES || channel == CIRCUITS {
@@ -411,6 +427,9 @@ fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
             return vec![Notice::Paused { target, paused: value == "1" }];
         }
         return value.parse().map(|open_ms| vec![Notice::CircuitOpened { target, open_ms }]).unwrap_or_default();
+    }
+    if payload == ANY {
+        return vec![Notice::AnyQueued];
     }
     payload.split('\n').filter(|t| !t.is_empty()).map(|t| Notice::Queued(t.to_string())).collect()
 }
@@ -430,6 +449,10 @@ mod tests {
             [Notice::CircuitOpened { target: "build".into(), open_ms: 30_000 }]
         );
         assert!(notices_of(CIRCUITS, "soon\nbuild").is_empty());
+        let many: Vec<String> = (0..1_000).map(|n| format!("target-{n}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(notices_of(CHANNEL, &notice_of(&many)), [Notice::AnyQueued], "too many for a notice: any");
+        assert_eq!(notice_of(&["a", "b"]), "a\nb");
     }
 
     #[test]

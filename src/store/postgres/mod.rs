@@ -165,12 +165,23 @@ fn tls(ca_certs: &[CertificateDer<'static>]) -> Result<tokio_postgres_rustls::Ma
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Adds `options` to the connection's startup options, after the URL's own.
+fn with_options(config: &mut tokio_postgres::Config, options: &str) {
+    let all = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {options}"),
+        _ => options.to_string(),
+    };
+    config.options(&all);
+}
+
 /// Parses `url`, `verify-full`/`verify-ca` read as `require`.
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     let url = url.replace("sslmode=verify-full", "sslmode=require").replace("sslmode=verify-ca", "sslmode=require");
     let mut config = tokio_postgres::Config::from_str(&url).map_err(|e| format!("storage.url: {e}"))?;
-    // The relay's sessions commit durably whatever the server's default.
-    config.options("-c synchronous_commit=on");
+    // The relay's sessions commit durably whatever the server's default
+    // (ingest rounds also say so in their transaction, for a pooler that
+    // drops startup options).
+    with_options(&mut config, "-c synchronous_commit=on");
     if config.get_application_name().is_none() {
         config.application_name("hookrelay");
     }
@@ -191,7 +202,7 @@ impl PgStore {
         let mut relaxed_config = config.clone();
         // Hand-outs read the queue with the values of each call (a plan
         // made for any value scans the whole queue: 7x slower measured).
-        relaxed_config.options("-c synchronous_commit=off -c plan_cache_mode=force_custom_plan");
+        with_options(&mut relaxed_config, "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan");
         let relaxed = pool_of(relaxed_config, &tls, options.pool.max(2) / 2)?;
         let mut client = pool.get().await.map_err(pool_error)?;
         schema::migrate(&mut client).await?;
@@ -383,7 +394,9 @@ impl Store for PgStore {
         let mut client = self.relaxed().await?;
         let tx = client.transaction().await.map_err(db_error)?;
         let skip: Vec<Uuid> = skip.iter().map(|e| e.0).collect();
-        let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(self.lease_ms)));
+        // A target's lease follows its current timeout (a reload may change it).
+        let lease_ms = share.map_or(self.lease_ms, |s| lease_for(s.attempt).as_millis() as u64);
+        let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(lease_ms)));
         let mut next_due: Option<i64> = None;
         let mut soonest = |at: i64| next_due = Some(next_due.map_or(at, |n: i64| n.min(at)));
         let mut limit = limit;
@@ -470,29 +483,19 @@ impl Store for PgStore {
             }
             out.sort_by_key(|d| d.due_ms);
         }
-        let rest = limit.saturating_sub(out.len());
-        if rest > 0 {
-            let rows = query(
-                &tx,
-                "WITH cand AS (
-                        SELECT d.event_id FROM hr_deliveries d
-                        WHERE d.target = $1 AND d.status = 'p' AND d.grp IS NULL AND d.due_ms <= $2
-                          AND d.event_id <> ALL($3)
-                          AND (d.lease_owner IS NULL OR d.lease_owner = $4 OR d.lease_until <= $2)
-                          AND (d.order_key IS NULL OR d.seq = (
-                                SELECT min(o.seq) FROM hr_deliveries o
-                                WHERE o.target = $1 AND o.order_key = d.order_key AND o.status = 'p'))
-                        ORDER BY d.queued DESC, d.due_ms, d.event_id
-                        LIMIT $5
-                        FOR UPDATE OF d SKIP LOCKED)
-                     UPDATE hr_deliveries d SET lease_owner = $4, lease_until = $6
-                     FROM cand WHERE d.target = $1 AND d.event_id = cand.event_id
-                     RETURNING d.event_id, d.due_ms, d.queued, d.record",
-                &[&target, &now, &skip, &self.owner, &(rest as i64), &until],
-            )
-            .await?;
+        // Retries due, then first attempts: each a range of the index, so
+        // that retries due later (a target down for hours) are never read.
+        // A first attempt is due whatever this instance's clock says of
+        // its arrival (another instance's clock may be ahead).
+        for (queued, sql) in [(true, DUE_RETRIES), (false, DUE_FIRST)] {
+            let rest = limit.saturating_sub(out.len());
+            if rest == 0 {
+                break;
+            }
+            let rows = query(&tx, sql, &[&target, &now, &skip, &self.owner, &(rest as i64), &until]).await?;
             let mut found = rows.iter().map(|r| due_of(r, false)).collect::<Result<Vec<_>, _>>()?;
-            found.sort_by_key(|d| (!d.queued, d.due_ms, d.event_id));
+            found.sort_by_key(|d| (d.due_ms, d.event_id));
+            debug_assert!(found.iter().all(|d| d.queued == queued));
             out.extend(found);
         }
         let later = query_opt(
@@ -689,6 +692,8 @@ impl Store for PgStore {
         if let Some(key) = &order_key {
             execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&ingest::order_lock(target, key)]).await?;
         }
+        // An attempt in flight keeps its lease: the delivery is handed out
+        // again once that attempt is recorded (not current any more).
         let mut record = record_of(&row, "record")?;
         let now = now_ms();
         record.state = DeliveryState::Pending { due_ms: now };
@@ -696,8 +701,7 @@ impl Store for PgStore {
         execute(
             &tx,
             "UPDATE hr_deliveries SET status = 'p', due_ms = $3, queued = true, at_ms = NULL, record = $4,
-                    seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END,
-                    lease_owner = NULL, lease_until = NULL
+                    seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END
              WHERE target = $1 AND event_id = $2",
             &[&target, &id.0, &to_i64(now), &json(&record)?],
         )
@@ -755,6 +759,40 @@ impl Store for PgStore {
         self.pool.close();
         Ok(())
     }
+}
+
+/// Due deliveries of one kind (retries, or first attempts), leased to the
+/// caller; an ordered one only at the head of its key's queue. $1 target,
+/// $2 now, $3 in flight, $4 this instance, $5 limit, $6 lease end.
+macro_rules! due_sql {
+    ($kind:literal) => {
+        concat!(
+            "WITH cand AS (
+                SELECT d.event_id FROM hr_deliveries d
+                WHERE d.target = $1 AND d.status = 'p' AND d.grp IS NULL AND ",
+            $kind,
+            " AND d.event_id <> ALL($3)
+                  AND (d.lease_owner IS NULL OR d.lease_owner = $4 OR d.lease_until <= $2)
+                  AND (d.order_key IS NULL OR d.seq = (
+                        SELECT min(o.seq) FROM hr_deliveries o
+                        WHERE o.target = $1 AND o.order_key = d.order_key AND o.status = 'p'))
+                ORDER BY d.queued DESC, d.due_ms, d.event_id
+                LIMIT $5
+                FOR UPDATE OF d SKIP LOCKED)
+             UPDATE hr_deliveries d SET lease_owner = $4, lease_until = $6
+             FROM cand WHERE d.target = $1 AND d.event_id = cand.event_id
+             RETURNING d.event_id, d.due_ms, d.queued, d.record"
+        )
+    };
+}
+const DUE_RETRIES: &str = due_sql!("d.queued AND d.due_ms <= $2");
+const DUE_FIRST: &str = due_sql!("NOT d.queued");
+
+/// How long a delivery handed out stays its instance's: twice the longest
+/// an attempt may take, and 10 s more, so that only an instance that died
+/// loses its leases.
+pub fn lease_for(attempt: Duration) -> Duration {
+    attempt * 2 + Duration::from_secs(10)
 }
 
 /// How soon `due` looks again when another instance's attempts fill the

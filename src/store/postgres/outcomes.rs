@@ -103,7 +103,7 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
         .await?;
     }
     if !released.is_empty() {
-        let notice = released.into_iter().collect::<Vec<_>>().join("\n");
+        let notice = super::ingest::notice_of(&released.into_iter().collect::<Vec<_>>());
         execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &notice]).await?;
     }
     tx.commit().await.map_err(db_error)?;

@@ -34,6 +34,9 @@ CREATE TABLE hr_dedup (
     event_id   uuid NOT NULL REFERENCES hr_events (id) ON DELETE CASCADE DEFERRABLE INITIALLY DEFERRED,
     expires_ms bigint NOT NULL
 );
+-- Purging an event removes its entry; the expired are swept.
+CREATE INDEX hr_dedup_event ON hr_dedup (event_id);
+CREATE INDEX hr_dedup_expires ON hr_dedup (expires_ms);
 
 -- One row per (target, event). status: p(ending), d(elivered), x (dead),
 -- s(kipped), c(oalesced). A first attempt is due at its arrival (queued

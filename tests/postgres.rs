@@ -17,22 +17,7 @@ use common::*;
 
 /// A config for one of several instances sharing `url`.
 fn instance_config(dir: &Path, url: &str, targets: &str, routes: &str) -> std::path::PathBuf {
-    let text = format!(
-        r#"
-server: {{ listen: "127.0.0.1:0" }}
-admin: {{ listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}" }}
-storage: {{ backend: postgres, url: "{url}", pool: 8 }}
-sources:
-  - name: buttercms
-    path: /hooks/buttercms
-    format: buttercms
-    auth: {{ type: header, header: X-Webhook-Secret, values: ["{BUTTER_SECRET}"] }}
-targets:
-{targets}
-routes:
-{routes}
-"#
-    );
+    let text = relay_config_on(&format!(r#"{{ backend: postgres, url: "{url}", pool: 8 }}"#), targets, routes);
     let path = dir.join(format!("routes-{}.yaml", fastrand::u32(..)));
     std::fs::write(&path, text).unwrap();
     path

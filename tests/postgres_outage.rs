@@ -18,23 +18,10 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
     let url = cluster.database();
     let mut target = FakeTarget::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = format!(
-        r#"
-server: {{ listen: "127.0.0.1:0" }}
-admin: {{ listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}" }}
-storage: {{ backend: postgres, url: "{url}", pool: 4 }}
-sources:
-  - name: buttercms
-    path: /hooks/buttercms
-    format: buttercms
-    auth: {{ type: header, header: X-Webhook-Secret, values: ["{BUTTER_SECRET}"] }}
-targets:
-  - name: search
-    url: "{}"
-routes:
-  - {{ source: buttercms, events: ["page.*"], targets: [search] }}
-"#,
-        target.url("/reindex")
+    let text = relay_config_on(
+        &format!(r#"{{ backend: postgres, url: "{url}", pool: 4 }}"#),
+        &format!("  - name: search\n    url: \"{}\"", target.url("/reindex")),
+        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
     );
     let config = write_config(dir.path(), &text);
     let (_relay, addr) = spawn_relay(&config);

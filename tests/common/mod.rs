@@ -378,11 +378,17 @@ pub async fn start_relay(targets: &str, routes: &str) -> TestRelay {
 
 /// The config of [`start_relay`].
 pub fn relay_config(dir: &Path, targets: &str, routes: &str) -> String {
+    let storage = format!(r#"{{ path: "{}", cache: "8MiB" }}"#, dir.join("data").display());
+    relay_config_on(&storage, targets, routes)
+}
+
+/// [`relay_config`] with this `storage:` (a YAML flow mapping).
+pub fn relay_config_on(storage: &str, targets: &str, routes: &str) -> String {
     format!(
         r#"
 server: {{ listen: "127.0.0.1:0" }}
 admin: {{ listen: "127.0.0.1:0", token: "{ADMIN_TOKEN}" }}
-storage: {{ path: "{data}", cache: "8MiB" }}
+storage: {storage}
 sources:
   - name: buttercms
     path: /hooks/buttercms
@@ -392,8 +398,7 @@ targets:
 {targets}
 routes:
 {routes}
-"#,
-        data = dir.join("data").display()
+"#
     )
 }
 

@@ -650,33 +650,41 @@ impl Store for PgStore {
         if !mine {
             return Ok((0, None));
         }
-        let row = query_one(
+        // The events examined are locked first (a replay holding one is
+        // skipped, and a replay coming later waits for this purge), then
+        // checked for pending deliveries by a statement of its own, which
+        // sees every replay committed before it.
+        let examined: Vec<Uuid> = query(
             &tx,
-            "WITH examined AS (
-                    SELECT id FROM hr_events
-                    WHERE ($1::uuid IS NULL OR id > $1) AND received_ms < $2
-                    ORDER BY id LIMIT $3),
-                 gone AS (
-                    DELETE FROM hr_events e USING examined x
-                    WHERE e.id = x.id
-                      AND NOT EXISTS (SELECT 1 FROM hr_deliveries d WHERE d.event_id = e.id AND d.status = 'p')
-                    RETURNING e.id)
-                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM examined),
-                        (SELECT id FROM examined ORDER BY id DESC LIMIT 1)",
+            "SELECT id FROM hr_events WHERE ($1::uuid IS NULL OR id > $1) AND received_ms < $2
+             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
             &[&after.map(|a| a.0), &to_i64(cutoff_ms), &(limit as i64)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        let purged = execute(
+            &tx,
+            "DELETE FROM hr_events e WHERE e.id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM hr_deliveries d WHERE d.event_id = e.id AND d.status = 'p')",
+            &[&examined],
         )
         .await?;
         execute(&tx, "DELETE FROM hr_dedup WHERE expires_ms < $1", &[&to_i64(now_ms())]).await?;
         tx.commit().await.map_err(db_error)?;
-        let (purged, examined): (i64, i64) = (row.get(0), row.get(1));
-        let last: Option<Uuid> = row.get(2);
-        let cursor = if examined as usize >= limit { last.map(EventId) } else { None };
+        let cursor = if examined.len() >= limit { examined.last().copied().map(EventId) } else { None };
         Ok((purged as usize, cursor))
     }
 
     async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(db_error)?;
+        // The event is held until the replay commits: a purge skips it, or
+        // has removed it already (then there is nothing to replay).
+        if query_opt(&tx, "SELECT 1 FROM hr_events WHERE id = $1 FOR KEY SHARE", &[&id.0]).await?.is_none() {
+            return Ok(false);
+        }
         let row = query_opt(
             &tx,
             "SELECT status, order_key, grp, record FROM hr_deliveries WHERE target = $1 AND event_id = $2 FOR UPDATE",

@@ -62,8 +62,10 @@ fn rising_id() -> EventId {
 pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreError> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
-    // Durable before any 202, also where a pooler dropped the session's options.
-    tx.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(db_error)?;
+    // Durable before any 202, also where a pooler dropped the session's
+    // options; sent along with the round's first statement (it only
+    // matters at the commit).
+    let durable = || async { tx.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(db_error) };
 
     // Order keys first, in one order on every instance (no deadlock).
     let mut locks: Vec<i64> = events
@@ -77,7 +79,9 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
     locks.sort_unstable();
     locks.dedup();
     if !locks.is_empty() {
-        execute(&tx, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &[&locks]).await?;
+        let params: [&(dyn ToSql + Sync); 1] = [&locks];
+        let lock = execute(&tx, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &params);
+        futures_util::try_join!(durable(), lock)?;
     }
 
     // Dedup: the first of each key in the round is its lead; later copies
@@ -93,16 +97,18 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
     let lead_ids: Vec<Uuid> = by_hash.iter().map(|&n| ids[n].0).collect();
     let expires: Vec<i64> =
         by_hash.iter().map(|&n| to_i64(now.saturating_add(events[n].dedup_window.as_millis() as u64))).collect();
-    let taken = query(
+    let now_param = to_i64(now);
+    let params: [&(dyn ToSql + Sync); 4] = [&hashes, &lead_ids, &expires, &now_param];
+    let dedup = query(
         &tx,
         "INSERT INTO hr_dedup (hash, event_id, expires_ms)
              SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::int8[])
              ON CONFLICT (hash) DO UPDATE SET event_id = excluded.event_id, expires_ms = excluded.expires_ms
                WHERE hr_dedup.expires_ms <= $4
              RETURNING hash",
-        &[&hashes, &lead_ids, &expires, &to_i64(now)],
-    )
-    .await?;
+        &params,
+    );
+    let taken = if locks.is_empty() { futures_util::try_join!(durable(), dedup)?.1 } else { dedup.await? };
     let new: std::collections::HashSet<Vec<u8>> = taken.iter().map(|r| r.get::<_, Vec<u8>>(0)).collect();
     let seen: Vec<&[u8]> = hashes.iter().copied().filter(|h| !new.contains(*h)).collect();
     let mut first_of: HashMap<Vec<u8>, Uuid> = HashMap::new();

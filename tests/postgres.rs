@@ -23,6 +23,11 @@ fn instance_config(dir: &Path, url: &str, targets: &str, routes: &str) -> std::p
     path
 }
 
+/// `n` relay processes with `config`, and their ingress addresses.
+fn spawn_instances(config: &Path, n: usize) -> (Vec<RelayProcess>, Vec<SocketAddr>) {
+    (0..n).map(|_| spawn_relay(config)).unzip()
+}
+
 /// The database name in a throwaway cluster's URL.
 fn database_of(url: &str) -> String {
     url.rsplit('/').next().and_then(|d| d.split('?').next()).unwrap().to_string()
@@ -194,8 +199,7 @@ async fn concurrency_and_rate_limit_hold_across_instances() {
         &targets,
         "  - { source: buttercms, events: [\"page.*\"], targets: [build, slack] }",
     );
-    let relays: Vec<_> = (0..3).map(|_| spawn_relay(&config)).collect();
-    let addrs: Vec<SocketAddr> = relays.iter().map(|(_, a)| *a).collect();
+    let (_relays, addrs) = spawn_instances(&config, 3);
 
     let ids = post_all(&addrs, 0, 30).await;
     let mut to_slack = HashMap::new();
@@ -295,8 +299,7 @@ async fn ordering_and_coalescing_hold_across_instances() {
         &targets,
         "  - { source: buttercms, events: [\"page.*\"], targets: [search, site] }",
     );
-    let relays: Vec<_> = (0..3).map(|_| spawn_relay(&config)).collect();
-    let addrs: Vec<SocketAddr> = relays.iter().map(|(_, a)| *a).collect();
+    let (_relays, addrs) = spawn_instances(&config, 3);
 
     let keys = ["home", "about", "pricing"];
     let mut posted: HashMap<&str, Vec<String>> = HashMap::new();

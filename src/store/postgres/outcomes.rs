@@ -62,7 +62,6 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
     }
     let now = now_ms();
     let mut released: BTreeSet<&str> = BTreeSet::new();
-    let mut changed: Vec<(String, Uuid)> = Vec::with_capacity(outcomes.len());
     for o in outcomes {
         let key = (o.target.clone(), o.due.event_id.0);
         let Some(row) = rows.get_mut(&key) else { continue };
@@ -80,15 +79,11 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
                 released.insert(&o.target);
             }
         }
-        if !changed.contains(&key) {
-            changed.push(key);
-        }
     }
+    // Every row read is one an outcome names: all are written back.
     let mut cols = Columns::default();
-    for key in &changed {
-        if let Some(row) = rows.get(key) {
-            cols.push(key, row)?;
-        }
+    for (key, row) in &rows {
+        cols.push(key, row)?;
     }
     if !cols.target.is_empty() {
         execute(

@@ -14,7 +14,6 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,69 +25,9 @@ const CONNS: u64 = 64;
 /// The fixed rate the latency is measured at.
 const RATE: u64 = 1_000;
 
-struct Instance {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-/// Starts `hookrelay serve` with `storage` and one target, and waits until it answers.
+/// One relay of the release build with `storage` and one target.
 fn spawn(dir: &Path, n: usize, storage: &str, target: SocketAddr) -> Instance {
-    let port = free_port();
-    let config = dir.join(format!("routes-{n}.yaml"));
-    let text = format!(
-        r#"
-server: {{ listen: "127.0.0.1:{port}" }}
-admin: {{ listen: "127.0.0.1:{admin}" }}
-storage: {storage}
-sources:
-  - name: buttercms
-    path: /hooks/buttercms
-    format: buttercms
-    auth: {{ type: header, header: X-Webhook-Secret, values: ["{SECRET}"] }}
-targets:
-  - {{ name: search, url: "http://{target}/reindex", concurrency: 64 }}
-routes:
-  - {{ source: buttercms, events: ["page.*"], targets: [search] }}
-"#,
-        admin = free_port()
-    );
-    std::fs::write(&config, text).expect("config");
-    let child = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
-        .args(["serve", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hookrelay serve");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let started = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(30), "the relay did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Instance { child, addr }
-}
-
-/// CPU seconds (user + system, all threads) of `pids`, from `/proc/PID/stat`.
-fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-        .filter_map(|stat| {
-            let f: Vec<String> = stat.rsplit_once(')')?.1.split_whitespace().map(String::from).collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
-        })
-        .sum()
+    spawn_relay(dir, n, storage, &[("search".to_string(), format!("http://{target}/reindex"))])
 }
 
 /// The postmaster and its children: every PostgreSQL process.

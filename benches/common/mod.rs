@@ -339,3 +339,95 @@ pub fn children_rss_mib() -> f64 {
     }
     total
 }
+
+/// Admin bearer token of the relays [`spawn_relay`] starts.
+pub const ADMIN_TOKEN: &str = "bench-admin-token-0123456789";
+
+/// A `hookrelay serve` process of the release build, killed when dropped.
+pub struct Instance {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// Starts `hookrelay serve` (the real binary) with `storage` (a YAML
+/// mapping) and `targets` (name, url), every one routed `page.*` from one
+/// ButterCMS source, and waits until it answers. `n` names its config file.
+pub fn spawn_relay(dir: &Path, n: usize, storage: &str, targets: &[(String, String)]) -> Instance {
+    let (port, admin) = (free_port(), free_port());
+    let config = dir.join(format!("routes-{n}.yaml"));
+    let list: String = targets
+        .iter()
+        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 64 }}\n"))
+        .collect();
+    let names: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
+    let text = format!(
+        r#"
+server: {{ listen: "127.0.0.1:{port}" }}
+admin: {{ listen: "127.0.0.1:{admin}", token: "{ADMIN_TOKEN}" }}
+storage: {storage}
+sources:
+  - name: buttercms
+    path: /hooks/buttercms
+    format: buttercms
+    auth: {{ type: header, header: X-Webhook-Secret, values: ["{SECRET}"] }}
+targets:
+{list}
+routes:
+  - {{ source: buttercms, events: ["page.*"], targets: [{}] }}
+"#,
+        names.join(", ")
+    );
+    std::fs::write(&config, text).expect("config");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("hookrelay serve");
+    let (addr, admin) = (SocketAddr::from(([127, 0, 0, 1], port)), SocketAddr::from(([127, 0, 0, 1], admin)));
+    let started = Instant::now();
+    for listener in [addr, admin] {
+        while std::net::TcpStream::connect(listener).is_err() {
+            assert!(started.elapsed() < Duration::from_secs(30), "the relay did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Instance { child, addr, admin }
+}
+
+/// `POST /admin/targets/NAME/pause` or `…/resume`, expecting 200.
+pub async fn set_paused(relay: &Instance, target: &str, paused: bool) {
+    let mut conn = connect(relay.admin).await;
+    let action = if paused { "pause" } else { "resume" };
+    let req = http::Request::post(format!("/admin/targets/{target}/{action}"))
+        .header("host", "bench")
+        .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let resp = conn.send_request(req).await.expect("admin");
+    assert_eq!(resp.status(), http::StatusCode::OK, "{action} {target}");
+}
+
+/// CPU seconds (user + system, all threads) of `pids`, from `/proc/PID/stat`.
+pub fn cpu_of(pids: &[u32]) -> f64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let f: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .sum()
+}

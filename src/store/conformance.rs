@@ -46,6 +46,8 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     recent_events_are_newest_first_per_source,
     purge_removes_finished_old_events_only_and_goes_on_from_its_cursor,
     concurrent_completions_keep_the_counts_exact,
+    plain_and_ordered_completions_at_once_each_do_their_part,
+    a_first_attempt_left_without_an_outcome_is_handed_out_again,
     ordered_deliveries_wait_for_the_earlier_one_of_their_key,
     a_dead_delivery_releases_the_next_and_a_replay_queues_behind_the_rest,
     a_delivery_without_a_key_is_never_held,
@@ -402,6 +404,67 @@ async fn concurrent_completions_keep_the_counts_exact(store: &dyn Store) {
     assert!(outcomes.iter().all(Result::is_ok));
     assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 5, held: 0 });
     assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
+}
+
+/// Outcomes of plain and ordered deliveries recorded at the same moment (a
+/// store may record them together): every one is recorded, each ordered one
+/// releases the next of its key, and the counts stay exact.
+async fn plain_and_ordered_completions_at_once_each_do_their_part(store: &dyn Store) {
+    let plain: Vec<EventId> =
+        futures_join((0..8).map(|n| accepted(store, event("cms", &format!("p{n}"), &["a"])))).await;
+    let mut firsts = Vec::new();
+    let mut seconds = Vec::new();
+    for key in ["k1", "k2", "k3"] {
+        firsts.push(accepted(store, ordered(&format!("{key}-1"), "o", key)).await);
+        seconds.push(accepted(store, ordered(&format!("{key}-2"), "o", key)).await);
+    }
+    let to_a = due(store, "a", now_ms() + 1).await.due;
+    let to_o = due(store, "o", now_ms() + 1).await.due;
+    assert_eq!(ids(&DueBatch { due: to_o.clone(), next_due_ms: None }), firsts, "the first of each key");
+    let outcomes = futures_join(
+        to_a.iter()
+            .map(|d| ("a", d, NextStep::Delivered))
+            .chain(to_o.iter().map(|d| ("o", d, NextStep::Delivered)))
+            .map(|(target, d, next)| store.complete(target, d, attempt(Some(200)), next)),
+    )
+    .await;
+    assert!(outcomes.iter().all(Result::is_ok));
+    for id in plain.iter().chain(&firsts) {
+        let target = if plain.contains(id) { "a" } else { "o" };
+        assert!(matches!(state(store, *id, target).await.state, DeliveryState::Delivered { .. }), "{id} to {target}");
+    }
+    assert!(due(store, "a", now_ms() + 1).await.due.is_empty());
+    let mut released = ids(&due(store, "o", now_ms() + 1).await);
+    released.sort();
+    let mut want = seconds.clone();
+    want.sort();
+    assert_eq!(released, want, "each key's second, released by its first");
+    assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
+    assert_eq!(store.counts("o").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 0 });
+}
+
+/// A worker leaves out of its reads the attempts it has in flight. One it
+/// handed out and dropped without an outcome (it stalled, or was stopped)
+/// is handed out again once it is no longer in flight; the others are not.
+async fn a_first_attempt_left_without_an_outcome_is_handed_out_again(store: &dyn Store) {
+    let all: Vec<EventId> = {
+        let mut v = Vec::new();
+        for n in 0..5 {
+            v.push(accepted(store, event("cms", &n.to_string(), &["a"])).await);
+        }
+        v
+    };
+    let first = store.due("a", now_ms() + 1, 2, &HashSet::new()).await.expect("due");
+    assert_eq!(ids(&first), all[..2]);
+    let in_flight = HashSet::from([all[0], all[1]]);
+    let second = store.due("a", now_ms() + 1, 2, &in_flight).await.expect("due");
+    assert_eq!(ids(&second), all[2..4]);
+    let handed = second.due.iter().find(|d| d.event_id == all[2]).expect("handed");
+    store.complete("a", handed, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    // all[1] was dropped without an outcome; all[0] and all[3] are still out.
+    let third = store.due("a", now_ms() + 1, 10, &HashSet::from([all[0], all[3]])).await.expect("due");
+    assert_eq!(ids(&third), [all[1], all[4]]);
+    assert_eq!(store.counts("a").await.expect("counts").queued, 4);
 }
 
 fn ordered(dedup: &str, target: &str, key: &str) -> NewEvent {

@@ -57,6 +57,60 @@ pub fn dedup_digest(source: &str, dedup: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// A dedup digest in JSON: a hex string. Records written before it was
+/// one hold an array of numbers (read 32 numbers at a time on every read of
+/// the event, far slower), and are still read.
+pub mod digest_hex {
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+    use std::fmt;
+
+    pub fn serialize<S: Serializer>(digest: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (pair, b) in out.chunks_exact_mut(2).zip(digest) {
+            pair[0] = HEX[usize::from(b >> 4)];
+            pair[1] = HEX[usize::from(b & 15)];
+        }
+        let text = std::str::from_utf8(&out[..2 * digest.len().min(32)]).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(text)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_any(DigestVisitor)
+    }
+
+    struct DigestVisitor;
+
+    impl<'de> Visitor<'de> for DigestVisitor {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a digest in hex, or an array of bytes")
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+            let nibble = |c: u8| match c {
+                b'0'..=b'9' => Ok(c - b'0'),
+                b'a'..=b'f' => Ok(c - b'a' + 10),
+                _ => Err(E::custom(format!("{v:?} is not lowercase hex"))),
+            };
+            if !v.len().is_multiple_of(2) {
+                return Err(E::custom(format!("{v:?} has an odd number of hex digits")));
+            }
+            v.as_bytes().chunks_exact(2).map(|p| Ok((nibble(p[0])? << 4) | nibble(p[1])?)).collect()
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u8>, A::Error> {
+            let mut out = Vec::with_capacity(32);
+            while let Some(b) = seq.next_element::<u8>()? {
+                out.push(b);
+            }
+            Ok(out)
+        }
+    }
+}
+
 /// Whole seconds since the Unix epoch at `at` (0 before it).
 pub fn unix_secs(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64
@@ -143,7 +197,7 @@ pub struct EventMeta {
     pub targets: Vec<String>,
     /// The SHA-256 of its source and dedup key: what a later webhook is
     /// compared with.
-    #[serde(default)]
+    #[serde(default, with = "digest_hex")]
     pub dedup: Vec<u8>,
     /// Per target with `order_by`: the delivery's key.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -358,3 +412,54 @@ pub struct TargetCounts {
 
 /// Stored attempts per delivery at most; older ones are dropped first.
 pub const MAX_ATTEMPTS_KEPT: usize = 100;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(dedup: Vec<u8>) -> EventMeta {
+        EventMeta {
+            source: "cms".into(),
+            event: "page.published".into(),
+            received_ms: 1,
+            content_type: None,
+            targets: vec!["a".into()],
+            dedup,
+            order: BTreeMap::new(),
+            group: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_dedup_digest_is_written_in_hex_and_read_back() {
+        let digest = dedup_digest("cms", "page-1").to_vec();
+        let json = serde_json::to_string(&meta(digest.clone())).unwrap();
+        let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(json.contains(&format!(r#""dedup":"{hex}""#)), "{json}");
+        assert_eq!(serde_json::from_str::<EventMeta>(&json).unwrap().dedup, digest);
+    }
+
+    #[test]
+    fn a_dedup_digest_stored_as_an_array_of_bytes_is_still_read() {
+        let digest = dedup_digest("cms", "page-1").to_vec();
+        let old = serde_json::json!({
+            "source": "cms", "event": "page.published", "received_ms": 1, "content_type": null,
+            "targets": ["a"], "dedup": digest,
+        });
+        assert_eq!(serde_json::from_value::<EventMeta>(old).unwrap().dedup, digest);
+        let none =
+            serde_json::json!({"source": "cms", "event": "e", "received_ms": 1, "content_type": null, "targets": []});
+        assert!(serde_json::from_value::<EventMeta>(none).unwrap().dedup.is_empty());
+    }
+
+    #[test]
+    fn a_dedup_digest_that_is_not_hex_is_refused_by_value() {
+        for bad in [r#""0g""#, r#""abc""#, r#""AB""#, "7"] {
+            let json = format!(
+                r#"{{"source":"cms","event":"e","received_ms":1,"content_type":null,"targets":[],"dedup":{bad}}}"#
+            );
+            let err = serde_json::from_str::<EventMeta>(&json).unwrap_err().to_string();
+            assert!(err.contains("hex") || err.contains("digest"), "{bad}: {err}");
+        }
+    }
+}

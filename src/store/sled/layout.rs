@@ -112,6 +112,7 @@ struct EventMetaRef<'a> {
     received_ms: u64,
     content_type: Option<&'a str>,
     targets: &'a [String],
+    #[serde(serialize_with = "crate::store::records::digest_hex::serialize")]
     dedup: &'a [u8],
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     order: BTreeMap<&'a str, &'a str>,
@@ -340,77 +341,63 @@ fn get_record(db: &::sled::Db, key: &[u8]) -> Result<Option<DeliveryRecord>, Sto
 const WALK: usize = 4096;
 
 /// Reads a target's due deliveries: first those queued for a later attempt,
-/// then those never tried, walking the events after `cursor` up to
-/// `durable` (the newest event known durable). Returns them with the cursor
-/// moved over every event that no longer needs the walk.
+/// then those never tried, walking the events after `from` up to `durable`
+/// (the newest event known durable). Returns them with the last event the
+/// walk examined: every event up to it was handed out, is in `skip`, or
+/// needs no walk.
 pub fn read_due(
     db: &::sled::Db,
     target: &str,
     now_ms: u64,
     limit: usize,
     skip: &std::collections::HashSet<EventId>,
-    cursor: Option<EventId>,
+    from: Option<EventId>,
     durable: Option<EventId>,
 ) -> Result<(DueBatch, Option<EventId>), StoreError> {
     let mut batch = read_queued(db, target, now_ms, limit, skip)?;
-    let Some(durable) = durable else { return Ok((batch, cursor)) };
-    let (mut moved, mut walked) = (cursor, 0);
-    let mut advancing = true;
-    for item in db.range(events_after(cursor)..=event_key(durable)) {
-        let full = batch.due.len() >= limit;
-        if full || walked >= WALK {
-            // More may be due at once: look again without waiting, unless
-            // the cursor is held behind an attempt out (its report wakes the
-            // worker): that would only walk the same events again.
-            if full || advancing {
-                batch.next_due_ms = Some(now_ms);
-            }
+    let Some(durable) = durable else { return Ok((batch, from)) };
+    let (mut walked_to, mut walked) = (from, 0);
+    for item in db.range(events_after(from)..=event_key(durable)) {
+        if batch.due.len() >= limit || walked >= WALK {
+            // More may be due at once: look again without waiting.
+            batch.next_due_ms = Some(now_ms);
             break;
         }
         walked += 1;
         let (k, v) = item?;
         let id = id_of(&k)?;
-        // When it arrived, if its delivery to `target` was never tried. The
-        // record's absence is checked first: cheaper than reading the event.
-        let untried = if db.contains_key(delivery_key(target, id))? {
-            None
-        } else if skip.contains(&id) {
-            // A first attempt in flight: the cursor waits for its outcome.
-            advancing = false;
+        walked_to = Some(id);
+        // An attempt in flight (its outcome is recorded before it leaves
+        // `skip`), or one tried already: the queue has it.
+        if skip.contains(&id) || db.contains_key(delivery_key(target, id))? {
             continue;
-        } else {
-            match decode_meta(&k, &v) {
-                // A debounce group's event is queued with its group; a
-                // delivery behind an earlier one of its key is released
-                // by that one's end. Neither needs the walk again.
-                Ok(meta) if meta.group.contains_key(target) => None,
-                // The record is read again after the head: a delivery
-                // released meanwhile has one by now, and is handed out from
-                // the queue instead (not twice).
-                Ok(meta)
-                    if meta.order.get(target).is_some_and(|key| {
-                        sequence::head(db, target, key).ok().flatten().is_some_and(|head| head != id)
-                            || db.contains_key(delivery_key(target, id)).unwrap_or(true)
-                    }) =>
-                {
-                    None
-                }
-                Ok(meta) if meta.targets.iter().any(|t| t == target) => Some(meta.received_ms),
-                Ok(_) => None,
-                Err(e) => {
-                    // One bad record must not stop the whole queue; it cannot be delivered.
-                    tracing::error!(%target, %id, error = %e, "unreadable event record; skipping its delivery");
-                    None
-                }
+        }
+        // When it arrived, if its delivery to `target` was never tried.
+        let untried = match decode_meta(&k, &v) {
+            // A debounce group's event is queued with its group; a
+            // delivery behind an earlier one of its key is released
+            // by that one's end. Neither needs the walk again.
+            Ok(meta) if meta.group.contains_key(target) => None,
+            // The record is read again after the head: a delivery
+            // released meanwhile has one by now, and is handed out from
+            // the queue instead (not twice).
+            Ok(meta)
+                if meta.order.get(target).is_some_and(|key| {
+                    sequence::head(db, target, key).ok().flatten().is_some_and(|head| head != id)
+                        || db.contains_key(delivery_key(target, id)).unwrap_or(true)
+                }) =>
+            {
+                None
+            }
+            Ok(meta) if meta.targets.iter().any(|t| t == target) => Some(meta.received_ms),
+            Ok(_) => None,
+            Err(e) => {
+                // One bad record must not stop the whole queue; it cannot be delivered.
+                tracing::error!(%target, %id, error = %e, "unreadable event record; skipping its delivery");
+                None
             }
         };
-        let Some(received_ms) = untried else {
-            if advancing {
-                moved = Some(id);
-            }
-            continue;
-        };
-        advancing = false;
+        let Some(received_ms) = untried else { continue };
         batch.due.push(DueDelivery {
             event_id: id,
             due_ms: received_ms,
@@ -421,7 +408,7 @@ pub fn read_due(
             coalesced: 0,
         });
     }
-    Ok((batch, moved))
+    Ok((batch, walked_to))
 }
 
 /// Reads the due part of a target's queue of later attempts.
@@ -473,31 +460,53 @@ fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreE
     }
 }
 
+/// An attempt's outcome, as the worker reports it.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub target: String,
+    pub due: DueDelivery,
+    pub attempt: Attempt,
+    pub next: NextStep,
+}
+
 /// The batch that records an attempt and moves the delivery on.
 pub fn plan_complete(
     db: &::sled::Db,
     tally: &mut Tally,
-    target: &str,
-    due: &DueDelivery,
-    attempt: Attempt,
-    next: &NextStep,
+    done: &Completion,
     now_ms: u64,
 ) -> Result<::sled::Batch, StoreError> {
+    let mut batch = ::sled::Batch::default();
+    complete_into(db, tally, &mut batch, done, now_ms, true)?;
+    Ok(batch)
+}
+
+/// Adds to `batch` the writes that record an attempt and move the delivery
+/// on. Everything is read before anything is written, so on an error
+/// `batch` and `tally` are as they were. With `ordered_ok` false, a delivery
+/// with an `order_by` key is left alone (`Ok(false)`, nothing written): its
+/// release of the next delivery of its key reads records that must be read
+/// with nothing pending in `batch`.
+pub fn complete_into(
+    db: &::sled::Db,
+    tally: &mut Tally,
+    batch: &mut ::sled::Batch,
+    done: &Completion,
+    now_ms: u64,
+    ordered_ok: bool,
+) -> Result<bool, StoreError> {
+    let Completion { target, due, attempt, next } = done;
     let id = due.event_id;
     let dkey = delivery_key(target, id);
     let found = get_record(db, &dkey)?;
-    let mut batch = ::sled::Batch::default();
     // Still where it was handed out? If an operator requeued it meanwhile,
     // keep their position and record the attempt only.
-    let current = if due.queued {
+    let (current, queued) = if due.queued {
         let queued = queue_key(target, due.due_ms, id);
         let current = db.contains_key(&queued)?;
-        if current {
-            batch.remove(queued);
-        }
-        current
+        (current, current.then_some(queued))
     } else {
-        found.is_none()
+        (found.is_none(), None)
     };
     let ekey = event_key(id);
     let meta = match db.get(&ekey)? {
@@ -508,12 +517,25 @@ pub fn plan_complete(
         // Neither a record to add the attempt to nor a delivery to move on
         // (the event was purged meanwhile): writing one would leave a record
         // that nothing purges, and a first attempt that looks tried.
-        return Ok(::sled::Batch::default());
+        return Ok(true);
+    }
+    let order_key = meta.as_ref().and_then(|m| m.order.get(target));
+    if order_key.is_some() && !ordered_ok {
+        return Ok(false);
     }
     let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
-    record.attempted(attempt, next, current, now_ms);
+    record.attempted(attempt.clone(), next, current, now_ms);
+    let encoded = json(&record)?;
     if current {
+        // An ended delivery releases the next one of its key. It reads
+        // before it writes, so it goes first.
+        if let (true, Some(order_key)) = (record.state.is_finished(), order_key) {
+            sequence::leave(db, batch, tally, target, order_key, seq, now_ms)?;
+        }
+        if let Some(queued) = queued {
+            batch.remove(queued);
+        }
         match next {
             NextStep::Delivered | NextStep::Skipped => tally.add(target, -1, 0),
             NextStep::RetryAt(at) => batch.insert(queue_key(target, *at, id), &[]),
@@ -523,14 +545,9 @@ pub fn plan_complete(
                 batch.insert(dead_key(target, id), reason.as_bytes());
             }
         }
-        // An ended delivery releases the next one of its key.
-        let order_key = meta.as_ref().and_then(|m| m.order.get(target));
-        if let (true, Some(order_key)) = (record.state.is_finished(), order_key) {
-            sequence::leave(db, &mut batch, tally, target, order_key, seq, now_ms)?;
-        }
     }
-    batch.insert(dkey, json(&record)?);
-    Ok(batch)
+    batch.insert(dkey, encoded);
+    Ok(true)
 }
 
 /// The batch that purges up to `limit` events received before `cutoff_ms`

@@ -124,14 +124,33 @@ impl Store for SledStore {
         limit: usize,
         skip: &HashSet<EventId>,
     ) -> Result<DueBatch, StoreError> {
-        let (cursor, durable) = {
-            let progress = self.progress()?;
-            (progress.cursors.get(target).map(|(id, _)| *id), progress.durable)
+        let (from, durable) = {
+            let mut progress = self.progress()?;
+            let cursor = progress.cursors.get(target).map(|(id, _)| *id);
+            let walk = progress.walks.entry(target.to_string()).or_insert_with(|| writer::Walk::at(cursor));
+            // First attempts the walk handed out that are no longer in flight
+            // without an outcome recorded (the attempt was abandoned, or the
+            // caller did not keep it): walk them again, from the cursor.
+            if walk.out.iter().any(|id| !skip.contains(id)) {
+                walk.out.retain(|id| skip.contains(id));
+                walk.to = cursor;
+            }
+            (walk.to, progress.durable)
         };
-        let (batch, moved) = layout::read_due(&self.db, target, now_ms, limit, skip, cursor, durable)?;
+        let (batch, walked_to) = layout::read_due(&self.db, target, now_ms, limit, skip, from, durable)?;
+        let mut progress = self.progress()?;
+        let walk = progress.walks.entry(target.to_string()).or_insert_with(|| writer::Walk::at(from));
+        walk.to = walked_to.max(walk.to);
+        walk.out.extend(batch.due.iter().filter(|d| !d.queued).map(|d| d.event_id));
+        // Every event before the first attempt still out needs no walk.
+        let moved = match walk.out.first() {
+            Some(first) => Some(EventId(uuid::Uuid::from_u128(first.0.as_u128().saturating_sub(1)))).min(walk.to),
+            None => walk.to,
+        };
+        let cursor = progress.cursors.get(target).map(|(id, _)| *id);
         if let Some(moved) = moved.filter(|m| Some(*m) > cursor) {
             // One worker per target reads its queue, so nothing moved it meanwhile.
-            self.progress()?.cursors.insert(target.to_string(), (moved, false));
+            progress.cursors.insert(target.to_string(), (moved, false));
         }
         Ok(batch)
     }
@@ -143,12 +162,12 @@ impl Store for SledStore {
         attempt: Attempt,
         next: NextStep,
     ) -> Result<(), StoreError> {
-        let (target, due) = (target.to_string(), due.clone());
-        self.writer
-            .mutate(move |db, tally| {
-                Ok((layout::plan_complete(db, tally, &target, &due, attempt, &next, now_ms())?, ()))
-            })
-            .await
+        let done = layout::Completion { target: target.to_string(), due: due.clone(), attempt, next };
+        self.writer.complete(done).await?;
+        if let Some(walk) = self.progress()?.walks.get_mut(target) {
+            walk.out.remove(&due.event_id);
+        }
+        Ok(())
     }
 
     async fn close_group(&self, target: &str, due: &DueDelivery) -> Result<Option<DueDelivery>, StoreError> {
@@ -340,6 +359,7 @@ impl DiskSync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -392,6 +412,38 @@ mod tests {
         let due = batch.due.into_iter().find(|d| d.event_id == id).expect("due");
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
         store.complete(target, &due, attempt, next).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_rounds_outcomes_are_applied_as_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(dir.path(), 8 << 20).unwrap());
+        for n in 0..40u8 {
+            accepted(&store, event(vec![n])).await;
+        }
+        let handed = store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap().due;
+        assert_eq!(handed.len(), 40);
+        let stats = store.commit_stats();
+        let (rounds, batches) = (stats.flushes.load(Ordering::Relaxed), stats.batches.load(Ordering::Relaxed));
+        let outcomes: Vec<_> = handed
+            .into_iter()
+            .map(|due| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+                    store.complete("search", &due, attempt, NextStep::Delivered).await
+                })
+            })
+            .collect();
+        for o in outcomes {
+            o.await.unwrap().unwrap();
+        }
+        let rounds = stats.flushes.load(Ordering::Relaxed) - rounds;
+        let batches = stats.batches.load(Ordering::Relaxed) - batches;
+        assert_eq!(batches, rounds, "one sled batch per round, not one per outcome");
+        assert!(rounds < 40, "40 outcomes at once took {rounds} rounds");
+        assert_eq!(store.counts("search").await.unwrap().queued, 0);
+        assert!(store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap().due.is_empty());
     }
 
     #[tokio::test]
@@ -452,7 +504,8 @@ mod tests {
 
         finish(&store, "a", one, NextStep::Delivered).await;
         assert_eq!(ids(&store.due("a", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
-        assert_eq!(store.progress().unwrap().cursors.get("a").map(|c| c.0), Some(two), "moved over one and two");
+        let cursor = store.progress().unwrap().cursors.get("a").map(|c| c.0);
+        assert!(cursor >= Some(two) && cursor < Some(three), "moved over one and two, not three: {cursor:?}");
         assert_eq!(ids(&store.due("b", now_ms(), 1, &HashSet::new()).await.unwrap()), vec![two]);
         assert_eq!(store.counts("a").await.unwrap(), TargetCounts { queued: 1, dead: 0, held: 0 });
     }
@@ -474,8 +527,8 @@ mod tests {
         let one = accepted(&store, event_to(b"1".to_vec(), &["a"])).await;
         accepted(&store, event_to(b"2".to_vec(), &["a"])).await;
         let none = HashSet::new();
-        let (batch, cursor) = layout::read_due(&store.db, "a", now_ms(), 100, &none, None, Some(one)).unwrap();
-        assert_eq!((ids(&batch), cursor), (vec![one], None));
+        let (batch, walked) = layout::read_due(&store.db, "a", now_ms(), 100, &none, None, Some(one)).unwrap();
+        assert_eq!((ids(&batch), walked), (vec![one], Some(one)));
         let (batch, _) = layout::read_due(&store.db, "a", now_ms(), 100, &none, None, None).unwrap();
         assert!(batch.due.is_empty(), "nothing is durable yet");
     }
@@ -497,7 +550,8 @@ mod tests {
             (one, two, three)
         };
         let store = reopen(dir.path());
-        assert_eq!(store.progress().unwrap().cursors.get("search").map(|c| c.0), Some(two));
+        let cursor = store.progress().unwrap().cursors.get("search").map(|c| c.0);
+        assert!(cursor >= Some(two) && cursor < Some(three), "{cursor:?}");
         assert_eq!(ids(&store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap()), vec![three]);
         let later = store.due("search", now_ms() + 61_000, 100, &HashSet::new()).await.unwrap();
         assert_eq!(ids(&later), vec![one, three], "the retry, then the untried one");

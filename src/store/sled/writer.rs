@@ -4,6 +4,13 @@
 //! one flush, then answers each job. Group commit and write batching are one
 //! mechanism: concurrent requests share both the batch and the flush.
 //!
+//! Attempt outcomes ([`Writer::complete`]) are the most frequent writes
+//! after ingests. sled seals and writes out its log buffer at every
+//! `apply_batch`, so a round applies all of its outcomes as one batch, not
+//! one each: their writes are to the delivery's own records, which no other
+//! outcome of the round reads. An outcome that releases the next delivery of
+//! an `order_by` key reads that key's queue, and is applied on its own.
+//!
 //! The thread owns what every write must see: the dedup index, the
 //! targets' counts, and the newest event id (ids are made to rise in commit
 //! order, so a worker walking the events never finds an older one appear
@@ -19,7 +26,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use super::dedup::DedupIndex;
-use super::layout::{self, IngestRound, Tally};
+use super::layout::{self, Completion, IngestRound, Tally};
 use super::{now_ms, EventId, Ingested, NewEvent, StoreError, TargetCounts};
 
 /// Jobs a round takes at most; more wait for the next round.
@@ -36,6 +43,8 @@ pub struct CommitStats {
     pub flush_micros: AtomicU64,
     /// The slowest round, in microseconds (a reader may reset it).
     pub slowest_micros: AtomicU64,
+    /// sled batches applied (each one writes out sled's log buffer).
+    pub batches: AtomicU64,
 }
 
 type Answer = Box<dyn Any + Send>;
@@ -52,6 +61,25 @@ pub struct Progress {
     /// Per target, the cursor of its walk (see [`layout::read_due`]) and
     /// whether the writer has saved it since it moved.
     pub cursors: HashMap<String, (EventId, bool)>,
+    /// Per target, where its next walk resumes (not saved).
+    pub walks: HashMap<String, Walk>,
+}
+
+/// Where a target's walk for first attempts stands: it resumes after `to`
+/// rather than at the cursor, which stays behind the oldest attempt out
+/// (with 64 in flight, every read of the queue would examine them again).
+#[derive(Debug, Default)]
+pub struct Walk {
+    /// The last event examined.
+    pub to: Option<EventId>,
+    /// First attempts handed out and not yet recorded.
+    pub out: std::collections::BTreeSet<EventId>,
+}
+
+impl Walk {
+    pub fn at(to: Option<EventId>) -> Walk {
+        Walk { to, out: Default::default() }
+    }
 }
 
 /// What the writer thread owns.
@@ -102,12 +130,17 @@ enum Job {
         event: NewEvent,
         reply: oneshot::Sender<Result<Ingested, StoreError>>,
     },
-    /// A read-modify-write (delivery bookkeeping, purge, pause). Each is
-    /// planned and applied on its own, after the round's ingests, so that it
-    /// reads what the jobs before it wrote.
+    /// A read-modify-write (a purge, a pause, a requeue). Each is planned
+    /// and applied on its own, after the round's ingests and the outcomes
+    /// before it, so that it reads what the jobs before it wrote.
     Mutate {
         plan: Plan,
         reply: oneshot::Sender<Result<Answer, StoreError>>,
+    },
+    /// An attempt's outcome, applied with the round's others.
+    Complete {
+        done: Completion,
+        reply: oneshot::Sender<Result<(), StoreError>>,
     },
 }
 
@@ -180,6 +213,13 @@ impl Writer {
         boxed.downcast::<T>().map(|t| *t).map_err(|_| StoreError::Io("writer answered with the wrong type".into()))
     }
 
+    /// Records an attempt's outcome; returns once durable.
+    pub async fn complete(&self, done: Completion) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.submit(Job::Complete { done, reply }).await?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+
     /// True once a sync failed for good.
     pub fn failed(&self) -> bool {
         self.failed.load(Ordering::SeqCst)
@@ -218,6 +258,7 @@ fn refuse(jobs: Vec<Job>) {
         match job {
             Job::Ingest { reply, .. } => drop(reply.send(Err(failed()))),
             Job::Mutate { reply, .. } => drop(reply.send(Err(failed()))),
+            Job::Complete { reply, .. } => drop(reply.send(Err(failed()))),
         }
     }
 }
@@ -250,7 +291,7 @@ fn round(
     let mut ingest =
         IngestRound { index: &state.dedup, claimed: HashMap::new(), claims: Vec::new(), sequences: Default::default() };
     let mut ingests = Vec::new();
-    let mut mutations = Vec::new();
+    let mut changes = Vec::new();
     for job in jobs {
         match job {
             Job::Ingest { event, reply } => {
@@ -258,38 +299,56 @@ fn round(
                 let outcome = layout::plan_ingest(db, &mut batch, &mut ingest, &mut tally, &event, id);
                 ingests.push((reply, outcome));
             }
-            Job::Mutate { plan, reply } => mutations.push((plan, reply)),
+            Job::Mutate { plan, reply } => changes.push(Change::Mutate(plan, reply)),
+            Job::Complete { done, reply } => changes.push(Change::Complete(done, reply)),
         }
     }
     let claims = ingest.claims;
     layout::add_dedup_records(&claims, &mut batch);
     tally.write(&mut state.counts, &mut batch);
-    save_cursors(shared.progress, &mut batch);
-    let mut written = db.apply_batch(batch).map_err(sled_failed);
+    let moved = save_cursors(shared.progress, &mut batch);
+    // The ingests, the moved cursors and the outcomes go in one batch, unless
+    // a job must read what the ones before it wrote (sled writes out its log
+    // buffer at every batch).
+    let mut merged = Merged { batch, dirty: !ingests.is_empty() || moved, ..Merged::default() };
+    let mut written: Result<(), StoreError> = Ok(());
+    let mut answers = Vec::with_capacity(changes.len());
+    for change in changes {
+        match change {
+            Change::Complete(done, reply) => {
+                if let Err(e) = &written {
+                    answers.push(Answered::Complete(reply, Err(e.clone())));
+                    continue;
+                }
+                match layout::complete_into(db, &mut merged.tally, &mut merged.batch, &done, now, false) {
+                    Ok(true) => merged.replies.push(reply),
+                    Ok(false) => {
+                        // It reads its key's queue: after the merged ones are applied.
+                        merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+                        let answer = apply_alone(db, &mut state.counts, &written, shared.stats, |db, tally| {
+                            layout::plan_complete(db, tally, &done, now).map(|b| (b, ()))
+                        });
+                        taint(&mut written, &answer);
+                        answers.push(Answered::Complete(reply, answer));
+                    }
+                    Err(e) => answers.push(Answered::Complete(reply, Err(e))),
+                }
+            }
+            Change::Mutate(plan, reply) => {
+                merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+                let answer = apply_alone(db, &mut state.counts, &written, shared.stats, plan);
+                taint(&mut written, &answer);
+                answers.push(Answered::Mutate(reply, answer));
+            }
+        }
+    }
+    merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
     if written.is_ok() {
         // Applied, so findable by a later round even if the sync fails below
         // (the events then stay stored, although their senders got 503).
         for c in claims {
             state.dedup.insert(c.entry, c.window_ms);
         }
-    }
-    let mut answers = Vec::with_capacity(mutations.len());
-    for (plan, reply) in mutations {
-        let answer = match &written {
-            Err(e) => Err(e.clone()),
-            Ok(()) => {
-                let mut tally = Tally::default();
-                plan(db, &mut tally).and_then(|(mut b, answer)| {
-                    tally.write(&mut state.counts, &mut b);
-                    db.apply_batch(b).map(|()| answer).map_err(sled_failed)
-                })
-            }
-        };
-        if let Err(StoreError::Failed(e)) = &answer {
-            // A write failure taints the round; a planning error is the job's own.
-            written = Err(StoreError::Failed(e.clone()));
-        }
-        answers.push((reply, answer));
     }
     let written = written.and_then(|()| sync());
     shared.stats.flushes.fetch_add(1, Ordering::Relaxed);
@@ -314,8 +373,87 @@ fn round(
     for (reply, outcome) in ingests {
         let _ = reply.send(written.clone().and(outcome));
     }
-    for (reply, answer) in answers {
-        let _ = reply.send(written.clone().and(answer));
+    for answer in answers {
+        answer.send(&written);
+    }
+}
+
+/// A job other than an ingest, once planned.
+enum Change {
+    Mutate(Plan, oneshot::Sender<Result<Answer, StoreError>>),
+    Complete(Completion, oneshot::Sender<Result<(), StoreError>>),
+}
+
+/// A job's answer, sent once the round is durable (or failed).
+enum Answered {
+    Mutate(oneshot::Sender<Result<Answer, StoreError>>, Result<Answer, StoreError>),
+    Complete(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+}
+
+impl Answered {
+    fn send(self, written: &Result<(), StoreError>) {
+        // Requesters may have gone: nothing to tell them.
+        match self {
+            Answered::Mutate(reply, answer) => drop(reply.send(written.clone().and(answer))),
+            Answered::Complete(reply, answer) => drop(reply.send(written.clone().and(answer))),
+        }
+    }
+}
+
+/// The round's outcomes gathered into one batch, not yet applied.
+#[derive(Default)]
+struct Merged {
+    batch: ::sled::Batch,
+    tally: Tally,
+    replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
+    /// It holds writes besides the outcomes' (the moved cursors).
+    dirty: bool,
+}
+
+impl Merged {
+    /// Applies what was gathered, if anything, and notes the answers.
+    fn apply(
+        &mut self,
+        db: &::sled::Db,
+        counts: &mut HashMap<String, TargetCounts>,
+        written: &mut Result<(), StoreError>,
+        answers: &mut Vec<Answered>,
+        stats: &CommitStats,
+    ) {
+        if self.replies.is_empty() && !self.dirty {
+            return;
+        }
+        let Merged { mut batch, tally, replies, .. } = std::mem::take(self);
+        let result = written.clone().and_then(|()| {
+            tally.write(counts, &mut batch);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            db.apply_batch(batch).map_err(sled_failed)
+        });
+        taint(written, &result);
+        answers.extend(replies.into_iter().map(|reply| Answered::Complete(reply, result.clone())));
+    }
+}
+
+/// Plans and applies one job's batch on its own, unless the round failed.
+fn apply_alone<T>(
+    db: &::sled::Db,
+    counts: &mut HashMap<String, TargetCounts>,
+    written: &Result<(), StoreError>,
+    stats: &CommitStats,
+    plan: impl FnOnce(&::sled::Db, &mut Tally) -> Result<(::sled::Batch, T), StoreError>,
+) -> Result<T, StoreError> {
+    written.clone()?;
+    let mut tally = Tally::default();
+    let (mut batch, answer) = plan(db, &mut tally)?;
+    tally.write(counts, &mut batch);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    db.apply_batch(batch).map(|()| answer).map_err(sled_failed)
+}
+
+/// A write failure taints the round; a planning error is the job's own.
+fn taint<T>(written: &mut Result<(), StoreError>, answer: &Result<T, StoreError>) {
+    if let Err(StoreError::Failed(e)) = answer {
+        *written = Err(StoreError::Failed(e.clone()));
     }
 }
 
@@ -329,17 +467,20 @@ fn next_id(newest: &mut Option<EventId>, proposed: EventId) -> EventId {
     id
 }
 
-/// Adds the cursors moved since the last round to `batch`. A cursor only
-/// moves over events whose delivery records are applied already, so saving
-/// it in a later batch never gets ahead of them.
-fn save_cursors(progress: &Mutex<Progress>, batch: &mut ::sled::Batch) {
-    let Ok(mut progress) = progress.lock() else { return };
+/// Adds the cursors moved since the last round to `batch`; false if none
+/// moved. A cursor only moves over events whose delivery records are
+/// applied already, so saving it in a later batch never gets ahead of them.
+fn save_cursors(progress: &Mutex<Progress>, batch: &mut ::sled::Batch) -> bool {
+    let Ok(mut progress) = progress.lock() else { return false };
+    let mut moved = false;
     for (target, (id, saved)) in progress.cursors.iter_mut() {
         if !*saved {
             batch.insert(layout::cursor_key(target), id.as_bytes());
             *saved = true;
+            moved = true;
         }
     }
+    moved
 }
 
 #[cfg(test)]

@@ -33,16 +33,45 @@ pub fn settings_with(
 ) -> hookrelay::config::Settings {
     let extra = target_keys.map(|k| format!(", {k}")).unwrap_or_default();
     let filter = filter.map(|f| format!(", filter: '{f}'")).unwrap_or_default();
-    let list: String = targets
-        .iter()
-        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 32, timeout: 2s{extra} }}\n"))
-        .collect();
+    let storage = format!(
+        "{{ path: \"{}\", cache: \"{}\" }}",
+        dir.join("data").display(),
+        std::env::var("BENCH_CACHE").unwrap_or_else(|_| "64MiB".into())
+    );
+    let text = relay_yaml(
+        "127.0.0.1:0",
+        "{ listen: \"127.0.0.1:0\" }",
+        &storage,
+        targets,
+        &format!("concurrency: 32, timeout: 2s{extra}"),
+        &filter,
+    );
+    let path = dir.join("routes.yaml");
+    std::fs::write(&path, text).expect("write config");
+    // jq programs run in `hookrelay jq-sandbox`, not in this benchmark's binary.
+    hookrelay::jq::set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
+    hookrelay::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A relay config: one ButterCMS source (header-secret auth) and `targets`
+/// (name, url), each with `keys` (YAML such as `concurrency: 32`), all
+/// routed `page.*` with `route_keys` (such as `, filter: '…'`).
+fn relay_yaml(
+    listen: &str,
+    admin: &str,
+    storage: &str,
+    targets: &[(String, String)],
+    keys: &str,
+    route_keys: &str,
+) -> String {
+    let list: String =
+        targets.iter().map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", {keys} }}\n")).collect();
     let names: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
-    let text = format!(
+    format!(
         r#"
-server: {{ listen: "127.0.0.1:0" }}
-admin: {{ listen: "127.0.0.1:0" }}
-storage: {{ path: "{}", cache: "{}" }}
+server: {{ listen: "{listen}" }}
+admin: {admin}
+storage: {storage}
 sources:
   - name: buttercms
     path: /hooks/buttercms
@@ -51,17 +80,10 @@ sources:
 targets:
 {list}
 routes:
-  - {{ source: buttercms, events: ["page.*"], targets: [{}]{filter} }}
+  - {{ source: buttercms, events: ["page.*"], targets: [{}]{route_keys} }}
 "#,
-        dir.join("data").display(),
-        std::env::var("BENCH_CACHE").unwrap_or_else(|_| "64MiB".into()),
         names.join(", ")
-    );
-    let path = dir.join("routes.yaml");
-    std::fs::write(&path, text).expect("write config");
-    // jq programs run in `hookrelay jq-sandbox`, not in this benchmark's binary.
-    hookrelay::jq::set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
-    hookrelay::config::load(&path).unwrap_or_else(|e| panic!("{e}"))
+    )
 }
 
 /// A distinct ButterCMS page.published body (a new dedup key each time), in
@@ -367,28 +389,8 @@ pub fn free_port() -> u16 {
 pub fn spawn_relay(dir: &Path, n: usize, storage: &str, targets: &[(String, String)]) -> Instance {
     let (port, admin) = (free_port(), free_port());
     let config = dir.join(format!("routes-{n}.yaml"));
-    let list: String = targets
-        .iter()
-        .map(|(name, url)| format!("  - {{ name: {name}, url: \"{url}\", concurrency: 64 }}\n"))
-        .collect();
-    let names: Vec<&str> = targets.iter().map(|(n, _)| n.as_str()).collect();
-    let text = format!(
-        r#"
-server: {{ listen: "127.0.0.1:{port}" }}
-admin: {{ listen: "127.0.0.1:{admin}", token: "{ADMIN_TOKEN}" }}
-storage: {storage}
-sources:
-  - name: buttercms
-    path: /hooks/buttercms
-    format: buttercms
-    auth: {{ type: header, header: X-Webhook-Secret, values: ["{SECRET}"] }}
-targets:
-{list}
-routes:
-  - {{ source: buttercms, events: ["page.*"], targets: [{}] }}
-"#,
-        names.join(", ")
-    );
+    let admin_yaml = format!("{{ listen: \"127.0.0.1:{admin}\", token: \"{ADMIN_TOKEN}\" }}");
+    let text = relay_yaml(&format!("127.0.0.1:{port}"), &admin_yaml, storage, targets, "concurrency: 64", "");
     std::fs::write(&config, text).expect("config");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_hookrelay"))
         .args(["serve", "--config"])

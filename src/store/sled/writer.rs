@@ -400,13 +400,16 @@ impl Answered {
     }
 }
 
-/// The round's outcomes gathered into one batch, not yet applied.
+/// The round's webhooks, moved cursors and outcomes gathered into one
+/// batch, not yet applied.
 #[derive(Default)]
 struct Merged {
     batch: ::sled::Batch,
+    /// The outcomes' changes to the counts (the webhooks' are in `batch`).
     tally: Tally,
+    /// Whom to answer for the outcomes in `batch`.
     replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
-    /// It holds writes besides the outcomes' (the moved cursors).
+    /// It holds writes besides the outcomes' (webhooks, moved cursors).
     dirty: bool,
 }
 

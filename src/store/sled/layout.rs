@@ -461,7 +461,7 @@ fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreE
 }
 
 /// An attempt's outcome, as the worker reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Completion {
     pub target: String,
     pub due: DueDelivery,

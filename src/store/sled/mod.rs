@@ -128,25 +128,12 @@ impl Store for SledStore {
             let mut progress = self.progress()?;
             let cursor = progress.cursors.get(target).map(|(id, _)| *id);
             let walk = progress.walks.entry(target.to_string()).or_insert_with(|| writer::Walk::at(cursor));
-            // First attempts the walk handed out that are no longer in flight
-            // without an outcome recorded (the attempt was abandoned, or the
-            // caller did not keep it): walk them again, from the cursor.
-            if walk.out.iter().any(|id| !skip.contains(id)) {
-                walk.out.retain(|id| skip.contains(id));
-                walk.to = cursor;
-            }
-            (walk.to, progress.durable)
+            (walk.start(cursor, skip), progress.durable)
         };
         let (batch, walked_to) = layout::read_due(&self.db, target, now_ms, limit, skip, from, durable)?;
         let mut progress = self.progress()?;
         let walk = progress.walks.entry(target.to_string()).or_insert_with(|| writer::Walk::at(from));
-        walk.to = walked_to.max(walk.to);
-        walk.out.extend(batch.due.iter().filter(|d| !d.queued).map(|d| d.event_id));
-        // Every event before the first attempt still out needs no walk.
-        let moved = match walk.out.first() {
-            Some(first) => Some(EventId(uuid::Uuid::from_u128(first.0.as_u128().saturating_sub(1)))).min(walk.to),
-            None => walk.to,
-        };
+        let moved = walk.walked(walked_to, batch.due.iter().filter(|d| !d.queued).map(|d| d.event_id));
         let cursor = progress.cursors.get(target).map(|(id, _)| *id);
         if let Some(moved) = moved.filter(|m| Some(*m) > cursor) {
             // One worker per target reads its queue, so nothing moved it meanwhile.
@@ -165,7 +152,7 @@ impl Store for SledStore {
         let done = layout::Completion { target: target.to_string(), due: due.clone(), attempt, next };
         self.writer.complete(done).await?;
         if let Some(walk) = self.progress()?.walks.get_mut(target) {
-            walk.out.remove(&due.event_id);
+            walk.recorded(due.event_id);
         }
         Ok(())
     }

@@ -18,7 +18,7 @@
 //! workers' cursors in [`Progress`].
 
 use std::any::Any;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -79,6 +79,35 @@ pub struct Walk {
 impl Walk {
     pub fn at(to: Option<EventId>) -> Walk {
         Walk { to, out: Default::default() }
+    }
+
+    /// Where the next walk starts: after the last event examined, or at
+    /// `cursor` again when a first attempt handed out is no longer in
+    /// `in_flight` and has no outcome recorded (it was abandoned, or the
+    /// caller did not keep it).
+    pub fn start(&mut self, cursor: Option<EventId>, in_flight: &HashSet<EventId>) -> Option<EventId> {
+        if self.out.iter().any(|id| !in_flight.contains(id)) {
+            self.out.retain(|id| in_flight.contains(id));
+            self.to = cursor;
+        }
+        self.to
+    }
+
+    /// Notes a walk that examined the events up to `to` and handed out
+    /// `handed`; returns where the cursor may move: just before the first
+    /// attempt still out, since every event before it needs no walk.
+    pub fn walked(&mut self, to: Option<EventId>, handed: impl IntoIterator<Item = EventId>) -> Option<EventId> {
+        self.to = to.max(self.to);
+        self.out.extend(handed);
+        match self.out.first() {
+            Some(first) => Some(EventId(uuid::Uuid::from_u128(first.0.as_u128().saturating_sub(1)))).min(self.to),
+            None => self.to,
+        }
+    }
+
+    /// An outcome of `id` is recorded: it no longer holds the cursor back.
+    pub fn recorded(&mut self, id: EventId) {
+        self.out.remove(&id);
     }
 }
 
@@ -588,6 +617,23 @@ mod tests {
         assert!(id > newer, "{id} should follow {newer}");
         assert_eq!(writer.progress.lock().unwrap().durable, Some(id));
         assert!(db.contains_key(layout::event_key(id)).unwrap());
+    }
+
+    #[test]
+    fn a_walk_resumes_after_what_it_examined_and_holds_the_cursor_behind_what_is_out() {
+        let id = |n: u128| EventId(uuid::Uuid::from_u128(n));
+        let mut walk = Walk::at(Some(id(10)));
+        assert_eq!(walk.start(Some(id(10)), &HashSet::new()), Some(id(10)));
+        // Examined 11..=20, handed out 12 and 15: the cursor stays before 12.
+        assert_eq!(walk.walked(Some(id(20)), [id(12), id(15)]), Some(id(11)));
+        let in_flight = HashSet::from([id(12), id(15)]);
+        assert_eq!(walk.start(Some(id(11)), &in_flight), Some(id(20)), "resumes after 20");
+        walk.recorded(id(12));
+        assert_eq!(walk.walked(Some(id(30)), []), Some(id(14)), "now before 15");
+        // 15 left the in-flight set without an outcome: walk again from the cursor.
+        assert_eq!(walk.start(Some(id(14)), &HashSet::new()), Some(id(14)));
+        assert!(walk.out.is_empty());
+        assert_eq!(walk.walked(Some(id(31)), []), Some(id(31)), "nothing out: up to the last examined");
     }
 
     #[tokio::test]

@@ -18,8 +18,12 @@ use hookrelay::app::Relay;
 use hookrelay::store::{NullStore, SledStore, Store};
 
 /// A filter of the kind README shows: landing pages in the default locale
-/// (every benchmark body passes it, so both relays store the same).
+/// (every benchmark body passes it, so the relays store the same). Paths and
+/// comparisons: the relay answers it itself (`jq::direct`).
 const FILTER: &str = r#".data.page_type == "landing" and .data.locale == null"#;
+/// The same verdict through a builtin call, outside that subset: it runs in
+/// the jq sandbox, as any program that loops, calls or builds.
+const SANDBOXED_FILTER: &str = r#"(.data.page_type // "" | ascii_downcase) == "landing" and .data.locale == null"#;
 /// A Slack-style message.
 const TRANSFORM: &str = r#"{text: "\($event): \(.data.name // .data.id)", id: $id}"#;
 
@@ -28,15 +32,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// Prints the medians of the rounds without (`[0]`) and with (`[1]`) the program.
-fn compare(phase: &str, rate: &str, per: &str, program: &str, rates: [Vec<f64>; 2], cpus: [Vec<f64>; 2]) {
-    let [plain_rate, with_rate] = rates.map(median);
-    let [plain_cpu, with_cpu] = cpus.map(median);
-    println!(
-        "{phase}: median {rate} plain {plain_rate:.0}, with {program} {with_rate:.0} (ratio {:.2}); CPU per {per} plain {plain_cpu:.1} µs, with {program} {with_cpu:.1} µs (+{:.1} µs)",
-        with_rate / plain_rate,
-        with_cpu - plain_cpu
-    );
+/// Prints the medians of the rounds without a program (`[0]`) and with
+/// each program (the others, named in `programs`).
+fn compare(phase: &str, rate: &str, per: &str, programs: &[&str], rates: &[Vec<f64>], cpus: &[Vec<f64>]) {
+    let rates: Vec<f64> = rates.iter().cloned().map(median).collect();
+    let cpus: Vec<f64> = cpus.iter().cloned().map(median).collect();
+    let mut line = format!("{phase}: median {rate} plain {:.0}, CPU per {per} {:.1} µs", rates[0], cpus[0]);
+    for (i, program) in programs.iter().enumerate() {
+        line.push_str(&format!(
+            "; with {program} {:.0} (ratio {:.2}), {:.1} µs (+{:.1} µs)",
+            rates[i + 1],
+            rates[i + 1] / rates[0],
+            cpus[i + 1],
+            cpus[i + 1] - cpus[0]
+        ));
+    }
+    println!("{line}");
 }
 
 fn memory(when: &str) {
@@ -66,32 +77,35 @@ fn main() {
     let stores: &[bool] = if only == "delivery" { &[] } else { &[false, true] };
     if !stores.is_empty() {
         println!("ingest: {conns} connections, {secs}s per phase, {rounds} rounds, buttercms page.published, 2 targets per event");
-        println!("filter: {FILTER}");
+        let direct = |text| hookrelay::jq::Program::compile(hookrelay::jq::Kind::Filter, text).map(|p| p.is_direct());
+        assert_eq!((direct(FILTER), direct(SANDBOXED_FILTER)), (Ok(true), Ok(false)), "where the filters run");
+        println!("filter (answered by the relay): {FILTER}");
+        println!("sandboxed filter (run in the jq sandbox): {SANDBOXED_FILTER}");
         println!(
             "{:<28} {:>10} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12}",
             "phase", "acks/s", "p50 ms", "p99 ms", "p99.9 ms", "max ms", "errors", "CPU µs/ack"
         );
     }
     for &durable in stores {
-        let (plain_dir, filtered_dir) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
-        let start = |dir: &std::path::Path, filter: Option<&str>| {
-            let settings = settings_with(dir, &down, filter, None);
+        let start = |filter: Option<&str>| {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let settings = settings_with(dir.path(), &down, filter, None);
             let store: Arc<dyn Store> = if durable {
                 Arc::new(SledStore::open(&settings.storage.path, settings.storage.cache_bytes).expect("store"))
             } else {
                 Arc::new(NullStore::default())
             };
-            server_rt.block_on(Relay::start_with_store(settings, store)).expect("relay")
+            (server_rt.block_on(Relay::start_with_store(settings, store)).expect("relay"), dir)
         };
-        let plain = start(plain_dir.path(), None);
-        let filtered = start(filtered_dir.path(), Some(FILTER));
+        let relays =
+            [(start(None), "plain"), (start(Some(FILTER)), "filter"), (start(Some(SANDBOXED_FILTER)), "sandboxed")];
         let kind = if durable { "durable" } else { "no store" };
-        for relay in [&plain, &filtered] {
+        for ((relay, _), _) in &relays {
             client_rt.block_on(drive(relay.ingress_addr, 8, 1, None, counter.clone()));
         }
-        let (mut rates, mut cpus) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+        let (mut rates, mut cpus) = (vec![Vec::new(); relays.len()], vec![Vec::new(); relays.len()]);
         for _ in 0..rounds {
-            for (i, (relay, name)) in [(&plain, "plain"), (&filtered, "filter")].into_iter().enumerate() {
+            for (i, ((relay, _), name)) in relays.iter().enumerate() {
                 let cpu = cpu_secs();
                 let load = client_rt.block_on(drive(relay.ingress_addr, conns, secs, None, counter.clone()));
                 let per_ack = (cpu_secs() - cpu) / load.acks.max(1) as f64 * 1e6;
@@ -100,11 +114,12 @@ fn main() {
                 println!("{} {per_ack:>12.1}", row_text(&format!("{kind}, {name}, max"), &load));
             }
         }
-        compare(kind, "acks/s", "ack", "filter", rates, cpus);
+        compare(kind, "acks/s", "ack", &["filter", "sandboxed filter"], &rates, &cpus);
         memory(&format!("after the {kind} phases"));
         server_rt.block_on(async {
-            let _ = plain.stop(Duration::from_secs(5)).await;
-            let _ = filtered.stop(Duration::from_secs(5)).await;
+            for ((relay, _dir), _) in relays {
+                let _ = relay.stop(Duration::from_secs(5)).await;
+            }
         });
     }
 
@@ -113,7 +128,7 @@ fn main() {
     }
     println!("delivery: {events} events per phase, one fast local target, {rounds} rounds");
     println!("transform: {TRANSFORM}");
-    let (mut rates, mut cpus) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    let (mut rates, mut cpus) = (vec![Vec::new(); 2], vec![Vec::new(); 2]);
     for _ in 0..rounds {
         for (i, transform) in [None, Some(TRANSFORM)].into_iter().enumerate() {
             let (rate, cpu) = deliver(&server_rt, &client_rt, events, transform);
@@ -123,7 +138,7 @@ fn main() {
             cpus[i].push(cpu);
         }
     }
-    compare("delivery", "deliveries/s", "webhook", "transform", rates, cpus);
+    compare("delivery", "deliveries/s", "webhook", &["transform"], &rates, &cpus);
     memory("at the end");
 }
 

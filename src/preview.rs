@@ -76,9 +76,18 @@ impl Tally {
     }
 
     /// Adds the program's line (`yes` and `no` name its two results) and its problem, if any.
-    fn report(self, key: String, yes: &str, no: &str, lines: &mut Vec<String>, problems: &mut Vec<Problem>) {
+    /// A line for the program (`runs_in`: where ingest runs it), and its problem.
+    fn report(
+        self,
+        key: String,
+        (yes, no): (&str, &str),
+        runs_in: &str,
+        lines: &mut Vec<String>,
+        problems: &mut Vec<Problem>,
+    ) {
         let (runs, failed) = (self.runs, self.failures.len());
-        lines.push(format!("  {key}: {runs} samples, {} {yes}, {} {no}, {failed} failed", self.yes, self.no));
+        lines
+            .push(format!("  {key}: {runs} samples, {} {yes}, {} {no}, {failed} failed; {runs_in}", self.yes, self.no));
         problems.extend(self.problem(key));
     }
 
@@ -100,10 +109,19 @@ impl Tally {
     }
 }
 
+/// Where a program runs, for `check`'s line.
+fn runs_in(program: &Program) -> &'static str {
+    if program.is_direct() {
+        "answered by the relay"
+    } else {
+        "runs in the jq sandbox"
+    }
+}
+
 /// Runs every filter, transform and key program on the sample webhooks of
-/// its sources' formats (those `hookrelay send` posts). Returns a line per
-/// program and the problems: a program that passes its time or memory
-/// limit, or fails on every sample.
+/// its sources' formats (those `hookrelay send` posts), each where ingest
+/// runs it. Returns a line per program and the problems: a program that
+/// passes its time or memory limit, or fails on every sample.
 pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) {
     let (mut lines, mut problems) = (Vec::new(), Vec::new());
     let now = SystemTime::now();
@@ -114,10 +132,12 @@ pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) 
             let mut tally = Tally::default();
             for event in route_events(source, route) {
                 let Ok((body, _)) = payload(source, &event, now) else { continue };
-                let result = lane.filter(filter, &source.name, &event, &Bytes::from(body)).await;
+                let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                let result = lane.filter(filter, &source.name, &event, &Bytes::from(body), json.as_ref()).await;
                 tally.note(format!("{} {event}", source.name), result);
             }
-            tally.report(format!("{}.filter", route.key), "true", "false", &mut lines, &mut problems);
+            let key = format!("{}.filter", route.key);
+            tally.report(key, ("true", "false"), runs_in(filter), &mut lines, &mut problems);
         }
     }
     for (i, target) in settings.targets.iter().enumerate() {
@@ -142,16 +162,18 @@ pub async fn check_programs(settings: &Settings) -> (Vec<String>, Vec<Problem>) 
                 transforms.note(sample.clone(), result);
             }
             if let Some((program, _)) = key_program {
-                let result = lane.key(program, &source.name, &event, &Bytes::from(body)).await;
+                let json = serde_json::from_slice::<serde_json::Value>(&body).ok();
+                let result = lane.key(program, &source.name, &event, &Bytes::from(body), json.as_ref()).await;
                 keys.note(sample, result.map(|k| k.is_some()));
             }
         }
-        if target.transform.is_some() {
+        if let Some(transform) = &target.transform {
             let key = format!("targets[{i}].transform");
-            transforms.report(key, "bodies", "skipped", &mut lines, &mut problems);
+            transforms.report(key, ("bodies", "skipped"), runs_in(transform), &mut lines, &mut problems);
         }
-        if let Some((_, name)) = key_program {
-            keys.report(format!("targets[{i}].{name}"), "keys", "without a key", &mut lines, &mut problems);
+        if let Some((program, name)) = key_program {
+            let key = format!("targets[{i}].{name}");
+            keys.report(key, ("keys", "without a key"), runs_in(program), &mut lines, &mut problems);
         }
     }
     (lines, problems)
@@ -216,7 +238,7 @@ pub async fn preview(
             let _ = writeln!(out, "  {head}: matches");
             continue;
         };
-        let verdict = match lane.filter(filter, source, event, &body).await {
+        let verdict = match lane.filter(filter, source, event, &body, None).await {
             Ok(pass) => {
                 verdicts.push((&route.key, pass));
                 format!(
@@ -262,7 +284,7 @@ async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEven
     };
     if let Some((what, program)) = key_program {
         let lane = Lane::new(format!("preview {}", target.name));
-        match lane.key(program, &stored.meta.source, &stored.meta.event, &stored.body).await {
+        match lane.key(program, &stored.meta.source, &stored.meta.event, &stored.body, None).await {
             Ok(Some(key)) => drop(writeln!(out, "  {what}: {key:?}")),
             Ok(None) => drop(writeln!(out, "  {what}: none (not held)")),
             Err(f) => {

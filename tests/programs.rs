@@ -59,6 +59,61 @@ async fn a_filtered_route_counts_and_delivers_only_matching_webhooks() {
     assert!(metrics(&t).await.contains(r#"hookrelay_filter_errors_total{source="buttercms"} 0"#));
 }
 
+/// A filter of paths and comparisons is answered by the relay on its own
+/// parse of the payload (README, "Where programs run"); the same verdict
+/// through a builtin runs in the sandbox. Both route every fixture alike,
+/// and one that fails in the relay's subset (indexing a string) is left to
+/// jaq: it fails, matches, and is counted.
+#[tokio::test]
+async fn filters_answered_by_the_relay_route_as_the_sandbox_does() {
+    let mut direct = FakeTarget::start().await;
+    let mut sandboxed = FakeTarget::start().await;
+    let mut failing = FakeTarget::start().await;
+    let targets = [
+        target("direct", &direct.url("/"), ""),
+        target("sandboxed", &sandboxed.url("/"), ""),
+        target("failing", &failing.url("/"), ""),
+    ]
+    .join("");
+    let simple = r#".data.page_type == "landing" and .data.locale == null and $event != "page.delete""#;
+    let through_a_call =
+        r#"(.data.page_type // "" | ascii_downcase) == "landing" and .data.locale == null and $event != "page.delete""#;
+    let routes = format!(
+        "  - {{ source: buttercms, events: [\"*\"], filter: '{simple}', targets: [direct] }}\n  - {{ source: buttercms, events: [\"*\"], filter: '{through_a_call}', targets: [sandboxed] }}\n  - {{ source: buttercms, events: [\"page.delete\"], filter: '.data.id.x == 1', targets: [failing] }}"
+    );
+    for (text, in_relay) in [(simple, true), (through_a_call, false), (".data.id.x == 1", true)] {
+        let program = hookrelay::jq::Program::compile(hookrelay::jq::Kind::Filter, text).unwrap();
+        assert_eq!(program.is_direct(), in_relay, "{text}");
+    }
+    let t = start_relay(&targets, &routes).await;
+
+    let fixtures = [
+        ("buttercms-page-published.json", true),
+        ("buttercms-page-published-es.json", false),
+        ("buttercms-page-delete.json", false),
+        ("buttercms-post-published.json", false),
+        ("buttercms-collectionitem-published.json", false),
+    ];
+    let mut passed = Vec::new();
+    for (name, passes) in fixtures {
+        let reply = post_butter(t.addr, fixture(name)).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{name}");
+        let failing_route = usize::from(name == "buttercms-page-delete.json");
+        assert_eq!(reply.json()["targets"], 2 * usize::from(passes) + failing_route, "{name}");
+        if passes {
+            passed.push(reply.json()["id"].as_str().unwrap().to_string());
+        }
+    }
+    for id in &passed {
+        assert_eq!(direct.next().await.headers["webhook-id"], id.as_str());
+        assert_eq!(sandboxed.next().await.headers["webhook-id"], id.as_str());
+    }
+    failing.next().await;
+    direct.nothing_for(Duration::from_millis(300)).await;
+    sandboxed.nothing_for(Duration::from_millis(100)).await;
+    assert!(metrics(&t).await.contains(r#"hookrelay_filter_errors_total{source="buttercms"} 1"#));
+}
+
 #[tokio::test]
 async fn a_transform_sends_its_output_signed_over_the_bytes_sent() {
     let secret_b64 = "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

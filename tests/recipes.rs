@@ -77,7 +77,9 @@ async fn bodies(settings: &Settings) -> Vec<(String, String, Value)> {
         let mut verdicts = Vec::new();
         for route in source.routes.iter().filter(|r| r.matches(&parsed.event)) {
             if let Some(filter) = &route.filter {
-                let pass = lane.filter(filter, &source.name, &parsed.event, &Bytes::from(body.clone())).await;
+                let pass = lane
+                    .filter(filter, &source.name, &parsed.event, &Bytes::from(body.clone()), Some(&parsed.json))
+                    .await;
                 verdicts
                     .push((route.key.clone(), pass.unwrap_or_else(|f| panic!("{fixture_name}: filter failed: {f}"))));
             }

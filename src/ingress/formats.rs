@@ -14,6 +14,9 @@ pub struct Parsed {
     pub event: String,
     /// Two webhooks with the same key within the source's window are one.
     pub dedup_key: String,
+    /// The body, parsed once: route filters and key programs simple enough
+    /// for the relay to answer run on it (see `jq::direct`).
+    pub json: Value,
 }
 
 /// Why a body was refused; the message goes back to the sender (it holds no secret).
@@ -30,18 +33,22 @@ const MAX_EVENT_LEN: usize = 200;
 
 pub fn parse(format: &Format, headers: &HeaderMap, body: &[u8]) -> Result<Parsed, FormatError> {
     let json: Value = serde_json::from_slice(body).map_err(|e| FormatError::NotJson(e.to_string()))?;
-    match format {
+    let (event, dedup_key) = match format {
         Format::ButterCms => buttercms(&json, body),
         Format::CometCms => cometcms(&json),
         Format::Generic(locator) => generic(locator, &json, headers, body),
-    }
+    }?;
+    Ok(Parsed { event, dedup_key, json })
 }
+
+/// A format's event name and dedup key.
+type Read = Result<(String, String), FormatError>;
 
 /// `{"data":{...},"webhook":{"event":"page.published","target":"..."}}`.
 /// Dedup key: event, `data.id`, `data.itemid` (collection items share `data.id`,
 /// the collection key), `data.locale`, and `data.timestamp`, else `data.updated`,
 /// else a hash of the body.
-fn buttercms(json: &Value, body: &[u8]) -> Result<Parsed, FormatError> {
+fn buttercms(json: &Value, body: &[u8]) -> Read {
     let webhook = object(json, "webhook")?;
     let event = event_name(webhook.get("event"), "webhook.event")?;
     let data = object(json, "data")?;
@@ -52,24 +59,24 @@ fn buttercms(json: &Value, body: &[u8]) -> Result<Parsed, FormatError> {
         _ => Value::String(body_hash(body)),
     };
     let key = Value::Array(vec![event.clone().into(), field("id"), field("itemid"), field("locale"), when]);
-    Ok(Parsed { event, dedup_key: key.to_string() })
+    Ok((event, key.to_string()))
 }
 
 /// `{"event":"content.published","occurred_at":"...","data":{"type","id","slug"}}`.
 /// Dedup key: event, `data.type`, `data.id`, `occurred_at`.
-fn cometcms(json: &Value) -> Result<Parsed, FormatError> {
+fn cometcms(json: &Value) -> Read {
     let event = event_name(json.get("event"), "event")?;
     let occurred_at = string(json.get("occurred_at"), "occurred_at")?;
     let data = object(json, "data")?;
     let kind = string(data.get("type"), "data.type")?;
     let id = string(data.get("id"), "data.id")?;
     let key = Value::Array(vec![event.clone().into(), kind.into(), id.into(), occurred_at.into()]);
-    Ok(Parsed { event, dedup_key: key.to_string() })
+    Ok((event, key.to_string()))
 }
 
 /// Any JSON: the event from a JSON pointer or a header; dedup on `webhook-id`
 /// when present, else a hash of the body.
-fn generic(locator: &EventLocator, json: &Value, headers: &HeaderMap, body: &[u8]) -> Result<Parsed, FormatError> {
+fn generic(locator: &EventLocator, json: &Value, headers: &HeaderMap, body: &[u8]) -> Read {
     let event = match locator {
         EventLocator::Pointer(ptr) => event_name(json.pointer(ptr), ptr)?,
         EventLocator::Header(name) => {
@@ -82,7 +89,7 @@ fn generic(locator: &EventLocator, json: &Value, headers: &HeaderMap, body: &[u8
         Some(id) => format!("webhook-id:{}", encode_hex(id.as_bytes())),
         None => format!("body:{}", body_hash(body)),
     };
-    Ok(Parsed { event, dedup_key })
+    Ok((event, dedup_key))
 }
 
 fn object<'a>(json: &'a Value, key: &str) -> Result<&'a serde_json::Map<String, Value>, FormatError> {

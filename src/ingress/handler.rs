@@ -11,6 +11,7 @@ use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
+use serde_json::Value;
 use tokio::sync::watch;
 
 use super::auth::{self, AuthFailure};
@@ -191,9 +192,9 @@ impl Ingress {
             auth::verify(&source.auth, &parts.headers, body, SystemTime::now()).map_err(Reject::Unauthorized)?;
         let parsed = formats::parse(&source.format, &parts.headers, verified.body()).map_err(Reject::Invalid)?;
         let event = parsed.event.clone();
-        let targets = self.targets(routes, source, &event, verified.body()).await;
+        let targets = self.targets(routes, source, &event, verified.body(), &parsed.json).await;
         let content_type = parts.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
-        let sequenced = self.sequencing(routes, source, &event, verified.body(), &targets).await;
+        let sequenced = self.sequencing(routes, source, &event, verified.body(), &parsed.json, &targets).await;
         let new = NewEvent::new(source, verified, parsed, content_type, targets.clone()).with_sequencing(sequenced);
         // Storing, waking, counting and logging run in a task of their own:
         // if the client hangs up meanwhile, this future is dropped, but an
@@ -226,13 +227,13 @@ impl Ingress {
     /// the source's sandbox lane. A filter that fails lets its route match
     /// (a broken filter never drops a webhook), counted and logged without
     /// the payload.
-    async fn targets(&self, routes: &Routes, source: &Source, event: &str, body: &Bytes) -> Vec<String> {
+    async fn targets(&self, routes: &Routes, source: &Source, event: &str, body: &Bytes, json: &Value) -> Vec<String> {
         let mut verdicts: Vec<(&str, bool)> = Vec::new();
         for route in source.routes.iter().filter(|r| r.matches(event)) {
             let (Some(filter), Some(lane)) = (&route.filter, routes.lanes.get(&source.name)) else {
                 continue;
             };
-            let pass = lane.filter(filter, &source.name, event, body).await.unwrap_or_else(|failure| {
+            let pass = lane.filter(filter, &source.name, event, body, Some(json)).await.unwrap_or_else(|failure| {
                 self.metrics.filter_errors.with_label_values(&[&source.name]).inc();
                 // The kind only: a runtime error's message can quote the payload.
                 tracing::warn!(source = %source.name, route = %route.key, event, error = failure.kind.as_str(), "route filter failed; the route matches");
@@ -254,6 +255,7 @@ impl Ingress {
         source: &Source,
         event: &str,
         body: &Bytes,
+        json: &Value,
         targets: &[String],
     ) -> Vec<(String, Sequenced)> {
         let mut out = Vec::new();
@@ -266,7 +268,7 @@ impl Ingress {
             };
             let key = match program {
                 None => None,
-                Some(program) => lane.key(program, &source.name, event, body).await.unwrap_or_else(|failure| {
+                Some(program) => lane.key(program, &source.name, event, body, Some(json)).await.unwrap_or_else(|failure| {
                     tracing::warn!(source = %source.name, target = %name, event, error = failure.kind.as_str(), "key program failed; the delivery has no key");
                     None
                 }),

@@ -8,8 +8,12 @@
 //!   child process per lane, its requests pipelined.
 //! - [`child`]: the child's side: `hookrelay jq-sandbox`.
 //! - [`frame`]: the bytes on the pipe between them.
+//! - [`direct`]: the simple programs (paths, comparisons, `and`/`or`) the
+//!   relay answers itself on its own parse of the payload, jaq's answer or
+//!   none (then the sandbox runs them).
 
 pub mod child;
+mod direct;
 mod frame;
 pub mod sandbox;
 
@@ -69,18 +73,35 @@ impl Kind {
 }
 
 /// A jq program that compiles. It holds the text: the sandbox compiles it
-/// again (once) in its own process, where it runs.
-#[derive(Clone, PartialEq, Eq)]
+/// again (once) in its own process, where it runs; and, when the program is
+/// simple enough, its [`direct::Direct`] form, which the relay runs itself.
+#[derive(Clone)]
 pub struct Program {
     kind: Kind,
     text: Arc<str>,
+    direct: Option<Arc<direct::Direct>>,
 }
+
+impl PartialEq for Program {
+    fn eq(&self, other: &Self) -> bool {
+        // The direct form follows from these two.
+        self.kind == other.kind && self.text == other.text
+    }
+}
+
+impl Eq for Program {}
 
 impl Program {
     /// Compiles `text`; the error names what is wrong, with line and column.
     pub fn compile(kind: Kind, text: &str) -> Result<Program, String> {
         compile(kind, text)?;
-        Ok(Program { kind, text: text.into() })
+        Ok(Program { kind, text: text.into(), direct: direct::Direct::compile(kind, text).map(Arc::new) })
+    }
+
+    /// Whether the relay answers this program itself (see [`direct`]) on
+    /// payloads it has parsed, instead of the sandbox.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 
     pub fn kind(&self) -> Kind {

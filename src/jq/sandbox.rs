@@ -10,6 +10,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio::sync::{mpsc, oneshot};
@@ -72,8 +73,21 @@ impl Lane {
     }
 
     /// A route filter's verdict on a webhook (`$source`, `$event`): whether
-    /// its first output is truthy, or why it failed.
-    pub async fn filter(&self, filter: &Program, source: &str, event: &str, body: &Bytes) -> Result<bool, Failure> {
+    /// its first output is truthy, or why it failed. Given the relay's parse
+    /// of the body (`json`), a simple program is answered at once, without
+    /// the sandbox.
+    pub async fn filter(
+        &self,
+        filter: &Program,
+        source: &str,
+        event: &str,
+        body: &Bytes,
+        json: Option<&Value>,
+    ) -> Result<bool, Failure> {
+        let direct = filter.direct.as_ref().zip(json).and_then(|(d, json)| d.filter(json, &[source, event]));
+        if let Some(verdict) = direct {
+            return Ok(verdict);
+        }
         match self.run(filter, &[source, event], body).await {
             Ok(Output::Failed(f)) => Err(f),
             Ok(output) => Ok(output.truthy() == Some(true)),
@@ -82,8 +96,20 @@ impl Lane {
     }
 
     /// A delivery's key (`order_by`, `debounce.key`; `$source`, `$event`):
-    /// `None` for no output or `null`; the failure when it failed.
-    pub async fn key(&self, key: &Program, source: &str, event: &str, body: &Bytes) -> Result<Option<String>, Failure> {
+    /// `None` for no output or `null`; the failure when it failed. Given
+    /// `json`, answered at once when simple, as [`Lane::filter`].
+    pub async fn key(
+        &self,
+        key: &Program,
+        source: &str,
+        event: &str,
+        body: &Bytes,
+        json: Option<&Value>,
+    ) -> Result<Option<String>, Failure> {
+        let direct = key.direct.as_ref().zip(json).and_then(|(d, json)| d.key(json, &[source, event]));
+        if let Some(key) = direct {
+            return Ok(key);
+        }
         match self.run(key, &[source, event], body).await {
             Ok(Output::Failed(f)) => Err(f),
             Ok(output) => Ok(output.key()),

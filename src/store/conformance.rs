@@ -72,7 +72,7 @@ pub async fn run<G>(fresh: Fresh<G>) {
     }
 }
 
-fn event(source: &str, dedup: &str, targets: &[&str]) -> NewEvent {
+pub(crate) fn event(source: &str, dedup: &str, targets: &[&str]) -> NewEvent {
     NewEvent {
         id: EventId::new(),
         source: source.into(),

@@ -2,16 +2,19 @@
 //!
 //! A round (a batch of [`super::batch`]) stores the webhooks queued while
 //! the previous rounds ran in one transaction: dedup entries, events,
-//! deliveries, group rows, one `NOTIFY`.
+//! deliveries, group rows. Its `NOTIFY` is sent after the commit, by the
+//! [`Notifier`]: PostgreSQL serializes the commits of every transaction that
+//! notifies (a lock held until its commit is on disk), which would take
+//! group commit away from concurrent rounds and instances.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
+use deadpool_postgres::{Object, Pool};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -59,13 +62,14 @@ fn rising_id() -> EventId {
 }
 
 /// Stores `events` in one transaction; their answers, in order.
-pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(db_error)?;
-    // Durable before any 202, also where a pooler dropped the session's
-    // options; sent along with the round's first statement (it only
-    // matters at the commit).
-    let durable = || async { tx.batch_execute("SET LOCAL synchronous_commit = on").await.map_err(db_error) };
+pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Result<Vec<Ingested>, StoreError> {
+    let open = Open(Some(pool.get().await.map_err(pool_error)?));
+    let tx = open.client();
+    // BEGIN goes with the round's first statement, COMMIT with its last:
+    // two round trips fewer, each a wait on this process while the
+    // transaction is open. Durable before any 202, also where a pooler
+    // dropped the session's options.
+    let durable = || async { tx.batch_execute("BEGIN; SET LOCAL synchronous_commit = on").await.map_err(db_error) };
 
     // Order keys first, in one order on every instance (no deadlock).
     let mut locks: Vec<i64> = events
@@ -80,7 +84,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
     locks.dedup();
     if !locks.is_empty() {
         let params: [&(dyn ToSql + Sync); 1] = [&locks];
-        let lock = execute(&tx, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &params);
+        let lock = execute(tx, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &params);
         futures_util::try_join!(durable(), lock)?;
     }
 
@@ -100,7 +104,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
     let now_param = to_i64(now);
     let params: [&(dyn ToSql + Sync); 4] = [&hashes, &lead_ids, &expires, &now_param];
     let dedup = query(
-        &tx,
+        tx,
         "INSERT INTO hr_dedup (hash, event_id, expires_ms)
              SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::int8[])
              ON CONFLICT (hash) DO UPDATE SET event_id = excluded.event_id, expires_ms = excluded.expires_ms
@@ -113,7 +117,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
     let seen: Vec<&[u8]> = hashes.iter().copied().filter(|h| !new.contains(*h)).collect();
     let mut first_of: HashMap<Vec<u8>, Uuid> = HashMap::new();
     if !seen.is_empty() {
-        let rows = query(&tx, "SELECT hash, event_id FROM hr_dedup WHERE hash = ANY($1)", &[&seen]).await?;
+        let rows = query(tx, "SELECT hash, event_id FROM hr_dedup WHERE hash = ANY($1)", &[&seen]).await?;
         first_of = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     }
     let stored: Vec<usize> = leads.iter().copied().filter(|&n| new.contains(&digests[n][..])).collect();
@@ -141,7 +145,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
         let keys: (Vec<&str>, Vec<&str>) = groups.keys().copied().unzip();
         let col = |f: fn(&Joined) -> i64| groups.values().map(f).collect::<Vec<i64>>();
         let newest: Vec<Uuid> = groups.values().map(|g| g.newest_id).collect();
-        let rows = query(&tx,
+        let rows = query(tx,
                 "INSERT INTO hr_groups AS g (target, key, first_ms, newest_ms, newest_id, window_ms, max_wait_ms)
                  SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::uuid[], $6::int8[], $7::int8[])
                  ON CONFLICT (target, key) DO UPDATE SET newest_ms = excluded.newest_ms, newest_id = excluded.newest_id,
@@ -180,8 +184,8 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
             d_cols.push(target, ids[n].0, due, order_key, grp)?;
         }
     }
-    // The events, their deliveries and the notice in one round trip: the
-    // statements are prepared first, so that they go out in this order.
+    // The events and their deliveries in one round trip: the statements
+    // are prepared first, so that they go out in this order.
     let insert_events = tx
         .prepare_cached(
             "INSERT INTO hr_events (id, source, event, received_ms, content_type, targets, dedup, order_keys, group_keys, body)
@@ -200,11 +204,6 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
         )
         .await
         .map_err(db_error)?;
-    let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await.map_err(db_error)?;
-    let mut targets: Vec<&str> = d_cols.target.iter().map(String::as_str).collect();
-    targets.sort_unstable();
-    targets.dedup();
-    let notice = notice_of(&targets);
     let events_params: [&(dyn ToSql + Sync); 10] = [
         &e_cols.id,
         &e_cols.source,
@@ -233,15 +232,13 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
             }
             Ok(())
         },
-        async {
-            if with_deliveries {
-                tx.execute(&notify, &[&CHANNEL, &notice]).await?;
-            }
-            Ok(())
-        },
+        // After a failed insert, PostgreSQL ends the transaction with a
+        // rollback here, and the insert's error fails the round.
+        tx.batch_execute("COMMIT"),
     )
     .map_err(db_error)?;
-    tx.commit().await.map_err(db_error)?;
+    open.committed();
+    notifier.queued(d_cols.target.iter());
 
     let mut answers = Vec::with_capacity(events.len());
     for (n, ev) in events.iter().enumerate() {
@@ -261,6 +258,34 @@ pub async fn round(pool: &Pool, events: &[NewEvent]) -> Result<Vec<Ingested>, St
         answers.push(answer);
     }
     Ok(answers)
+}
+
+/// A pooled connection in a transaction begun by hand (so that BEGIN and
+/// COMMIT travel with the round's statements). Dropped before
+/// [`Open::committed`] (an error, a cancelled round), the connection leaves
+/// the pool instead of going back to it in the middle of a transaction.
+struct Open(Option<Object>);
+
+impl Open {
+    fn client(&self) -> &Object {
+        match &self.0 {
+            Some(client) => client,
+            None => unreachable!("an Open holds its connection until committed or dropped"),
+        }
+    }
+
+    /// Committed: the connection goes back to the pool.
+    fn committed(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
 }
 
 /// What a round's events of one debounce group bring to it.
@@ -343,6 +368,51 @@ impl DeliveryColumns {
         self.record.push(serde_json::to_value(record).map_err(|e| StoreError::Io(e.to_string()))?);
         Ok(())
     }
+}
+
+/// Tells every instance which targets got work, after the commits that
+/// queued it: one `NOTIFY` for all the rounds that committed while the last
+/// one was sent, on a connection that does not wait for the disk. A notice
+/// lost (a crash right after a commit, a failed send) delays other
+/// instances' workers until their next wakeup for that target, or their
+/// idle recheck; this instance's own workers are woken by ingress.
+#[derive(Clone)]
+pub struct Notifier(mpsc::UnboundedSender<Vec<String>>);
+
+impl Notifier {
+    /// Starts the task that sends the notices on `pool`; it ends with the
+    /// last handle.
+    pub fn start(pool: Pool) -> Notifier {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<String>>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut targets: BTreeSet<String> = first.into_iter().collect();
+                while let Ok(more) = rx.try_recv() {
+                    targets.extend(more);
+                }
+                let named: Vec<&str> = targets.iter().map(String::as_str).collect();
+                if let Err(e) = notify(&pool, &notice_of(&named)).await {
+                    tracing::warn!(error = %e, targets = named.len(), "could not tell other instances of queued work; they find it at their next wakeup");
+                }
+            }
+        });
+        Notifier(tx)
+    }
+
+    /// Queues a notice for `targets` (none: nothing to say).
+    pub fn queued<'a>(&self, targets: impl Iterator<Item = &'a String>) {
+        let mut named: Vec<String> = targets.cloned().collect();
+        named.sort_unstable();
+        named.dedup();
+        if !named.is_empty() {
+            let _ = self.0.send(named);
+        }
+    }
+}
+
+async fn notify(pool: &Pool, notice: &str) -> Result<(), StoreError> {
+    let client = pool.get().await.map_err(pool_error)?;
+    execute(&client, "SELECT pg_notify($1, $2)", &[&CHANNEL, &notice]).await.map(drop)
 }
 
 /// Listens for `NOTIFY` on its own connection and passes on what other

@@ -210,13 +210,17 @@ impl PgStore {
         let shutdown = CancellationToken::new();
         let (notices, _) = broadcast::channel(1024);
         tokio::spawn(ingest::listen(config, tls, notices.clone(), shutdown.child_token()));
+        let notifier = ingest::Notifier::start(relaxed.clone());
         Ok(PgStore {
             rounds: batch::Batches::start(
                 "webhooks",
                 pool.clone(),
                 (durable / 2).clamp(1, 4),
                 ingest::MAX_ROUND,
-                |pool, events| async move { ingest::round(&pool, &events).await },
+                move |pool, events| {
+                    let notifier = notifier.clone();
+                    async move { ingest::round(&pool, &events, &notifier).await }
+                },
             ),
             outcomes: batch::Batches::start(
                 "attempt outcomes",
@@ -886,6 +890,34 @@ mod tests {
             let refused = PgStore::connect(&options(mode, Vec::new())).await.err().expect("refused");
             assert!(refused.to_string().to_lowercase().contains("certificate"), "{mode}: {refused}");
         }
+    }
+
+    /// BEGIN and COMMIT travel with a round's first and last statements: a
+    /// round whose last insert fails commits nothing (not its dedup entry
+    /// either), and the next round, on the one connection rounds have here,
+    /// is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_round_whose_insert_fails_commits_nothing_and_the_next_is_stored() {
+        let Some(cluster) = throwaway::cluster("a failed PostgreSQL round") else { return };
+        let options =
+            PgOptions { url: cluster.database(), pool: 2, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
+        let store = PgStore::connect(&options).await.expect("connect");
+        let client = store.client().await.expect("client");
+        let refuse = "ALTER TABLE hr_deliveries ADD CONSTRAINT hr_test_refuse CHECK (target <> 'refused') NOT VALID";
+        execute(&client, refuse, &[]).await.expect("constraint");
+        drop(client);
+        let ev = crate::store::conformance::event;
+        let failed = store.ingest(ev("buttercms", "k1", &["refused"])).await;
+        assert!(failed.is_err(), "the deliveries insert fails: {failed:?}");
+        match store.ingest(ev("buttercms", "k1", &["search"])).await.expect("the next round") {
+            Ingested::Accepted { .. } => {}
+            other => panic!("the failed round's dedup entry was not committed: {other:?}"),
+        }
+        let client = store.client().await.expect("client");
+        let events = query_one(&client, "SELECT count(*) FROM hr_events", &[]).await.expect("count");
+        assert_eq!(events.get::<_, i64>(0), 1, "only the second round's event is stored");
+        drop(client);
+        store.close().await.expect("close");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

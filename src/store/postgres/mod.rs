@@ -405,35 +405,66 @@ impl Store for PgStore {
         let mut soonest = |at: i64| next_due = Some(next_due.map_or(at, |n: i64| n.min(at)));
         let mut limit = limit;
         let mut bucket = None;
-        if let Some(share) = share {
+        // The share's statements and the open groups in one flight,
+        // prepared first so that they go out in this order: a target's lock
+        // is held over as few round trips as can be.
+        let rate = share.and_then(|s| s.rate);
+        let lock_st = tx.prepare_cached("SELECT pg_advisory_xact_lock($1)").await.map_err(db_error)?;
+        let release_st = tx.prepare_cached(RELEASE_UNSTARTED).await.map_err(db_error)?;
+        let others_st = tx.prepare_cached(OTHERS_LEASES).await.map_err(db_error)?;
+        let rate_st =
+            tx.prepare_cached("SELECT tokens, at_ms FROM hr_rates WHERE target = $1").await.map_err(db_error)?;
+        let groups_st = tx.prepare_cached(OPEN_GROUPS).await.map_err(db_error)?;
+        let later_st = tx.prepare_cached(NEXT_RETRY).await.map_err(db_error)?;
+        let lock_id = ingest::lock_id("share", target, "");
+        let groups_params: [&(dyn ToSql + Sync); 4] = [&target, &skip, &self.owner, &now];
+        let later_params: [&(dyn ToSql + Sync); 2] = [&target, &now];
+        let (_, _, others, stored_bucket, groups, later) = futures_util::try_join!(
             // Every instance's hand-outs of this target, one at a time.
-            execute(&tx, "SELECT pg_advisory_xact_lock($1)", &[&ingest::lock_id("share", target, "")]).await?;
+            async {
+                match share {
+                    Some(_) => tx.execute(&lock_st, &[&lock_id]).await,
+                    None => Ok(0),
+                }
+            },
             // Handed out earlier but not started (a local rate limit): back.
-            execute(
-                &tx,
-                "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL
-                 WHERE target = $1 AND lease_owner = $2 AND event_id <> ALL($3)",
-                &[&target, &self.owner, &skip],
-            )
-            .await?;
-            let others: i64 = query_one(
-                &tx,
-                "SELECT count(*) FROM hr_deliveries
-                     WHERE target = $1 AND lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until > $3",
-                &[&target, &self.owner, &now],
-            )
-            .await?
-            .get(0);
+            async {
+                match share {
+                    Some(_) => tx.execute(&release_st, &[&target, &self.owner, &skip]).await,
+                    None => Ok(0),
+                }
+            },
+            async {
+                match share {
+                    Some(_) => {
+                        tx.query_one(&others_st, &[&target, &self.owner, &now]).await.map(|r| r.get::<_, i64>(0))
+                    }
+                    None => Ok(0),
+                }
+            },
+            async {
+                match rate {
+                    Some(_) => tx.query_opt(&rate_st, &[&target]).await,
+                    None => Ok(None),
+                }
+            },
+            tx.query(&groups_st, &groups_params),
+            // The next retry due after now (hand-outs do not move it).
+            tx.query_opt(&later_st, &later_params),
+        )
+        .map_err(db_error)?;
+        if let Some(row) = later {
+            soonest(row.get(0));
+        }
+        if let Some(share) = share {
             let asked = limit;
             limit = share::room(limit, share.concurrency, others.max(0) as usize + skip.len());
             if limit < asked && others > 0 {
                 // Room comes back when another instance's attempt ends.
                 soonest(now + SHARE_POLL_MS);
             }
-            if let Some((per_second, burst)) = share.rate {
-                let stored = query_opt(&tx, "SELECT tokens, at_ms FROM hr_rates WHERE target = $1", &[&target])
-                    .await?
-                    .map(|r| share::Bucket { tokens: r.get(0), at_ms: r.get(1) });
+            if let Some((per_second, burst)) = rate {
+                let stored = stored_bucket.map(|r| share::Bucket { tokens: r.get(0), at_ms: r.get(1) });
                 let b = share::Bucket::refilled(stored, now, per_second, burst);
                 if b.whole() < limit {
                     limit = b.whole();
@@ -447,15 +478,6 @@ impl Store for PgStore {
         // Open groups first (each is one delivery of its newest event), then
         // retries by due time, then first attempts by arrival; an ordered
         // delivery only at the head of its key's queue.
-        let groups = query(
-            &tx,
-            "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
-                 FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
-                 WHERE g.target = $1 AND d.event_id <> ALL($2)
-                   AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)",
-            &[&target, &skip, &self.owner, &now],
-        )
-        .await?;
         let mut ripe = Vec::new();
         for g in &groups {
             let due = group_due(g.get(1), g.get(2), g.get(3), g.get(4));
@@ -501,17 +523,6 @@ impl Store for PgStore {
             found.sort_by_key(|d| (d.due_ms, d.event_id));
             debug_assert!(found.iter().all(|d| d.queued == queued));
             out.extend(found);
-        }
-        let later = query_opt(
-            &tx,
-            "SELECT due_ms FROM hr_deliveries
-                 WHERE target = $1 AND status = 'p' AND grp IS NULL AND queued AND due_ms > $2
-                 ORDER BY queued DESC, due_ms LIMIT 1",
-            &[&target, &now],
-        )
-        .await?;
-        if let Some(row) = later {
-            soonest(row.get(0));
         }
         if let Some((b, _)) = bucket {
             let b = b.take(out.len());
@@ -798,6 +809,18 @@ macro_rules! due_sql {
     };
 }
 const DUE_RETRIES: &str = due_sql!("d.queued AND d.due_ms <= $2");
+const RELEASE_UNSTARTED: &str = "UPDATE hr_deliveries SET lease_owner = NULL, lease_until = NULL
+     WHERE target = $1 AND lease_owner = $2 AND event_id <> ALL($3)";
+const OTHERS_LEASES: &str = "SELECT count(*) FROM hr_deliveries
+     WHERE target = $1 AND lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until > $3";
+const NEXT_RETRY: &str = "SELECT due_ms FROM hr_deliveries
+     WHERE target = $1 AND status = 'p' AND grp IS NULL AND queued AND due_ms > $2
+     ORDER BY queued DESC, due_ms LIMIT 1";
+/// The target's open groups whose newest delivery is not in flight elsewhere.
+const OPEN_GROUPS: &str = "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
+     FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
+     WHERE g.target = $1 AND d.event_id <> ALL($2)
+       AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)";
 const DUE_FIRST: &str = due_sql!("NOT d.queued");
 
 /// How long a delivery handed out stays its instance's: twice the longest

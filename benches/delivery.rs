@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench delivery` (env: BENCH_BACKLOG, default 1000000;
 //! BENCH_EVENTS, default 20000; BENCH_RATE, default 1000; BENCH_LAG_SECS,
-//! default 10; BENCH_CACHE, sled's cache, default 64MiB).
+//! default 10; BENCH_CACHE, sled's cache, default 64MiB). Each backlog is loaded
+//! and restarted in processes of its own.
 
 mod common;
 
@@ -27,6 +28,17 @@ fn main() {
     // again), so that each one's memory is its own: a plain target, and one
     // with `order_by` over BENCH_KEYS (100,000) keys.
     let n = env_or("BENCH_BACKLOG", 1_000_000);
+    // The restart of a backlog, in a process of its own (see `backlog`).
+    if let Ok(dir) = std::env::var("BENCH_BACKLOG_RESTART") {
+        let ordered = std::env::var("BENCH_BACKLOG_ONLY").as_deref() == Ok("ordered");
+        return restart(
+            &server_rt,
+            &client_rt,
+            std::path::Path::new(&dir),
+            ordered.then_some(ORDER_BY),
+            "a new process",
+        );
+    }
     match std::env::var("BENCH_BACKLOG_ONLY").as_deref() {
         Ok("plain") => return backlog(&server_rt, &client_rt, n, None),
         Ok("ordered") => return backlog(&server_rt, &client_rt, n, Some(env_or("BENCH_KEYS", 100_000))),
@@ -52,7 +64,7 @@ fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runt
     let dir = tempfile::tempdir().expect("tempdir");
     // Nothing listens on port 1 of loopback: connections are refused.
     let down = vec![("search".to_string(), "http://127.0.0.1:1/".to_string())];
-    let order_by = keys.map(|_| "order_by: '.data.buttercms_id'");
+    let order_by = keys.map(|_| ORDER_BY);
     let down_settings = settings_with(dir.path(), &down, None, order_by);
     let source = down_settings.sources[0].clone();
     let relay = server_rt.block_on(Relay::start(down_settings)).expect("relay");
@@ -105,19 +117,44 @@ fn backlog(server_rt: &tokio::runtime::Runtime, client_rt: &tokio::runtime::Runt
     server_rt.block_on(relay.stop(Duration::from_secs(5))).expect("stop");
     drop(store);
 
-    // Restart with the target up.
+    // Restart with the target up: first as operators restart, in a new
+    // process, whose memory is the restarted relay's own; then in this one,
+    // as earlier runs measured it (its RSS also holds what the loading left).
+    let exe = std::env::current_exe().expect("this benchmark's path");
+    let status = std::process::Command::new(exe)
+        .arg("--bench")
+        .env("BENCH_BACKLOG_RESTART", dir.path())
+        .env("BENCH_BACKLOG_ONLY", if keys.is_some() { "ordered" } else { "plain" })
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "the restart in a new process failed");
+    restart(server_rt, client_rt, dir.path(), order_by, "the same process");
+}
+
+/// `order_by` of the ordered backlog: event `i`'s key is its buttercms_id.
+const ORDER_BY: &str = "order_by: '.data.buttercms_id'";
+
+/// Starts the relay on the backlog in `dir` with its target up; times the
+/// first delivery, and reports the first 3 s of draining and the memory.
+fn restart(
+    server_rt: &tokio::runtime::Runtime,
+    client_rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    order_by: Option<&str>,
+    how: &str,
+) {
     let (target, addr) = client_rt.block_on(FastTarget::start(false));
     let up = vec![("search".to_string(), format!("http://{addr}/"))];
     let restarted = Instant::now();
-    let relay = server_rt.block_on(Relay::start(settings_with(dir.path(), &up, None, order_by))).expect("restart");
+    let relay = server_rt.block_on(Relay::start(settings_with(dir, &up, None, order_by))).expect("restart");
     let started_in = restarted.elapsed();
+    let (opened_rss, _) = rss_mib();
     let deadline = Instant::now() + Duration::from_secs(60);
     while target.first_at.lock().expect("lock").is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
     let first = target.first_at.lock().expect("lock").map(|t| t - restarted);
     println!(
-        "  restart: open + start {:.0} ms; first delivery {} after restart",
+        "  restart in {how}: open + start {:.0} ms (RSS then {opened_rss:.1} MiB); first delivery {} after restart",
         started_in.as_secs_f64() * 1000.0,
         first.map(|d| format!("{:.0} ms", d.as_secs_f64() * 1000.0)).unwrap_or_else(|| "not within 60 s".into())
     );

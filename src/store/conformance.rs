@@ -47,6 +47,7 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     purge_removes_finished_old_events_only_and_goes_on_from_its_cursor,
     concurrent_completions_keep_the_counts_exact,
     plain_and_ordered_completions_at_once_each_do_their_part,
+    an_ended_head_and_a_new_event_of_its_key_at_once_leave_the_new_one_due,
     a_first_attempt_left_without_an_outcome_is_handed_out_again,
     ordered_deliveries_wait_for_the_earlier_one_of_their_key,
     a_dead_delivery_releases_the_next_and_a_replay_queues_behind_the_rest,
@@ -441,6 +442,35 @@ async fn plain_and_ordered_completions_at_once_each_do_their_part(store: &dyn St
     assert_eq!(released, want, "each key's second, released by its first");
     assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
     assert_eq!(store.counts("o").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 0 });
+}
+
+/// The head of each of 100 keys ends while a new event of its key arrives,
+/// all at once (a backend that batches them may see both in one write):
+/// whichever comes first, each new event ends up due, once, and nothing is
+/// left held.
+async fn an_ended_head_and_a_new_event_of_its_key_at_once_leave_the_new_one_due(store: &dyn Store) {
+    const KEYS: usize = 100;
+    for n in 0..KEYS {
+        accepted(store, ordered(&format!("head-{n}"), "o", &format!("k{n}"))).await;
+    }
+    let heads = due(store, "o", now_ms() + 1).await.due;
+    assert_eq!(heads.len(), KEYS);
+    let ended = futures_join(heads.iter().map(|d| store.complete("o", d, attempt(Some(200)), NextStep::Delivered)));
+    let arrived = futures_join((0..KEYS).map(|n| store.ingest(ordered(&format!("new-{n}"), "o", &format!("k{n}")))));
+    let (ended, arrived) = futures_util::join!(ended, arrived);
+    assert!(ended.iter().all(Result::is_ok));
+    let mut new: Vec<EventId> = arrived
+        .into_iter()
+        .map(|a| match a.expect("ingest") {
+            Ingested::Accepted { id, .. } => id,
+            other => panic!("expected a new event, got {other:?}"),
+        })
+        .collect();
+    new.sort();
+    let mut now_due = ids(&due(store, "o", now_ms() + 1).await);
+    now_due.sort();
+    assert_eq!(now_due, new, "each key's new event, due");
+    assert_eq!(store.counts("o").await.expect("counts"), TargetCounts { queued: KEYS as u64, dead: 0, held: 0 });
 }
 
 /// A worker leaves out of its reads the attempts it has in flight. One it

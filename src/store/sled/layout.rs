@@ -477,23 +477,24 @@ pub fn plan_complete(
     now_ms: u64,
 ) -> Result<::sled::Batch, StoreError> {
     let mut batch = ::sled::Batch::default();
-    complete_into(db, tally, &mut batch, done, now_ms, true)?;
+    complete_into(db, tally, &mut batch, done, now_ms, &mut |_| true)?;
     Ok(batch)
 }
 
 /// Adds to `batch` the writes that record an attempt and move the delivery
 /// on. Everything is read before anything is written, so on an error
-/// `batch` and `tally` are as they were. With `ordered_ok` false, a delivery
-/// with an `order_by` key is left alone (`Ok(false)`, nothing written): its
-/// release of the next delivery of its key reads records that must be read
-/// with nothing pending in `batch`.
+/// `batch` and `tally` are as they were. A delivery with an `order_by` key
+/// may release the next one of its key, reading its key's queue: it is
+/// planned only if `free` says nothing is pending in `batch` for that queue
+/// (it is given the queue's prefix, and notes it as pending); otherwise it
+/// is left alone (`Ok(false)`, nothing written).
 pub fn complete_into(
     db: &::sled::Db,
     tally: &mut Tally,
     batch: &mut ::sled::Batch,
     done: &Completion,
     now_ms: u64,
-    ordered_ok: bool,
+    free: &mut dyn FnMut(&[u8]) -> bool,
 ) -> Result<bool, StoreError> {
     let Completion { target, due, attempt, next } = done;
     let id = due.event_id;
@@ -520,8 +521,10 @@ pub fn complete_into(
         return Ok(true);
     }
     let order_key = meta.as_ref().and_then(|m| m.order.get(target));
-    if order_key.is_some() && !ordered_ok {
-        return Ok(false);
+    if let Some(k) = order_key {
+        if !free(&sequence::order_prefix(target, k)) {
+            return Ok(false);
+        }
     }
     let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));

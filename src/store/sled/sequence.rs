@@ -33,7 +33,7 @@ fn key_hash(key: &str) -> [u8; 16] {
     h
 }
 
-fn order_prefix(target: &str, k: &str) -> Vec<u8> {
+pub fn order_prefix(target: &str, k: &str) -> Vec<u8> {
     super::layout::key(b"o/", &[target.as_bytes(), b"\0", &key_hash(k)])
 }
 
@@ -119,6 +119,11 @@ pub struct Sequences {
 }
 
 impl Sequences {
+    /// The order queues (their prefixes) this round appended to.
+    pub fn queues(&self) -> impl Iterator<Item = &[u8]> {
+        self.tails.keys().map(Vec::as_slice)
+    }
+
     /// Adds a new event's delivery to `target` to its key's order queue, or
     /// to its key's debounce group (opening one, or moving the group's due time).
     #[allow(clippy::too_many_arguments)]

@@ -332,6 +332,9 @@ fn round(
             Job::Complete { done, reply } => changes.push(Change::Complete(done, reply)),
         }
     }
+    // The order queues with writes pending in the batch: an outcome that
+    // reads one of them must wait until the batch is applied.
+    let mut pending: HashSet<Vec<u8>> = ingest.sequences.queues().map(<[u8]>::to_vec).collect();
     let claims = ingest.claims;
     layout::add_dedup_records(&claims, &mut batch);
     tally.write(&mut state.counts, &mut batch);
@@ -349,11 +352,14 @@ fn round(
                     answers.push(Answered::Complete(reply, Err(e.clone())));
                     continue;
                 }
-                match layout::complete_into(db, &mut merged.tally, &mut merged.batch, &done, now, false) {
+                let mut free = |queue: &[u8]| pending.insert(queue.to_vec());
+                match layout::complete_into(db, &mut merged.tally, &mut merged.batch, &done, now, &mut free) {
                     Ok(true) => merged.replies.push(reply),
                     Ok(false) => {
-                        // It reads its key's queue: after the merged ones are applied.
+                        // It reads its key's queue, which the batch writes:
+                        // after the merged ones are applied.
                         merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+                        pending.clear();
                         let answer = apply_alone(db, &mut state.counts, &written, shared.stats, |db, tally| {
                             layout::plan_complete(db, tally, &done, now).map(|b| (b, ()))
                         });
@@ -365,6 +371,7 @@ fn round(
             }
             Change::Mutate(plan, reply) => {
                 merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+                pending.clear();
                 let answer = apply_alone(db, &mut state.counts, &written, shared.stats, plan);
                 taint(&mut written, &answer);
                 answers.push(Answered::Mutate(reply, answer));

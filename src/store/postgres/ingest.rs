@@ -399,13 +399,14 @@ impl Notifier {
         Notifier(tx)
     }
 
-    /// Queues a notice for `targets` (none: nothing to say).
+    /// Queues a notice for `targets` (a round's deliveries: each target
+    /// once; none: nothing to say).
     pub fn queued<'a>(&self, targets: impl Iterator<Item = &'a String>) {
-        let mut named: Vec<String> = targets.cloned().collect();
+        let mut named: Vec<&String> = targets.collect();
         named.sort_unstable();
         named.dedup();
         if !named.is_empty() {
-            let _ = self.0.send(named);
+            let _ = self.0.send(named.into_iter().cloned().collect());
         }
     }
 }

@@ -18,6 +18,8 @@
 //! - [`admin`]: the admin listener (metrics, health, the `/admin/*` API).
 //! - [`listen`]: the accept loop and connection serving both listeners share.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`logging`]: log lines written to stderr by a thread of their own, so
+//!   that a log reader that falls behind never holds an ack.
 //! - [`app`]: wiring for `hookrelay serve`.
 #![forbid(unsafe_code)]
 
@@ -28,6 +30,7 @@ pub mod dispatch;
 pub mod ingress;
 pub mod jq;
 pub mod listen;
+pub mod logging;
 pub mod metrics;
 pub mod preview;
 pub mod receive;

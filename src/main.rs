@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use hookrelay::config::{self, Settings};
+use hookrelay::logging;
 
 #[derive(Parser)]
 #[command(name = "hookrelay", version, about = "A webhook relay gateway")]
@@ -87,7 +88,7 @@ fn main() -> ExitCode {
     if let Command::JqSandbox = cli.command {
         return hookrelay::jq::child::run();
     }
-    init_logging(cli.log_format);
+    let _flusher = init_logging(cli.log_format);
     match cli.command {
         Command::Check(c) => match config::load(&c.config) {
             Ok(settings) => check(&settings),
@@ -245,14 +246,31 @@ fn report(result: Result<(u16, String), String>) -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Log lines go to stderr through [`hookrelay::logging`]'s queue (straight
+/// to stderr if its thread cannot start); what is queued is written when
+/// the returned flusher drops, as `main` returns.
+fn init_logging(format: LogFormat) -> Option<logging::Flusher> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let (queue, flusher) = match logging::start(std::io::stderr(), logging::QUEUE_LINES, report_dropped) {
+        Ok((queue, flusher)) => (Some(queue), Some(flusher)),
+        Err(e) => {
+            eprintln!("warning: log lines are written as they come (no thread to write them: {e})");
+            (None, None)
+        }
+    };
+    match (format, queue) {
+        (LogFormat::Text, Some(q)) => builder.with_writer(q).init(),
+        (LogFormat::Json, Some(q)) => builder.json().with_writer(q).init(),
+        (LogFormat::Text, None) => builder.with_writer(std::io::stderr).init(),
+        (LogFormat::Json, None) => builder.json().with_writer(std::io::stderr).init(),
     }
+    flusher
+}
+
+fn report_dropped(lines: u64) {
+    tracing::warn!(dropped = lines, "log lines dropped: stderr was not read as fast as they came");
 }
 
 fn print_summary(s: &Settings) {

@@ -1,9 +1,15 @@
 //! One target's worker. It owns the target's breaker, rate limiter, pause flag
 //! and in-flight set; reads due deliveries from the store in bounded batches;
 //! and spawns one task per attempt, which records its outcome and reports back.
+//!
+//! `concurrency` counts requests at the target: an attempt gives its slot
+//! back when the target has answered, while its outcome is still being
+//! made durable. Outcomes waiting for the store are bounded too (as many
+//! again), so that a `kill -9` repeats at most twice `concurrency` attempts.
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,6 +53,7 @@ pub enum Control {
 /// A worker's live state, for the admin API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TargetStatus {
+    /// Requests at the target now (within its `concurrency`).
     pub in_flight: usize,
     pub circuit: CircuitState,
     pub paused: bool,
@@ -89,8 +96,11 @@ pub struct Worker {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Held by a 410 or an operator; persisted in the store.
     paused: bool,
-    /// Deliveries being attempted; left out of store reads.
+    /// Deliveries being attempted, until their outcome is recorded; left
+    /// out of store reads.
     in_flight: HashSet<EventId>,
+    /// Of those, the ones whose request may be at the target.
+    at_target: Arc<AtomicUsize>,
     reports_tx: mpsc::UnboundedSender<Report>,
     reports: mpsc::UnboundedReceiver<Report>,
     /// Rung when deliveries are queued for this target (a new event, a redelivery, a replay).
@@ -127,6 +137,7 @@ impl Worker {
             limiter,
             paused,
             in_flight: HashSet::new(),
+            at_target: Arc::default(),
             reports_tx,
             reports,
             wake,
@@ -179,7 +190,8 @@ impl Worker {
             self.store_retry_at = None;
         }
         loop {
-            let free = (self.target.concurrency as usize).saturating_sub(self.in_flight.len());
+            let at_target = self.at_target.load(Ordering::SeqCst);
+            let free = free_slots(self.target.concurrency as usize, at_target, self.in_flight.len());
             if free == 0 {
                 return None;
             }
@@ -223,6 +235,7 @@ impl Worker {
 
     fn spawn_attempt(&mut self, due: DueDelivery) {
         self.in_flight.insert(due.event_id);
+        let slot = Slot::take(&self.at_target, &self.wake);
         let ctx = AttemptCtx {
             target: self.target.clone(),
             store: self.store.clone(),
@@ -234,7 +247,7 @@ impl Worker {
         self.attempts.spawn(async move {
             let id = due.event_id;
             let done = tokio::select! {
-                done = ctx.attempt(due) => done,
+                done = ctx.attempt(due, slot) => done,
                 _ = shutdown.cancelled() => Done::Stalled,
             };
             let _ = reports.send(Report { id, done });
@@ -244,7 +257,7 @@ impl Worker {
     fn publish(&self) {
         let circuit = self.breaker.state(Instant::now());
         self.metrics.circuit_state.with_label_values(&[&self.target.name]).set(circuit.gauge());
-        let now = TargetStatus { in_flight: self.in_flight.len(), circuit, paused: self.paused };
+        let now = TargetStatus { in_flight: self.at_target.load(Ordering::SeqCst), circuit, paused: self.paused };
         self.status.send_if_modified(|s| std::mem::replace(s, now) != now);
     }
 
@@ -328,6 +341,35 @@ impl Worker {
     }
 }
 
+/// How many attempts may start: requests at the target stay within
+/// `concurrency`, and attempts not yet recorded (at the target, or answered
+/// and waiting for the store) within twice that.
+fn free_slots(concurrency: usize, at_target: usize, in_flight: usize) -> usize {
+    concurrency.saturating_sub(at_target).min((2 * concurrency).saturating_sub(in_flight))
+}
+
+/// An attempt's place among the target's `concurrency`: given back when
+/// the target has answered (or the attempt ends without asking it), and the
+/// worker woken to fill it.
+struct Slot {
+    at_target: Arc<AtomicUsize>,
+    wake: Arc<Notify>,
+}
+
+impl Slot {
+    fn take(at_target: &Arc<AtomicUsize>, wake: &Arc<Notify>) -> Slot {
+        at_target.fetch_add(1, Ordering::SeqCst);
+        Slot { at_target: at_target.clone(), wake: wake.clone() }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.at_target.fetch_sub(1, Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+}
+
 /// The target's limits, for a store that several instances share to hold
 /// over all of them.
 fn share_of(target: &Target) -> Share {
@@ -363,8 +405,9 @@ struct AttemptCtx {
 }
 
 impl AttemptCtx {
-    /// One attempt, recorded in the store.
-    async fn attempt(&self, due: DueDelivery) -> Done {
+    /// One attempt, recorded in the store; `slot` is given back once the
+    /// target has answered.
+    async fn attempt(&self, due: DueDelivery, slot: Slot) -> Done {
         let name = &self.target.name;
         let due = match due.group {
             true => match self.close_group(due).await {
@@ -400,6 +443,7 @@ impl AttemptCtx {
                 duration: Duration::ZERO,
             },
         };
+        drop(slot);
         let now = now_ms();
         let tries = due.tries + 1;
         let next = next_step(&self.target.retry, &result.verdict, tries, event.meta.received_ms, now, fastrand::f64());
@@ -514,5 +558,28 @@ impl AttemptCtx {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_slots;
+
+    #[test]
+    fn requests_at_the_target_stay_within_concurrency() {
+        assert_eq!(free_slots(8, 0, 0), 8);
+        assert_eq!(free_slots(8, 3, 3), 5);
+        assert_eq!(free_slots(8, 8, 8), 0, "all at the target");
+        // Answered and waiting for the store: the target has room again.
+        assert_eq!(free_slots(8, 2, 8), 6);
+    }
+
+    #[test]
+    fn attempts_waiting_for_the_store_are_bounded_too() {
+        assert_eq!(free_slots(8, 0, 16), 0, "twice concurrency not yet recorded");
+        assert_eq!(free_slots(8, 1, 14), 2);
+        assert_eq!(free_slots(1, 0, 1), 1, "concurrency 1: one answered may wait while the next is sent");
+        assert_eq!(free_slots(1, 0, 2), 0);
+        assert_eq!(free_slots(0, 0, 0), 0);
     }
 }

@@ -6,6 +6,8 @@
 //! back when the target has answered, while its outcome is still being
 //! made durable. Outcomes waiting for the store are bounded too (as many
 //! again), so that a `kill -9` repeats at most twice `concurrency` attempts.
+//! (A store that several instances share counts leases instead, which last
+//! until the outcome is committed: see [`crate::store::Store::share`].)
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;

@@ -99,8 +99,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// A target's limits, which a store that several instances share holds
     /// over all of them in [`Store::due`]: no more attempts in flight than
-    /// `concurrency`, no more started than the rate allows, counted across
-    /// instances. A store that one process owns leaves them to its worker.
+    /// `concurrency` (an attempt counts until its outcome is recorded), no
+    /// more started than the rate allows, counted across instances. A store
+    /// that one process owns leaves them to its worker.
     fn share(&self, _target: &str, _share: Share) {}
 
     /// Records an attempt at a delivery handed out by [`Store::due`] and moves

@@ -461,13 +461,19 @@ mod tests {
     /// Opens a closed store again. sled's background threads may hold the
     /// old instance's file lock for a moment after it is dropped.
     fn reopen(path: &Path) -> SledStore {
+        open_when_unlocked(path).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Opens the store at `path` once the sled handle opened there before is
+    /// gone: sled's own threads may hold its file lock a moment after the
+    /// handle is dropped (5 s at most).
+    fn open_when_unlocked(path: &Path) -> Result<SledStore, StoreError> {
         for _ in 0..100 {
             match SledStore::open(path, 8 << 20) {
-                Ok(store) => return store,
                 Err(e) if e.to_string().contains("could not acquire lock") => {
                     std::thread::sleep(Duration::from_millis(50))
                 }
-                Err(e) => panic!("{e}"),
+                opened => return opened,
             }
         }
         panic!("the store is still locked after 5 s")
@@ -573,7 +579,7 @@ mod tests {
             db.insert(event_key(EventId::new()), b"old".to_vec()).unwrap();
             db.flush().unwrap();
         }
-        let err = SledStore::open(dir.path(), 8 << 20).err().expect("refused").to_string();
+        let err = open_when_unlocked(dir.path()).err().expect("refused").to_string();
         assert!(err.contains("layout 1") && err.contains(&dir.path().display().to_string()), "{err}");
     }
 

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use hookrelay::config::{self, Settings};
 use hookrelay::logging;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 
 #[derive(Parser)]
 #[command(name = "hookrelay", version, about = "A webhook relay gateway")]
@@ -252,19 +253,17 @@ fn report(result: Result<(u16, String), String>) -> ExitCode {
 fn init_logging(format: LogFormat) -> Option<logging::Flusher> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    let (queue, flusher) = match logging::start(std::io::stderr(), logging::QUEUE_LINES, report_dropped) {
-        Ok((queue, flusher)) => (Some(queue), Some(flusher)),
+    let (writer, flusher) = match logging::start(std::io::stderr(), logging::QUEUE_LINES, report_dropped) {
+        Ok((queue, flusher)) => (BoxMakeWriter::new(queue), Some(flusher)),
         Err(e) => {
             eprintln!("warning: log lines are written as they come (no thread to write them: {e})");
-            (None, None)
+            (BoxMakeWriter::new(std::io::stderr), None)
         }
     };
-    match (format, queue) {
-        (LogFormat::Text, Some(q)) => builder.with_writer(q).init(),
-        (LogFormat::Json, Some(q)) => builder.json().with_writer(q).init(),
-        (LogFormat::Text, None) => builder.with_writer(std::io::stderr).init(),
-        (LogFormat::Json, None) => builder.json().with_writer(std::io::stderr).init(),
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
     }
     flusher
 }

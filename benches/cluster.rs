@@ -5,7 +5,9 @@
 //! measured in the same run. BENCHMARKS.md has the figures and the command.
 //!
 //! `BENCH_SECS` (default 8) per phase. Needs PostgreSQL's binaries (the
-//! cases on PostgreSQL are skipped without them).
+//! cases on PostgreSQL are skipped without them). `BENCH_FIXED_PAUSED=1`
+//! pauses the target during the fixed-rate phase: the acks' latency with no
+//! deliveries beside them.
 
 #[path = "../src/store/postgres/throwaway.rs"]
 mod throwaway;
@@ -78,7 +80,16 @@ async fn case(name: &str, instances: &[Instance], target: &FastTarget, postmaste
     let addrs: Vec<SocketAddr> = instances.iter().map(|i| i.addr).collect();
     let relay_pids: Vec<u32> = instances.iter().map(|i| i.child.id()).collect();
     let counter = Arc::new(AtomicU64::new(fastrand::u64(..) >> 20));
+    // Paused through the first instance: the pause is the store's, so on
+    // PostgreSQL every instance holds it.
+    let paused = std::env::var_os("BENCH_FIXED_PAUSED").is_some();
+    if paused {
+        set_paused(&instances[0], "search", true).await;
+    }
     let fixed = drive_all(&addrs, secs, Some(RATE), &counter).await;
+    if paused {
+        set_paused(&instances[0], "search", false).await;
+    }
     // Let the fixed phase's deliveries end before the max phase.
     let quiet = Instant::now();
     while target.count.load(Ordering::Relaxed) < fixed.acks && quiet.elapsed() < Duration::from_secs(60) {
@@ -167,6 +178,11 @@ async fn main() {
             f.relay_us,
             f.postgres_us,
             if f.drained { "" } else { "  (NOT all delivered within 300 s)" }
+        );
+    }
+    if std::env::var_os("BENCH_FIXED_PAUSED").is_some() {
+        println!(
+            "\n(BENCH_FIXED_PAUSED: the target was paused during the fixed-rate phase: p50/p99 without deliveries)"
         );
     }
     println!(

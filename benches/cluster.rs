@@ -74,9 +74,24 @@ struct Figures {
     drained: bool,
     relay_us: f64,
     postgres_us: f64,
+    /// PostgreSQL transactions per webhook at the fixed rate, its delivery included.
+    postgres_tx: Option<f64>,
 }
 
-async fn case(name: &str, instances: &[Instance], target: &FastTarget, postmaster: Option<u32>, secs: u64) -> Figures {
+/// Transactions committed or rolled back in `database` so far.
+fn transactions(cluster: &throwaway::Cluster, database: &str) -> f64 {
+    let sql = format!("SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = '{database}'");
+    cluster.query(database, &sql).parse().unwrap_or(f64::NAN)
+}
+
+/// `pg`: the cluster and the database of the instances, on PostgreSQL.
+async fn case(
+    name: &str,
+    instances: &[Instance],
+    target: &FastTarget,
+    pg: Option<(&throwaway::Cluster, &str)>,
+    secs: u64,
+) -> Figures {
     let addrs: Vec<SocketAddr> = instances.iter().map(|i| i.addr).collect();
     let relay_pids: Vec<u32> = instances.iter().map(|i| i.child.id()).collect();
     let counter = Arc::new(AtomicU64::new(fastrand::u64(..) >> 20));
@@ -86,17 +101,27 @@ async fn case(name: &str, instances: &[Instance], target: &FastTarget, postmaste
     if paused {
         set_paused(&instances[0], "search", true).await;
     }
+    let tx_before = pg.map(|(cluster, db)| transactions(cluster, db));
+    let start_count = target.count.load(Ordering::Relaxed);
     let fixed = drive_all(&addrs, secs, Some(RATE), &counter).await;
     if paused {
         set_paused(&instances[0], "search", false).await;
     }
     // Let the fixed phase's deliveries end before the max phase.
     let quiet = Instant::now();
-    while target.count.load(Ordering::Relaxed) < fixed.acks && quiet.elapsed() < Duration::from_secs(60) {
+    while target.count.load(Ordering::Relaxed) < start_count + fixed.acks && quiet.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let before = target.count.load(Ordering::Relaxed);
-    let pg = postmaster.map(postgres_pids).unwrap_or_default();
+    // Backends report their counts within a second (PostgreSQL's statistics).
+    let postgres_tx = match (pg, tx_before) {
+        (Some((cluster, db)), Some(tx_before)) => {
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            Some((transactions(cluster, db) - tx_before) / fixed.acks.max(1) as f64)
+        }
+        _ => None,
+    };
+    let pg = pg.map(|(cluster, _)| postgres_pids(cluster.server_pid())).unwrap_or_default();
     let (relay_cpu, pg_cpu) = (cpu_of(&relay_pids), cpu_of(&pg));
     let started = Instant::now();
     let max = drive_all(&addrs, secs, None, &counter).await;
@@ -121,6 +146,7 @@ async fn case(name: &str, instances: &[Instance], target: &FastTarget, postmaste
         drained,
         relay_us: per(relay_cpu),
         postgres_us: per(pg_cpu),
+        postgres_tx,
     }
 }
 
@@ -146,10 +172,12 @@ async fn main() {
     match throwaway::cluster("the PostgreSQL cases of the cluster benchmark") {
         Some(cluster) => {
             for (n, name) in [(1, "postgres, 1 instance"), (3, "postgres, 3 instances")] {
-                let storage = format!("{{ backend: postgres, url: \"{}\", pool: 16 }}", cluster.database());
+                let url = cluster.database();
+                let db = url.rsplit('/').next().and_then(|s| s.split('?').next()).unwrap_or_default();
+                let storage = format!("{{ backend: postgres, url: \"{url}\", pool: 16 }}");
                 let instances: Vec<Instance> =
                     (0..n).map(|i| spawn(dir.path(), 10 * n + i, &storage, target_addr)).collect();
-                results.push(case(name, &instances, &target, Some(cluster.server_pid()), secs).await);
+                results.push(case(name, &instances, &target, Some((cluster, db)), secs).await);
             }
         }
         None => println!("(PostgreSQL not installed: its cases skipped)"),
@@ -160,13 +188,13 @@ async fn main() {
         "\nbare hyper server answering 202, max load: {bare_rate:.0} requests/s ({CONNS} connections, {secs} s)\n"
     );
     println!(
-        "{:<24} {:>9} {:>8} {:>8} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10}",
-        "case", "acks/s", "×bare", "p50 ms", "p99 ms", "errors", "deliv/s*", "sustained", "relay µs", "pg µs"
+        "{:<24} {:>9} {:>8} {:>8} {:>9} {:>7} {:>10} {:>10} {:>10} {:>10} {:>9}",
+        "case", "acks/s", "×bare", "p50 ms", "p99 ms", "errors", "deliv/s*", "sustained", "relay µs", "pg µs", "pg tx"
     );
     for f in &results {
         let rate = f.max.acks as f64 / f.max.elapsed.as_secs_f64();
         println!(
-            "{:<24} {:>9.0} {:>8.3} {:>8.2} {:>9.2} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0}{}",
+            "{:<24} {:>9.0} {:>8.3} {:>8.2} {:>9.2} {:>7} {:>10.0} {:>10.0} {:>10.0} {:>10.0} {:>9}{}",
             f.name,
             rate,
             rate / bare_rate,
@@ -177,6 +205,7 @@ async fn main() {
             f.sustained,
             f.relay_us,
             f.postgres_us,
+            f.postgres_tx.map_or("-".to_string(), |t| format!("{t:.2}")),
             if f.drained { "" } else { "  (NOT all delivered within 300 s)" }
         );
     }
@@ -188,6 +217,7 @@ async fn main() {
     println!(
         "\nacks/s: max load; p50/p99: at a fixed {RATE}/s (from the scheduled send time); deliv/s*: delivered while \
          acking at max; sustained: webhooks acked at max / time until the last was delivered; relay µs, pg µs: CPU \
-         (user + system, all threads) per webhook acked at max, of the relay processes and of PostgreSQL."
+         (user + system, all threads) per webhook acked at max, of the relay processes and of PostgreSQL; pg tx: \
+         PostgreSQL transactions per webhook at {RATE}/s, its delivery included."
     );
 }

@@ -7,7 +7,8 @@
 //! `BENCH_SECS` (default 8) per phase. Needs PostgreSQL's binaries (the
 //! cases on PostgreSQL are skipped without them). `BENCH_FIXED_PAUSED=1`
 //! pauses the target during the fixed-rate phase: the acks' latency with no
-//! deliveries beside them.
+//! deliveries beside them. `BENCH_CASE=3` runs only the cases whose name
+//! holds that text (the bare server always runs): A/B runs of one case.
 
 #[path = "../src/store/postgres/throwaway.rs"]
 mod throwaway;
@@ -153,6 +154,8 @@ async fn case(
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let secs = env_or("BENCH_SECS", 8);
+    let only = std::env::var("BENCH_CASE").unwrap_or_default();
+    let wanted = |name: &str| name.contains(only.as_str());
     let dir = tempfile::tempdir().expect("tempdir");
     let (target, target_addr) = FastTarget::start(false).await;
     let mut results = Vec::new();
@@ -163,15 +166,21 @@ async fn main() {
     let bare_max = drive(bare_addr, CONNS, secs, None, counter).await;
     drop(bare);
 
-    {
+    if wanted("sled, 1 instance") {
         let data = dir.path().join("sled");
         let storage = format!("{{ path: \"{}\", cache: \"64MiB\" }}", data.display());
         let sled = [spawn(dir.path(), 0, &storage, target_addr)];
         results.push(case("sled, 1 instance", &sled, &target, None, secs).await);
     }
-    match throwaway::cluster("the PostgreSQL cases of the cluster benchmark") {
+    let pg_cases: Vec<_> =
+        [(1, "postgres, 1 instance"), (3, "postgres, 3 instances")].into_iter().filter(|(_, n)| wanted(n)).collect();
+    let cluster = match pg_cases.is_empty() {
+        true => None,
+        false => throwaway::cluster("the PostgreSQL cases of the cluster benchmark"),
+    };
+    match cluster {
         Some(cluster) => {
-            for (n, name) in [(1, "postgres, 1 instance"), (3, "postgres, 3 instances")] {
+            for (n, name) in pg_cases {
                 let url = cluster.database();
                 let db = url.rsplit('/').next().and_then(|s| s.split('?').next()).unwrap_or_default();
                 let storage = format!("{{ backend: postgres, url: \"{url}\", pool: 16 }}");
@@ -180,6 +189,7 @@ async fn main() {
                 results.push(case(name, &instances, &target, Some((cluster, db)), secs).await);
             }
         }
+        None if pg_cases.is_empty() => {}
         None => println!("(PostgreSQL not installed: its cases skipped)"),
     }
 

@@ -419,7 +419,11 @@ impl AttemptCtx {
             false => due,
         };
         let number = due.made + 1;
-        let event = match self.store.event(due.event_id).await {
+        let read = match due.event.clone() {
+            Some(event) => Ok(Some(event)),
+            None => self.store.event(due.event_id).await.map(|e| e.map(Arc::new)),
+        };
+        let event = match read {
             Ok(Some(event)) => event,
             Ok(None) => {
                 let dead = NextStep::Dead("the event is no longer stored".into());

@@ -96,7 +96,15 @@ async fn accepted(store: &dyn Store, ev: NewEvent) -> EventId {
 }
 
 async fn due(store: &dyn Store, target: &str, at_ms: u64) -> DueBatch {
-    store.due(target, at_ms, 100, &HashSet::new()).await.expect("due")
+    let batch = store.due(target, at_ms, 100, &HashSet::new()).await.expect("due");
+    for d in &batch.due {
+        if let Some(event) = &d.event {
+            // An event handed out with its delivery is the stored one, body and all.
+            let stored = store.event(d.event_id).await.expect("event");
+            assert_eq!(Some(event.as_ref()), stored.as_ref(), "the event handed out with {}", d.event_id);
+        }
+    }
+    batch
 }
 
 fn ids(batch: &DueBatch) -> Vec<EventId> {

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -352,6 +353,9 @@ pub struct DueDelivery {
     pub group: bool,
     /// The events it stands for, once its group is closed (0: no group).
     pub coalesced: u32,
+    /// The event, when the store read it with the hand-out (a round trip
+    /// fewer for a store across the network); `None`: the attempt reads it.
+    pub event: Option<Arc<StoredEvent>>,
 }
 
 /// What [`crate::store::Store::due`] found.

@@ -292,6 +292,15 @@ fn meta_of(row: &Row) -> Result<EventMeta, StoreError> {
 
 const META: &str = "id, source, event, received_ms, content_type, targets, dedup, order_keys, group_keys";
 
+/// What a hand-out returns (`d` the delivery, `e` its event): the
+/// attempt needs no read of its own.
+macro_rules! handed_out {
+    () => {
+        "d.event_id, d.due_ms, d.queued, d.record, e.source, e.event, e.received_ms, e.content_type,
+         e.targets, e.dedup, e.order_keys, e.group_keys, e.body"
+    };
+}
+
 /// The status letter of a state.
 fn status(state: &DeliveryState) -> i8 {
     (match state {
@@ -309,16 +318,22 @@ fn group_due(first_ms: i64, newest_ms: i64, window_ms: i64, max_wait_ms: i64) ->
     (newest_ms.saturating_add(window_ms)).min(first_ms.saturating_add(max_wait_ms))
 }
 
+/// A hand-out's row: the delivery's columns, then its event's
+/// ([`HANDED_OUT`]).
 fn due_of(row: &Row, group: bool) -> Result<DueDelivery, StoreError> {
     let record = record_of(row, "record")?;
+    let event_id = EventId(row.get("event_id"));
+    let body: Vec<u8> = row.get("body");
+    let event = StoredEvent { id: event_id, meta: meta_of(row)?, body: body.into() };
     Ok(DueDelivery {
-        event_id: EventId(row.get("event_id")),
+        event_id,
         due_ms: ms(row.get("due_ms")),
         tries: record.tries,
         made: record.made,
         queued: row.get("queued"),
         group,
         coalesced: record.coalesced,
+        event: Some(std::sync::Arc::new(event)),
     })
 }
 
@@ -494,9 +509,12 @@ impl Store for PgStore {
             let ids: Vec<Uuid> = ripe.iter().map(|(id, _)| *id).collect();
             let rows = query(
                 &tx,
-                "UPDATE hr_deliveries SET lease_owner = $3, lease_until = $4
-                     WHERE target = $1 AND event_id = ANY($2) AND grp IS NOT NULL
-                     RETURNING event_id, due_ms, queued, record",
+                concat!(
+                    "UPDATE hr_deliveries d SET lease_owner = $3, lease_until = $4 FROM hr_events e
+                     WHERE d.target = $1 AND d.event_id = ANY($2) AND d.grp IS NOT NULL AND e.id = d.event_id
+                     RETURNING ",
+                    handed_out!()
+                ),
                 &[&target, &ids, &self.owner, &until],
             )
             .await?;
@@ -803,8 +821,10 @@ macro_rules! due_sql {
                 LIMIT $5
                 FOR UPDATE OF d SKIP LOCKED)
              UPDATE hr_deliveries d SET lease_owner = $4, lease_until = $6
-             FROM cand WHERE d.target = $1 AND d.event_id = cand.event_id
-             RETURNING d.event_id, d.due_ms, d.queued, d.record"
+             FROM cand JOIN hr_events e ON e.id = cand.event_id
+             WHERE d.target = $1 AND d.event_id = cand.event_id
+             RETURNING ",
+            handed_out!()
         )
     };
 }

@@ -406,6 +406,7 @@ pub fn read_due(
             queued: false,
             group: false,
             coalesced: 0,
+            event: None,
         });
     }
     Ok((batch, walked_to))
@@ -441,7 +442,7 @@ fn read_queued(
             }
         };
         let group = mark.as_ref() == sequence::GROUP_MARK;
-        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made, queued: true, group, coalesced });
+        batch.due.push(DueDelivery { event_id: id, due_ms, tries, made, queued: true, group, coalesced, event: None });
     }
     if let Some(item) = db.range(due_end..).next() {
         let (k, _) = item?;

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use deadpool_postgres::{Object, Pool};
+use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, mpsc};
@@ -19,7 +19,7 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{db_error, execute, pool_error, query, to_i64, CHANNEL, CIRCUITS, PAUSES};
+use super::{db_error, execute, pool_error, query, to_i64, Open, CHANNEL, CIRCUITS, PAUSES};
 use crate::store::{dedup_digest, EventId, Ingested, NewEvent, Notice, Sequenced, StoreError};
 
 /// Webhooks a round takes at most.
@@ -63,7 +63,7 @@ fn rising_id() -> EventId {
 
 /// Stores `events` in one transaction; their answers, in order.
 pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Result<Vec<Ingested>, StoreError> {
-    let open = Open(Some(pool.get().await.map_err(pool_error)?));
+    let open = Open::new(pool.get().await.map_err(pool_error)?);
     let tx = open.client();
     // BEGIN goes with the round's first statement, COMMIT with its last:
     // two round trips fewer, each a wait on this process while the
@@ -258,34 +258,6 @@ pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Res
         answers.push(answer);
     }
     Ok(answers)
-}
-
-/// A pooled connection in a transaction begun by hand (so that BEGIN and
-/// COMMIT travel with the round's statements). Dropped before
-/// [`Open::committed`] (an error, a cancelled round), the connection leaves
-/// the pool instead of going back to it in the middle of a transaction.
-struct Open(Option<Object>);
-
-impl Open {
-    fn client(&self) -> &Object {
-        match &self.0 {
-            Some(client) => client,
-            None => unreachable!("an Open holds its connection until committed or dropped"),
-        }
-    }
-
-    /// Committed: the connection goes back to the pool.
-    fn committed(mut self) {
-        drop(self.0.take());
-    }
-}
-
-impl Drop for Open {
-    fn drop(&mut self) {
-        if let Some(client) = self.0.take() {
-            drop(Object::take(client));
-        }
-    }
 }
 
 /// What a round's events of one debounce group bring to it.

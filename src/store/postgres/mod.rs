@@ -249,6 +249,39 @@ impl PgStore {
     }
 }
 
+/// A pooled connection in a transaction begun by hand, so that BEGIN and
+/// COMMIT travel with the statements of an ingest round or an outcome
+/// batch. Dropped before [`Open::committed`] (an error, a cancelled round),
+/// the connection leaves the pool instead of going back to it in the
+/// middle of a transaction.
+struct Open(Option<Object>);
+
+impl Open {
+    fn new(client: Object) -> Open {
+        Open(Some(client))
+    }
+
+    fn client(&self) -> &Object {
+        match &self.0 {
+            Some(client) => client,
+            None => unreachable!("an Open holds its connection until committed or dropped"),
+        }
+    }
+
+    /// Committed: the connection goes back to the pool.
+    fn committed(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            drop(Object::take(client));
+        }
+    }
+}
+
 fn pool_of(
     config: tokio_postgres::Config,
     tls: &tokio_postgres_rustls::MakeRustlsConnect,

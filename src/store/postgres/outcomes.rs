@@ -6,9 +6,10 @@
 use std::collections::{BTreeSet, HashMap};
 
 use deadpool_postgres::Pool;
+use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
-use super::{db_error, execute, ms, pool_error, query, record_of, status, to_i64, CHANNEL};
+use super::{db_error, ms, pool_error, record_of, status, to_i64, Open, CHANNEL};
 use crate::store::{now_ms, Attempt, DeliveryRecord, DeliveryState, DueDelivery, NextStep, StoreError};
 
 /// Outcomes a batch records at most.
@@ -35,20 +36,17 @@ struct Row {
 /// without waiting for the disk); one `()` per outcome. An outcome whose
 /// event was purged meanwhile has nothing to record.
 pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreError> {
-    let mut client = pool.get().await.map_err(pool_error)?;
-    let tx = client.transaction().await.map_err(db_error)?;
+    // BEGIN goes with the read, COMMIT with the writes: two round trips.
+    let open = Open::new(pool.get().await.map_err(pool_error)?);
+    let tx = open.client();
     let targets: Vec<&str> = outcomes.iter().map(|o| o.target.as_str()).collect();
     let ids: Vec<Uuid> = outcomes.iter().map(|o| o.due.event_id.0).collect();
-    // Locked in one order on every instance (no deadlock).
-    let found = query(
-        &tx,
-        "SELECT d.target, d.event_id, d.status, d.due_ms, d.queued, d.order_key IS NOT NULL AS ordered, d.record
-         FROM hr_deliveries d JOIN unnest($1::text[], $2::uuid[]) AS u(t, e) ON d.target = u.t AND d.event_id = u.e
-         ORDER BY d.target, d.event_id
-         FOR UPDATE OF d",
-        &[&targets, &ids],
-    )
-    .await?;
+    let read_st = tx.prepare_cached(READ).await.map_err(db_error)?;
+    let write_st = tx.prepare_cached(WRITE).await.map_err(db_error)?;
+    let notify_st = tx.prepare_cached("SELECT pg_notify($1, $2)").await.map_err(db_error)?;
+    let params: [&(dyn ToSql + Sync); 2] = [&targets, &ids];
+    let (_, found) =
+        futures_util::try_join!(tx.batch_execute("BEGIN"), tx.query(&read_st, &params)).map_err(db_error)?;
     let mut rows: HashMap<(String, Uuid), Row> = HashMap::with_capacity(found.len());
     for r in &found {
         let row = Row {
@@ -85,25 +83,44 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
     for (key, row) in &rows {
         cols.push(key, row)?;
     }
-    if !cols.target.is_empty() {
-        execute(
-            &tx,
-            r#"UPDATE hr_deliveries d SET status = u.s::"char", due_ms = u.d, queued = u.q, at_ms = u.a, record = u.r,
-                   lease_owner = NULL, lease_until = NULL
-               FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[], $5::bool[], $6::int8[], $7::jsonb[])
-                    AS u(t, e, s, d, q, a, r)
-               WHERE d.target = u.t AND d.event_id = u.e"#,
-            &[&cols.target, &cols.event_id, &cols.status, &cols.due_ms, &cols.queued, &cols.at_ms, &cols.record],
-        )
-        .await?;
-    }
-    if !released.is_empty() {
-        let notice = super::ingest::notice_of(&released.into_iter().collect::<Vec<_>>());
-        execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &notice]).await?;
-    }
-    tx.commit().await.map_err(db_error)?;
+    let write: [&(dyn ToSql + Sync); 7] =
+        [&cols.target, &cols.event_id, &cols.status, &cols.due_ms, &cols.queued, &cols.at_ms, &cols.record];
+    let notice = super::ingest::notice_of(&released.into_iter().collect::<Vec<_>>());
+    let notify: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &notice];
+    // After a failed statement, PostgreSQL ends the transaction with a
+    // rollback at COMMIT, and the statement's error fails the batch.
+    futures_util::try_join!(
+        async {
+            match cols.target.is_empty() {
+                true => Ok(0),
+                false => tx.execute(&write_st, &write).await,
+            }
+        },
+        async {
+            match notice.is_empty() {
+                true => Ok(0),
+                false => tx.execute(&notify_st, &notify).await,
+            }
+        },
+        tx.batch_execute("COMMIT"),
+    )
+    .map_err(db_error)?;
+    open.committed();
     Ok(outcomes.iter().map(|_| ()).collect())
 }
+
+/// The batch's deliveries, locked in one order on every instance (no deadlock).
+const READ: &str =
+    "SELECT d.target, d.event_id, d.status, d.due_ms, d.queued, d.order_key IS NOT NULL AS ordered, d.record
+     FROM hr_deliveries d JOIN unnest($1::text[], $2::uuid[]) AS u(t, e) ON d.target = u.t AND d.event_id = u.e
+     ORDER BY d.target, d.event_id
+     FOR UPDATE OF d";
+/// Every row read, written back.
+const WRITE: &str = r#"UPDATE hr_deliveries d SET status = u.s::"char", due_ms = u.d, queued = u.q, at_ms = u.a,
+        record = u.r, lease_owner = NULL, lease_until = NULL
+     FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[], $5::bool[], $6::int8[], $7::jsonb[])
+          AS u(t, e, s, d, q, a, r)
+     WHERE d.target = u.t AND d.event_id = u.e"#;
 
 #[derive(Default)]
 struct Columns {

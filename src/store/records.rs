@@ -353,8 +353,9 @@ pub struct DueDelivery {
     pub group: bool,
     /// The events it stands for, once its group is closed (0: no group).
     pub coalesced: u32,
-    /// The event, when the store read it with the hand-out (a round trip
-    /// fewer for a store across the network); `None`: the attempt reads it.
+    /// The event, when the store read it to hand the delivery out
+    /// (PostgreSQL's hand-outs, sled's first attempts): the attempt reads
+    /// it again only when `None`.
     pub event: Option<Arc<StoredEvent>>,
 }
 

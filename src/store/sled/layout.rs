@@ -24,6 +24,7 @@
 //! with the keys written.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use crate::store::dedup_digest;
 use bytes::Bytes;
@@ -32,7 +33,7 @@ use super::dedup::{DedupIndex, Entry};
 use super::sequence::{self, Sequences};
 use super::{
     Attempt, DeliveryRecord, DeliveryState, DueBatch, DueDelivery, EventId, EventMeta, Ingested, NewEvent, NextStep,
-    Sequenced, StoreError, TargetCounts,
+    Sequenced, StoreError, StoredEvent, TargetCounts,
 };
 
 const EVENT_V1: u8 = 1;
@@ -372,16 +373,16 @@ pub fn read_due(
         if skip.contains(&id) || db.contains_key(delivery_key(target, id))? {
             continue;
         }
-        // When it arrived, if its delivery to `target` was never tried.
-        let untried = match decode_meta(&k, &v) {
+        // The event, if its delivery to `target` was never tried.
+        let untried = match split_event(&k, &v) {
             // A debounce group's event is queued with its group; a
             // delivery behind an earlier one of its key is released
             // by that one's end. Neither needs the walk again.
-            Ok(meta) if meta.group.contains_key(target) => None,
+            Ok((meta, _)) if meta.group.contains_key(target) => None,
             // The record is read again after the head: a delivery
             // released meanwhile has one by now, and is handed out from
             // the queue instead (not twice).
-            Ok(meta)
+            Ok((meta, _))
                 if meta.order.get(target).is_some_and(|key| {
                     sequence::head(db, target, key).ok().flatten().is_some_and(|head| head != id)
                         || db.contains_key(delivery_key(target, id)).unwrap_or(true)
@@ -389,7 +390,7 @@ pub fn read_due(
             {
                 None
             }
-            Ok(meta) if meta.targets.iter().any(|t| t == target) => Some(meta.received_ms),
+            Ok((meta, body_at)) if meta.targets.iter().any(|t| t == target) => Some((meta, body_at)),
             Ok(_) => None,
             Err(e) => {
                 // One bad record must not stop the whole queue; it cannot be delivered.
@@ -397,16 +398,18 @@ pub fn read_due(
                 None
             }
         };
-        let Some(received_ms) = untried else { continue };
+        let Some((meta, body_at)) = untried else { continue };
+        // The walk has read the event: its attempt need not read it again.
+        let body = Bytes::copy_from_slice(&v[body_at..]);
         batch.due.push(DueDelivery {
             event_id: id,
-            due_ms: received_ms,
+            due_ms: meta.received_ms,
             tries: 0,
             made: 0,
             queued: false,
             group: false,
             coalesced: 0,
-            event: None,
+            event: Some(Arc::new(StoredEvent { id, meta, body })),
         });
     }
     Ok((batch, walked_to))

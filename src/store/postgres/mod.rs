@@ -351,13 +351,17 @@ fn group_due(first_ms: i64, newest_ms: i64, window_ms: i64, max_wait_ms: i64) ->
     (newest_ms.saturating_add(window_ms)).min(first_ms.saturating_add(max_wait_ms))
 }
 
-/// A hand-out's row: the delivery's columns, then its event's
-/// ([`HANDED_OUT`]).
+/// Event `id` from a row with the columns of [`META`] and its body.
+fn event_of(row: &Row, id: EventId) -> Result<StoredEvent, StoreError> {
+    let body: Vec<u8> = row.get("body");
+    Ok(StoredEvent { id, meta: meta_of(row)?, body: body.into() })
+}
+
+/// A hand-out's row: the delivery's columns, then its event's (`handed_out!`).
 fn due_of(row: &Row, group: bool) -> Result<DueDelivery, StoreError> {
     let record = record_of(row, "record")?;
     let event_id = EventId(row.get("event_id"));
-    let body: Vec<u8> = row.get("body");
-    let event = StoredEvent { id: event_id, meta: meta_of(row)?, body: body.into() };
+    let event = event_of(row, event_id)?;
     Ok(DueDelivery {
         event_id,
         due_ms: ms(row.get("due_ms")),
@@ -380,8 +384,7 @@ impl Store for PgStore {
         let client = self.client().await?;
         let sql = format!("SELECT {META}, body FROM hr_events WHERE id = $1");
         let Some(row) = query_opt(&client, &sql, &[&id.0]).await? else { return Ok(None) };
-        let body: Vec<u8> = row.get("body");
-        Ok(Some(StoredEvent { id, meta: meta_of(&row)?, body: body.into() }))
+        event_of(&row, id).map(Some)
     }
 
     async fn events_before(

@@ -187,6 +187,11 @@ async fn main() {
                 let instances: Vec<Instance> =
                     (0..n).map(|i| spawn(dir.path(), 10 * n + i, &storage, target_addr)).collect();
                 results.push(case(name, &instances, &target, Some((cluster, db)), secs).await);
+                // The next case starts on a quiet server: no autovacuum of
+                // this case's tables, no checkpoint of its writes.
+                drop(instances);
+                cluster.query("postgres", &format!("DROP DATABASE \"{db}\" WITH (FORCE)"));
+                cluster.query("postgres", "CHECKPOINT");
             }
         }
         None if pg_cases.is_empty() => {}

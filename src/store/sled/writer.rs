@@ -311,8 +311,9 @@ fn round(
 ) {
     let started = std::time::Instant::now();
     let now = now_ms();
-    if now >= state.evicted_ms + 1_000 {
-        state.dedup.evict(now);
+    let budget = super::dedup::sweep_budget(now.saturating_sub(state.evicted_ms));
+    if budget > 0 {
+        state.dedup.evict(now, budget);
         state.evicted_ms = now;
     }
     let mut batch = ::sled::Batch::default();

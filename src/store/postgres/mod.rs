@@ -358,20 +358,35 @@ fn event_of(row: &Row, id: EventId) -> Result<StoredEvent, StoreError> {
 }
 
 /// A hand-out's row: the delivery's columns, then its event's (`handed_out!`).
-fn due_of(row: &Row, group: bool) -> Result<DueDelivery, StoreError> {
-    let record = record_of(row, "record")?;
+/// One unreadable row must not stop the target's queue (as on sled): an
+/// unreadable record counts its attempts afresh, and an unreadable event
+/// is left for the attempt to read, which fails that delivery alone.
+fn due_of(row: &Row, group: bool) -> DueDelivery {
     let event_id = EventId(row.get("event_id"));
-    let event = event_of(row, event_id)?;
-    Ok(DueDelivery {
+    let (tries, made, coalesced) = match record_of(row, "record") {
+        Ok(r) => (r.tries, r.made, r.coalesced),
+        Err(e) => {
+            tracing::warn!(id = %event_id, error = %e, "unreadable delivery record; its attempt count restarts");
+            (0, 0, 0)
+        }
+    };
+    let event = match event_of(row, event_id) {
+        Ok(event) => Some(std::sync::Arc::new(event)),
+        Err(e) => {
+            tracing::error!(id = %event_id, error = %e, "unreadable event record");
+            None
+        }
+    };
+    DueDelivery {
         event_id,
         due_ms: ms(row.get("due_ms")),
-        tries: record.tries,
-        made: record.made,
+        tries,
+        made,
         queued: row.get("queued"),
         group,
-        coalesced: record.coalesced,
-        event: Some(std::sync::Arc::new(event)),
-    })
+        coalesced,
+        event,
+    }
 }
 
 #[async_trait]
@@ -555,7 +570,7 @@ impl Store for PgStore {
             )
             .await?;
             for row in &rows {
-                let mut d = due_of(row, true)?;
+                let mut d = due_of(row, true);
                 if let Some((_, due)) = ripe.iter().find(|(id, _)| *id == d.event_id.0) {
                     d.due_ms = ms(*due);
                 }
@@ -573,7 +588,7 @@ impl Store for PgStore {
                 break;
             }
             let rows = query(&tx, sql, &[&target, &now, &skip, &self.owner, &(rest as i64), &until]).await?;
-            let mut found = rows.iter().map(|r| due_of(r, false)).collect::<Result<Vec<_>, _>>()?;
+            let mut found: Vec<DueDelivery> = rows.iter().map(|r| due_of(r, false)).collect();
             found.sort_by_key(|d| (d.due_ms, d.event_id));
             debug_assert!(found.iter().all(|d| d.queued == queued));
             out.extend(found);
@@ -969,6 +984,49 @@ mod tests {
             let refused = PgStore::connect(&options(mode, Vec::new())).await.err().expect("refused");
             assert!(refused.to_string().to_lowercase().contains("certificate"), "{mode}: {refused}");
         }
+    }
+
+    /// One unreadable row does not stop a target's queue (as on sled): a
+    /// delivery whose event cannot be read is handed out without it (its
+    /// attempt reads it, and fails alone), one whose record cannot be read
+    /// counts its attempts afresh, and its outcome is recorded with the
+    /// others of its batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unreadable_row_does_not_stop_the_queue() {
+        let Some(cluster) = throwaway::cluster("unreadable PostgreSQL rows") else { return };
+        let options =
+            PgOptions { url: cluster.database(), pool: 2, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
+        let store = PgStore::connect(&options).await.expect("connect");
+        let mut ids = Vec::new();
+        for key in ["k1", "k2", "k3"] {
+            match store.ingest(crate::store::conformance::event("buttercms", key, &["search"])).await {
+                Ok(Ingested::Accepted { id, .. }) => ids.push(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        let client = store.client().await.expect("client");
+        execute(&client, "UPDATE hr_events SET targets = '\"search\"' WHERE id = $1", &[&ids[0].0])
+            .await
+            .expect("bad event");
+        execute(&client, "UPDATE hr_deliveries SET record = '[1]' WHERE event_id = $1", &[&ids[1].0])
+            .await
+            .expect("bad record");
+        let batch = store.due("search", now_ms() + 1, 10, &HashSet::new()).await.expect("the queue is read");
+        let handed: Vec<(EventId, bool)> = batch.due.iter().map(|d| (d.event_id, d.event.is_some())).collect();
+        assert_eq!(handed, vec![(ids[0], false), (ids[1], true), (ids[2], true)]);
+        for due in &batch.due[1..] {
+            let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+            store.complete("search", due, attempt, NextStep::Delivered).await.expect("recorded");
+        }
+        let rows =
+            query(&client, "SELECT event_id, status FROM hr_deliveries ORDER BY event_id", &[]).await.expect("rows");
+        let states: Vec<i8> = rows.iter().map(|r| r.get("status")).collect();
+        assert_eq!(states, vec![b'p' as i8, b'd' as i8, b'd' as i8]);
+        let row = query_one(&client, "SELECT record FROM hr_deliveries WHERE event_id = $1", &[&ids[1].0]).await;
+        let record = record_of(&row.expect("row"), "record").expect("the record is rewritten whole");
+        assert_eq!((record.made, record.attempts.len()), (1, 1));
+        drop(client);
+        store.close().await.expect("close");
     }
 
     /// BEGIN and COMMIT travel with a round's first and last statements: a

@@ -10,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use uuid::Uuid;
 
 use super::{db_error, ms, pool_error, record_of, status, to_i64, Open, CHANNEL};
-use crate::store::{now_ms, Attempt, DeliveryRecord, DeliveryState, DueDelivery, NextStep, StoreError};
+use crate::store::{now_ms, Attempt, DeliveryRecord, DeliveryState, DueDelivery, EventId, NextStep, StoreError};
 
 /// Outcomes a batch records at most.
 pub const MAX_BATCH: usize = 256;
@@ -49,14 +49,16 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
         futures_util::try_join!(tx.batch_execute("BEGIN"), tx.query(&read_st, &params)).map_err(db_error)?;
     let mut rows: HashMap<(String, Uuid), Row> = HashMap::with_capacity(found.len());
     for r in &found {
-        let row = Row {
-            status: r.get("status"),
-            due_ms: r.get("due_ms"),
-            queued: r.get("queued"),
-            ordered: r.get("ordered"),
-            record: record_of(r, "record")?,
-        };
-        rows.insert((r.get("target"), r.get("event_id")), row);
+        let (target, event_id): (String, Uuid) = (r.get("target"), r.get("event_id"));
+        let due_ms = r.get("due_ms");
+        // One unreadable record must not fail the batch's other outcomes:
+        // its history is lost, its attempts are counted afresh.
+        let record = record_of(r, "record").unwrap_or_else(|e| {
+            tracing::warn!(%target, id = %EventId(event_id), error = %e, "unreadable delivery record; its attempt count restarts");
+            DeliveryRecord::pending(ms(due_ms))
+        });
+        let row = Row { status: r.get("status"), due_ms, queued: r.get("queued"), ordered: r.get("ordered"), record };
+        rows.insert((target, event_id), row);
     }
     let now = now_ms();
     let mut released: BTreeSet<&str> = BTreeSet::new();

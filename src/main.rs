@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use hookrelay::config::{self, Settings};
 use hookrelay::logging;
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 #[derive(Parser)]
 #[command(name = "hookrelay", version, about = "A webhook relay gateway")]
@@ -261,11 +263,22 @@ fn init_logging(format: LogFormat) -> Option<logging::Flusher> {
         }
     };
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let never = tracing_subscriber::filter::filter_fn(|meta| !never_logged(meta));
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.finish().with(never).init(),
+        LogFormat::Json => builder.json().finish().with(never).init(),
     }
     flusher
+}
+
+/// Lines dropped whatever `RUST_LOG` asks, because they hold webhook bodies,
+/// which are never logged: tokio-postgres writes each statement's
+/// parameters at debug level, and sled its batches (keys and values) at
+/// trace level and a page it cannot read at debug level.
+fn never_logged(meta: &tracing::Metadata<'_>) -> bool {
+    let target = meta.target();
+    let sled = target == "sled" || target.starts_with("sled::");
+    target == "tokio_postgres::query" || (sled && *meta.level() >= tracing::Level::DEBUG)
 }
 
 fn report_dropped(lines: u64) {

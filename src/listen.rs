@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Request;
@@ -67,10 +69,16 @@ pub fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
 
 /// Serves `io` with `builder` and `handle` until the client is done; once
 /// `shutdown` fires, requests in progress finish and the connection closes.
+/// A connection with no request in progress for `idle` (since it opened, or
+/// since its last answer) is closed the same way: one that never sends a
+/// byte, an HTTP/2 preface left unfinished, or an HTTP/2 connection without
+/// streams would otherwise hold its socket for ever (hyper's head timeout
+/// starts only once it knows the protocol, and HTTP/2 has none).
 pub async fn serve_http<I, H, Fut>(
     builder: &auto::Builder<TokioExecutor>,
     io: I,
     handle: H,
+    idle: Duration,
     shutdown: CancellationToken,
     what: &'static str,
     peer: SocketAddr,
@@ -79,20 +87,79 @@ pub async fn serve_http<I, H, Fut>(
     H: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = crate::respond::Reply> + Send + 'static,
 {
+    let activity = Arc::new(Activity::new());
+    let seen = activity.clone();
     let service = service_fn(move |req| {
+        let busy = Busy::start(&seen);
         let answer = handle(req);
-        async move { Ok::<_, std::convert::Infallible>(answer.await) }
+        async move {
+            let reply = answer.await;
+            drop(busy);
+            Ok::<_, std::convert::Infallible>(reply)
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let mut check_at = tokio::time::Instant::now() + idle;
+    let result = loop {
+        tokio::select! {
+            r = conn.as_mut() => break r,
+            _ = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                break conn.await;
+            }
+            _ = tokio::time::sleep_until(check_at) => match activity.idle_until(idle) {
+                Some(later) => check_at = later,
+                None => {
+                    tracing::debug!(listener = what, %peer, ?idle, "idle connection closed");
+                    conn.as_mut().graceful_shutdown();
+                    // A client that ignores the close is cut off after as long again.
+                    break tokio::time::timeout(idle, conn.as_mut()).await.unwrap_or(Ok(()));
+                }
+            },
         }
     };
     if let Err(e) = result {
         tracing::debug!(listener = what, %peer, error = %e, "connection ended with an error");
+    }
+}
+
+/// Requests in progress on one connection, and when it was last busy.
+struct Activity {
+    busy: AtomicUsize,
+    last: Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity { busy: AtomicUsize::new(0), last: Mutex::new(tokio::time::Instant::now()) }
+    }
+
+    /// When to look again if the connection is not yet `idle` that long;
+    /// `None` once it is.
+    fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
+        let now = tokio::time::Instant::now();
+        if self.busy.load(Ordering::SeqCst) > 0 {
+            return Some(now + idle);
+        }
+        let until = *self.last.lock().unwrap_or_else(|p| p.into_inner()) + idle;
+        (until > now).then_some(until)
+    }
+}
+
+/// A request in progress; its end marks the connection busy until then.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: &Arc<Activity>) -> Busy {
+        activity.busy.fetch_add(1, Ordering::SeqCst);
+        Busy(activity.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+        self.0.busy.fetch_sub(1, Ordering::SeqCst);
     }
 }

@@ -25,6 +25,8 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:9101";
 const MAX_BODY: usize = 16 << 20;
 /// How far `webhook-timestamp` may be from now, as Standard Webhooks advises.
 const TOLERANCE: Duration = Duration::from_secs(300);
+/// How long a request head may take, and a connection may stay idle.
+const IDLE: Duration = Duration::from_secs(10);
 
 /// How the receiver answers and what it checks.
 pub struct Receiver {
@@ -91,7 +93,7 @@ pub async fn run(listen: SocketAddr, receiver: Receiver, shutdown: CancellationT
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!("listening on http://{addr}");
     let receiver = Arc::new(receiver);
-    let builder = Arc::new(listen::http_builder(Duration::from_secs(10)));
+    let builder = Arc::new(listen::http_builder(IDLE));
     listen::accept(listener, shutdown.clone(), "receive", |stream, peer| {
         let (receiver, builder, shutdown) = (receiver.clone(), builder.clone(), shutdown.clone());
         async move {
@@ -99,7 +101,7 @@ pub async fn run(listen: SocketAddr, receiver: Receiver, shutdown: CancellationT
                 let receiver = receiver.clone();
                 async move { receiver.handle(peer, req).await }
             };
-            listen::serve_http(&builder, stream, handle, shutdown, "receive", peer).await;
+            listen::serve_http(&builder, stream, handle, IDLE, shutdown, "receive", peer).await;
         }
     })
     .await;

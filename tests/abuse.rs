@@ -254,3 +254,41 @@ async fn floods_leave_the_relay_memory_bounded() {
     // the streams' state kept, the peak would show it.
     assert!(peak.saturating_sub(before) < 48 * 1024, "grew from {before} KiB to a peak of {peak} KiB");
 }
+
+/// A connection with no request in progress is closed once `request_timeout`
+/// (2 s here) has passed: one that never sends a byte, one that stops
+/// inside the HTTP/2 preface (before, both stayed open for ever: hyper's
+/// head timeout starts only once it knows the protocol), and a keep-alive
+/// connection after its answer, which is still served while it is in use.
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_request_timeout() {
+    let t = start().await;
+    let silent = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut kept = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let request = |n: usize| {
+        let body = butter_page(n);
+        let mut r = format!(
+            "POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {BUTTER_SECRET}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&body);
+        r
+    };
+    // In use every half second for 3 s: longer than the timeout, never idle that long.
+    for n in 0..6 {
+        kept.write_all(&request(n)).await.unwrap();
+        let mut buf = [0u8; 512];
+        let got = tokio::time::timeout(Duration::from_secs(5), kept.read(&mut buf)).await;
+        let got = got.expect("an answer").expect("read");
+        assert!(buf[..got].starts_with(b"HTTP/1.1 202"), "request {n}: {}", String::from_utf8_lossy(&buf[..got]));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (what, mut tcp) in [("silent", silent), ("preface", preface), ("keep-alive", kept)] {
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(8), tcp.read(&mut buf)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{what}: not closed within 8 s of going idle: {closed:?}");
+    }
+}

@@ -101,7 +101,8 @@ fn authorized(token: &Secret, req: &Request<Incoming>) -> bool {
     token.expose().ct_eq(given).into()
 }
 
-/// A request head must arrive within this on the admin listener.
+/// A request head must arrive within this on the admin listener, and a
+/// connection without a request in progress is closed after as long.
 const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin listener until `shutdown`.
@@ -117,7 +118,7 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
                 reply
             }
         };
-        async move { listen::serve_http(&builder, stream, handle, shutdown, "admin", peer).await }
+        async move { listen::serve_http(&builder, stream, handle, ADMIN_HEADER_TIMEOUT, shutdown, "admin", peer).await }
     })
     .await;
 }

@@ -34,10 +34,10 @@ pub async fn serve(
             (ingress.clone(), builder.clone(), acceptor.clone(), shutdown.clone());
         async move {
             let Some(acceptor) = acceptor else {
-                return serve_connection(&builder, stream, peer, ingress, shutdown).await;
+                return serve_connection(&builder, stream, peer, ingress, header_timeout, shutdown).await;
             };
             match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => serve_connection(&builder, tls, peer, ingress, shutdown).await,
+                Ok(Ok(tls)) => serve_connection(&builder, tls, peer, ingress, header_timeout, shutdown).await,
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
@@ -51,6 +51,7 @@ async fn serve_connection<I>(
     io: I,
     peer: SocketAddr,
     ingress: Arc<Ingress>,
+    idle: Duration,
     shutdown: CancellationToken,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -60,5 +61,5 @@ async fn serve_connection<I>(
         let ingress = ingress.clone();
         async move { ingress.handle(ip, req).await }
     };
-    listen::serve_http(builder, io, handle, shutdown, "ingress", peer).await
+    listen::serve_http(builder, io, handle, idle, shutdown, "ingress", peer).await
 }

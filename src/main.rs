@@ -328,7 +328,7 @@ fn print_summary(s: &Settings) {
         println!(
             "  {:<16} {} (timeout {}, concurrency {}, max_attempts {}{})",
             t.name,
-            t.url,
+            s.from_env.redact(&t.url.to_string()),
             human(t.timeout),
             t.concurrency,
             t.retry.max_attempts,

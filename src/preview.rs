@@ -9,7 +9,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::HeaderName;
 
-use crate::config::{Debounce, EventPattern, Problem, RouteRule, Sequencing, Settings, Source, Target};
+use crate::config::{Debounce, EnvValues, EventPattern, Problem, RouteRule, Sequencing, Settings, Source, Target};
 use crate::dispatch::client::{build_request, Sent};
 use crate::jq::{Failure, FailureKind, Lane, Output, Program};
 use crate::send::{payload, sample_events};
@@ -261,13 +261,13 @@ pub async fn preview(
     stored.meta.targets = targets.iter().map(|t| t.to_string()).collect();
     for name in targets {
         let Some(target) = settings.targets.iter().find(|t| t.name == name) else { continue };
-        ok &= show_target(&mut out, target, &stored).await;
+        ok &= show_target(&mut out, target, &stored, &settings.from_env).await;
     }
     Ok((out, ok))
 }
 
 /// Appends the request `target` would get; false when its transform failed.
-async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEvent) -> bool {
+async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEvent, from_env: &EnvValues) -> bool {
     let _ = writeln!(out, "\ntarget {}", target.name);
     let key_program = match &target.sequencing {
         Some(Sequencing::Ordered(p)) => Some(("order_by key", p)),
@@ -315,7 +315,7 @@ async fn show_target(out: &mut String, target: &Arc<Target>, stored: &StoredEven
             return false;
         }
     };
-    let _ = writeln!(out, "  POST {}", request.uri());
+    let _ = writeln!(out, "  POST {}", from_env.redact(&request.uri().to_string()));
     for (name, value) in request.headers() {
         let shown = if is_secret_header(name) && name.as_str() != "webhook-signature" {
             "<redacted>".to_string()

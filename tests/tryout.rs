@@ -267,3 +267,53 @@ async fn the_shipped_config_delivers_a_first_send_to_receive() {
     assert!(find("/slack").contains(r#"{"text":"ButterCMS page.published: Sample Page"}"#), "{}", find("/slack"));
     assert!(find("/build").contains(r#""page_type":"landing""#));
 }
+
+/// Values a config takes from the environment are often secrets (a webhook
+/// URL whose path is its credential, a signing secret): `check` prints them
+/// by name, in its summary and in its errors, never as they are.
+#[test]
+fn check_shows_values_from_the_environment_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |hook: &str, secrets: &str| {
+        let config = write_config(
+            dir.path(),
+            &format!(
+                r#"
+server: {{ listen: "127.0.0.1:0" }}
+storage: {{ path: "{}" }}
+sources:
+  - name: cometcms
+    path: /hooks/cometcms
+    format: cometcms
+    auth: {{ type: hmac, header: X-Sig, secrets: {secrets} }}
+targets:
+  - {{ name: slack, url: "${{SLACK_HOOK}}" }}
+routes:
+  - {{ source: cometcms, events: ["*"], targets: [slack] }}
+"#,
+                dir.path().join("data").display()
+            ),
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_hookrelay"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .env("SLACK_HOOK", hook)
+            .env("COMET_SECRET", "comet-credential")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        let said = format!("{stdout}{stderr}");
+        assert!(!said.contains("xoxb-hook-credential") && !said.contains("comet-credential"), "{said}");
+        (out.status.success(), said)
+    };
+    let hook = "https://hooks.example.test/services/T0/B0/xoxb-hook-credential";
+    let (ok, said) = check(hook, r#"["${COMET_SECRET}"]"#);
+    assert!(ok, "{said}");
+    assert!(said.contains("slack            ${SLACK_HOOK} (timeout"), "{said}");
+    // A URL with a stray newline: refused, the value named.
+    let (ok, said) = check(&format!("{hook}\n"), r#"["${COMET_SECRET}"]"#);
+    assert!(!ok && said.contains(r#"targets[0].url: "${SLACK_HOOK}" is not a URL"#), "{said}");
+    // A secret given as a string where a list is expected (serde's message quotes it).
+    let (ok, said) = check(hook, r#""${COMET_SECRET}""#);
+    assert!(!ok && said.contains(r#"invalid type: string "${COMET_SECRET}", expected a sequence"#), "{said}");
+}

@@ -83,6 +83,48 @@ pub fn interpolate(input: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Resu
     Ok(Some(out))
 }
 
+/// The values a config took from the environment, shown by their names
+/// (`${NAME}`) wherever the config is printed or an error quotes one: they
+/// are often secrets (a signing secret, a webhook URL whose path is its
+/// credential). Its `Debug` names the variables only.
+#[derive(Clone, Default)]
+pub struct EnvValues(Vec<(String, String)>);
+
+impl EnvValues {
+    /// Shorter values are left as they are: no secret is that short, and
+    /// they would be found inside unrelated words.
+    const SHORTEST: usize = 4;
+
+    pub fn note(&mut self, name: &str, value: &str) {
+        if value.len() >= Self::SHORTEST && !self.0.iter().any(|(n, _)| n == name) {
+            self.0.push((name.to_string(), value.to_string()));
+            // Longest first: a value that holds another is replaced whole.
+            self.0.sort_by_key(|(_, v)| std::cmp::Reverse(v.len()));
+        }
+    }
+
+    /// `text` with each value, as it is and as `{:?}` escapes it inside
+    /// quotes, replaced by `${NAME}`.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (name, value) in &self.0 {
+            let shown = format!("${{{name}}}");
+            out = out.replace(value.as_str(), &shown);
+            let escaped = format!("{value:?}");
+            if let Some(inner) = escaped.strip_prefix('"').and_then(|e| e.strip_suffix('"')) {
+                out = out.replace(inner, &shown);
+            }
+        }
+        out
+    }
+}
+
+impl std::fmt::Debug for EnvValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.iter().map(|(name, _)| name)).finish()
+    }
+}
+
 fn is_var_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
@@ -92,6 +134,19 @@ fn is_var_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn values_from_the_environment_are_shown_by_name() {
+        let mut values = EnvValues::default();
+        values.note("HOOK", "https://hooks.example/T0/B0/s3cr3t\n");
+        values.note("PATH_PART", "T0/B0");
+        values.note("ON", "on");
+        let message = r#"invalid type: string "https://hooks.example/T0/B0/s3cr3t\n", expected a sequence; T0/B0 on"#;
+        assert_eq!(values.redact(message), "invalid type: string \"${HOOK}\", expected a sequence; ${PATH_PART} on");
+        let raw = "https://hooks.example/T0/B0/s3cr3t\n is not a URL";
+        assert_eq!(values.redact(raw), "${HOOK} is not a URL");
+        assert_eq!(format!("{values:?}"), r#"["HOOK", "PATH_PART"]"#);
+    }
 
     fn env(name: &str) -> Option<String> {
         match name {

@@ -10,6 +10,7 @@ mod units;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub use interpolate::EnvValues;
 pub use resolve::standard_webhooks_secret;
 pub use settings::*;
 pub use units::{parse_duration, parse_size};
@@ -67,7 +68,21 @@ pub fn load_str(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -
     if tree.is_null() {
         return Err(invalid(vec![Problem { key: String::new(), message: "the file is empty".into() }]));
     }
-    let problems = interpolate::interpolate_tree(&mut tree, env);
+    let from_env = std::cell::RefCell::new(EnvValues::default());
+    let lookup = |name: &str| {
+        let value = env(name);
+        if let Some(v) = &value {
+            from_env.borrow_mut().note(name, v);
+        }
+        value
+    };
+    let problems = interpolate::interpolate_tree(&mut tree, &lookup);
+    let from_env = from_env.into_inner();
+    // Errors may quote a value the environment gave: shown by its name.
+    let invalid = |problems: Vec<Problem>| {
+        let redacted = problems.into_iter().map(|p| Problem { message: from_env.redact(&p.message), ..p });
+        invalid(redacted.collect())
+    };
     if !problems.is_empty() {
         return Err(invalid(problems.into_iter().map(|(key, message)| Problem { key, message }).collect()));
     }
@@ -76,7 +91,8 @@ pub fn load_str(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -
         let key = if key == "." { String::new() } else { key };
         invalid(vec![Problem { key, message: e.into_inner().to_string() }])
     })?;
-    resolve::resolve(raw, path).map_err(invalid)
+    let settings = resolve::resolve(raw, path).map_err(invalid)?;
+    Ok(Settings { from_env, ..settings })
 }
 
 #[cfg(test)]

@@ -93,6 +93,7 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
         storage,
         sources: sources.into_iter().map(Arc::new).collect(),
         targets,
+        from_env: Default::default(),
     })
 }
 

@@ -23,6 +23,8 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub sources: Vec<Arc<Source>>,
     pub targets: Vec<Arc<Target>>,
+    /// What `${VAR}` took from the environment: printed by name only.
+    pub from_env: super::EnvValues,
 }
 
 #[derive(Debug)]

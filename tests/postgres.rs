@@ -271,6 +271,31 @@ async fn a_pause_on_one_instance_holds_the_target_on_all() {
     assert_eq!(collect(&mut target, after.len(), Duration::from_secs(10)).await.len(), 3);
 }
 
+/// A pause the database refuses to save is answered 503 and not applied:
+/// reported as done, it would have held this instance only, and been gone
+/// after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_that_cannot_be_saved_is_refused() {
+    let Some(cluster) = throwaway::cluster("a_pause_that_cannot_be_saved_is_refused") else { return };
+    let url = cluster.database();
+    let dir = tempfile::tempdir().unwrap();
+    let targets = "  - name: search\n    url: \"http://127.0.0.1:9/\"";
+    let config =
+        instance_config(dir.path(), &url, targets, "  - { source: buttercms, events: [\"*\"], targets: [search] }");
+    let (relay, _) = spawn_relay(&config);
+    let db = database_of(&url);
+    cluster.query(&db, "ALTER TABLE hr_paused ADD CONSTRAINT hr_test_refuse CHECK (target <> 'search')");
+    let pause = || admin_call(relay.admin, http::Method::POST, "/admin/targets/search/pause", Some(ADMIN_TOKEN), "");
+    let refused = pause().await;
+    assert_eq!(refused.status, 503, "{}", refused.body.escape_ascii());
+    assert!(String::from_utf8_lossy(&refused.body).contains("cannot save the pause"));
+    let targets = admin_call(relay.admin, http::Method::GET, "/admin/targets", Some(ADMIN_TOKEN), "").await.json();
+    assert_eq!(targets["targets"][0]["paused"], false, "not applied either");
+    cluster.query(&db, "ALTER TABLE hr_paused DROP CONSTRAINT hr_test_refuse");
+    assert_eq!(pause().await.status, 200);
+    assert_eq!(cluster.query(&db, "select target from hr_paused"), "search");
+}
+
 /// A ButterCMS page.published body for page `key`, the `n`th sent.
 fn page(key: &str, n: usize) -> Vec<u8> {
     format!(r#"{{"data":{{"id":"{key}","n":{n}}},"webhook":{{"event":"page.published","target":"x"}}}}"#).into_bytes()

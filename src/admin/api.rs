@@ -113,15 +113,21 @@ async fn targets(admin: &Admin) -> Result {
 async fn pause(admin: &Admin, name: &str, action: &str) -> Result {
     known_target(admin, name)?;
     let control = if action == "pause" { Control::Pause } else { Control::Resume };
+    // Saved first (for restarts, and for the other instances of a shared
+    // store), so that a pause that cannot be kept is not reported as done.
+    let paused = matches!(control, Control::Pause);
+    if let Err(e) = admin.store.set_paused(name, paused).await {
+        tracing::error!(target = %name, error = %e, "cannot save the {action}");
+        return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("cannot save the {action}: {e}")));
+    }
     if !admin.workers.control(name, control.clone()).await {
         return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the target's worker is not running".into()));
     }
     // Answer once it is applied, so that what is read next shows it.
-    let paused = matches!(control, Control::Pause);
     if !admin.workers.settled(name, paused, Duration::from_secs(5)).await {
         return Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, "the target's worker did not apply it in time".into()));
     }
-    Ok(reply(StatusCode::OK, json!({ "target": name, "paused": matches!(control, Control::Pause) })))
+    Ok(reply(StatusCode::OK, json!({ "target": name, "paused": paused })))
 }
 
 /// Events examined at most by one listing with filters, so that a filter

@@ -41,6 +41,9 @@ const IDLE_RECHECK: Duration = Duration::from_secs(30);
 /// What an operator asks of a worker.
 #[derive(Debug, Clone)]
 pub enum Control {
+    /// An operator's pause or resume, already saved in the store by the
+    /// admin API (which answers 503 when it cannot be): applied, not
+    /// written again.
     Pause,
     Resume,
     /// New settings from a reloaded config.
@@ -286,7 +289,7 @@ impl Worker {
         if paused != self.paused {
             let action = if paused { "paused" } else { "resumed" };
             tracing::warn!(target = %self.target.name, "target {action} by an operator");
-            self.set_paused(paused).await;
+            self.paused = paused;
         }
     }
 
@@ -305,10 +308,11 @@ impl Worker {
         self.target = target;
     }
 
-    /// Holds or releases the queue, and remembers it across restarts.
-    async fn set_paused(&mut self, paused: bool) {
-        self.paused = paused;
-        if let Err(e) = self.store.set_paused(&self.target.name, paused).await {
+    /// Holds the queue (the target answered 410), and remembers it across
+    /// restarts; held in this process even if the store cannot save it.
+    async fn pause_for_gone(&mut self) {
+        self.paused = true;
+        if let Err(e) = self.store.set_paused(&self.target.name, true).await {
             tracing::error!(target = %self.target.name, error = %e, "cannot persist the pause");
         }
     }
@@ -335,7 +339,7 @@ impl Worker {
                 self.breaker.on_success();
                 if !self.paused {
                     tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
-                    self.set_paused(true).await;
+                    self.pause_for_gone().await;
                 }
             }
             Done::Sent(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),

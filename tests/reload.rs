@@ -61,3 +61,29 @@ async fn sighup_reloads_and_a_broken_file_is_rejected() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A reload leaves a target's rate limit where it was: a new limiter starts
+/// with a full bucket, and every reload let another burst through before.
+#[tokio::test]
+async fn a_reload_does_not_refill_a_rate_limit() {
+    let mut search = FakeTarget::start().await;
+    let targets =
+        format!("  - name: search\n    url: \"{}\"\n    rate_limit: {{ per_second: 2, burst: 1 }}\n", search.url("/"));
+    let routes = "  - { source: buttercms, events: [\"page.*\"], targets: [search] }";
+    let t = start_relay(&targets, routes).await;
+    let path = write_config(t.dir.path(), &relay_config(t.dir.path(), &targets, routes));
+    for n in 0..6 {
+        assert_eq!(post_butter(t.addr, butter_page(n)).await.status, StatusCode::ACCEPTED);
+    }
+    let first = search.next().await.at;
+    // Unchanged config, reloaded five times while the limit holds the rest.
+    for _ in 0..5 {
+        t.relay.reload(hookrelay::config::load(&path).unwrap()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut last = first;
+    for _ in 0..5 {
+        last = search.next().await.at;
+    }
+    assert!(last - first >= Duration::from_millis(2_200), "6 deliveries at 2/s took {:?}", last - first);
+}

@@ -302,7 +302,11 @@ impl Worker {
                 return;
             }
         }
-        self.limiter = limiter_for(&target);
+        // A new limiter starts with a full bucket: only for a new rate, so
+        // that a reload does not let a burst through.
+        if target.rate_limit != self.target.rate_limit {
+            self.limiter = limiter_for(&target);
+        }
         self.store.share(&target.name, share_of(&target));
         self.breaker.set_settings(target.circuit_breaker);
         self.target = target;

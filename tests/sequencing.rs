@@ -171,9 +171,10 @@ async fn ordering_holds_under_dead_letters_and_replay() {
     let a = post_id(&t, page("k1", "x", 1)).await;
     let b = post_id(&t, page("k1", "x", 2)).await;
     assert_eq!(site.next().await.headers["webhook-id"], a.as_str());
-    // B is released by A's death, and answered slowly: replay A meanwhile.
+    // B is released by A's death, and answered slowly: replay A meanwhile
+    // (named twice: replayed once).
     assert_eq!(site.next().await.headers["webhook-id"], b.as_str());
-    let body = format!(r#"{{"ids":["{a}"]}}"#);
+    let body = format!(r#"{{"ids":["{a}","{a}"]}}"#);
     let replay =
         admin_call(t.relay.admin_addr, Method::POST, "/admin/dead-letters/replay", Some(ADMIN_TOKEN), &body).await;
     assert_eq!(replay.json()["replayed"], 1);

@@ -369,6 +369,9 @@ async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
             }
         }
     }
+    // An id listed twice is replayed once.
+    chosen.sort_unstable();
+    chosen.dedup();
     let mut replayed = 0;
     for (target, id) in &chosen {
         if admin.store.requeue(target, *id).await? {

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 
 use super::raw::*;
 use super::settings::*;
-use super::units::{parse_duration, parse_size};
+use super::units::{parse_duration, parse_positive_duration, parse_size};
 use super::Problem;
 use crate::jq::{Kind, Program};
 
@@ -38,6 +38,14 @@ impl Problems {
         match raw {
             None => default,
             Some(s) => self.take(key, parse_duration(s)).unwrap_or(default),
+        }
+    }
+
+    /// [`Problems::duration`] for a time limit, which zero would make refuse everything.
+    fn time_limit(&mut self, key: String, raw: Option<&str>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(s) => self.take(key, parse_positive_duration(s)).unwrap_or(default),
         }
     }
 }
@@ -190,7 +198,7 @@ fn server(raw: &RawServer, base: &Path, p: &mut Problems) -> ServerSettings {
         listen: socket_addr(p, "server.listen", raw.listen.as_deref(), DEFAULT_LISTEN),
         tls,
         max_body,
-        request_timeout: p.duration(
+        request_timeout: p.time_limit(
             "server.request_timeout".into(),
             raw.request_timeout.as_deref(),
             Duration::from_secs(10),
@@ -328,7 +336,7 @@ fn auth(raw: &RawAuth, key: &str, p: &mut Problems) -> Option<Auth> {
                 .enumerate()
                 .filter_map(|(i, s)| p.take(format!("{key}.secrets[{i}]"), standard_webhooks_secret(s)))
                 .collect();
-            let tolerance = p.duration(format!("{key}.tolerance"), tolerance.as_deref(), Duration::from_secs(300));
+            let tolerance = p.time_limit(format!("{key}.tolerance"), tolerance.as_deref(), Duration::from_secs(300));
             Auth::StandardWebhooks { secrets, tolerance }
         }
         RawAuth::Basic { username, password, passwords } => {
@@ -427,7 +435,7 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
         .signing_secret
         .as_deref()
         .and_then(|s| p.take(format!("{key}.signing_secret"), standard_webhooks_secret(s)));
-    let timeout = p.duration(format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(5));
+    let timeout = p.time_limit(format!("{key}.timeout"), raw.timeout.as_deref(), Duration::from_secs(5));
     let transform =
         raw.transform.as_deref().and_then(|t| p.take(format!("{key}.transform"), Program::compile(Kind::Transform, t)));
     let sequencing = sequencing(raw, key, p);

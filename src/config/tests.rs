@@ -188,6 +188,26 @@ fn bad_values_name_their_key_path() {
     assert_problem(&t("events: [\"page.*\"]", "events: [\"page*\"]"), "routes[0].events[0]", "invalid event pattern");
     assert_problem(&t("values: [\"${BUTTER_SECRET}\"]", "values: []"), "sources[0].auth.values", "at least one");
     assert_problem(&t("type: header,", "type: oauth,"), "sources[0].auth.type", "unknown variant `oauth`");
+    // Time limits of nothing would refuse every request or attempt; durations
+    // past a century could not be shown as dates.
+    let zero = "must be longer than zero";
+    assert_problem(&format!("server: {{ request_timeout: 0s }}\n{MINIMAL}"), "server.request_timeout", zero);
+    assert_problem(&t(url, &format!("{url}\n    timeout: 0ms")), "targets[0].timeout", zero);
+    let sw = "type: standard-webhooks, secrets: [\"whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\"], tolerance: 0s";
+    assert_problem(
+        &t("type: header, header: X-Webhook-Secret, values: [\"${BUTTER_SECRET}\"]", sw),
+        "sources[0].auth.tolerance",
+        zero,
+    );
+    assert_problem(
+        &t(url, &format!("{url}\n    retry: {{ max_backoff: 10000y }}")),
+        "targets[0].retry.max_backoff",
+        "longer than 100 years",
+    );
+    assert!(
+        load(&t(url, &format!("{url}\n    retry: {{ max_age: 0s }}"))).is_ok(),
+        "a zero max_age is not a time limit"
+    );
 }
 
 #[test]

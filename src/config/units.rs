@@ -8,8 +8,26 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     if s.is_empty() {
         return Err("empty duration".into());
     }
-    humantime::parse_duration(s)
-        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"5s\", \"10m\", \"24h\", \"7d\""))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("invalid duration {s:?} ({e}); use e.g. \"500ms\", \"5s\", \"10m\", \"24h\", \"7d\""))?;
+    // Times this far ahead are shown as dates (a retry's due time): past the
+    // year 9999 they cannot be.
+    if d > LONGEST {
+        return Err(format!("duration {s:?} is longer than 100 years"));
+    }
+    Ok(d)
+}
+
+/// The longest duration a config may give.
+const LONGEST: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// [`parse_duration`], refusing zero (a time limit of nothing).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("duration {s:?} must be longer than zero"));
+    }
+    Ok(d)
 }
 
 /// Parses a size: a plain byte count, or a number with `B`, `KiB`, `MiB`, `GiB`

@@ -214,6 +214,21 @@ async fn slow_body_is_cut_off_at_request_timeout() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// A source whose credential is all in the headers refuses a client
+/// without it before reading its body: answered 401 at once, not 408 once
+/// `request_timeout` (2 s here) has passed waiting for a body that never
+/// comes, which an unauthenticated client could hold in memory meanwhile.
+#[tokio::test]
+async fn a_wrong_header_secret_is_refused_before_the_body_is_read() {
+    let t = start().await;
+    let head = "POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-webhook-secret: wrong\r\ncontent-length: 60000\r\n\r\n";
+    let started = std::time::Instant::now();
+    let answer = raw_exchange(t.addr, head, b"{").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    assert!(started.elapsed() < Duration::from_secs(1), "answered after {:?}", started.elapsed());
+    assert_eq!(t.store.counts("search").await.unwrap().queued, 0);
+}
+
 #[tokio::test]
 async fn slow_headers_are_cut_off() {
     let t = start().await;

@@ -41,6 +41,12 @@ pub enum AuthFailure {
     StaleTimestamp(i64),
 }
 
+/// Whether the credential covers the body (a signature): otherwise it is
+/// all in the headers, and checked before the body is read.
+pub fn signs_body(auth: &Auth) -> bool {
+    matches!(auth, Auth::Hmac { .. } | Auth::StandardWebhooks { .. })
+}
+
 /// Checks a request against its source's auth settings.
 pub fn verify(auth: &Auth, headers: &HeaderMap, body: Bytes, now: SystemTime) -> Result<Verified, AuthFailure> {
     match auth {

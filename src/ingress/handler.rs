@@ -178,6 +178,11 @@ impl Ingress {
         if req.body().size_hint().lower() > routes.max_body {
             return Err(Reject::TooLarge);
         }
+        // A credential all in the headers is checked before the body is
+        // read: no body of a client without it is held in memory.
+        if !auth::signs_body(&source.auth) {
+            auth::verify(&source.auth, req.headers(), Bytes::new(), SystemTime::now()).map_err(Reject::Unauthorized)?;
+        }
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(routes.max_body).unwrap_or(usize::MAX);
         let body = tokio::time::timeout(routes.request_timeout, Limited::new(body, limit).collect())

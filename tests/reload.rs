@@ -87,3 +87,30 @@ async fn a_reload_does_not_refill_a_rate_limit() {
     }
     assert!(last - first >= Duration::from_millis(2_200), "6 deliveries at 2/s took {:?}", last - first);
 }
+
+/// A target removed while deliveries were queued for it is named at the
+/// next start, with how many wait: nothing delivers them until a config
+/// lists it again.
+#[tokio::test]
+async fn a_start_names_a_removed_target_that_has_queued_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let search = "  - name: search\n    url: \"http://127.0.0.1:9/\"\n";
+    let both = format!("{search}  - name: old\n    url: \"http://127.0.0.1:9/\"\n");
+    let path = write_config(
+        dir.path(),
+        &relay_config(dir.path(), &both, "  - { source: buttercms, events: [\"page.*\"], targets: [search, old] }"),
+    );
+    let (mut relay, addr) = spawn_relay(&path);
+    for n in 0..3 {
+        assert_eq!(post_butter(addr, butter_page(n)).await.status, StatusCode::ACCEPTED);
+    }
+    assert!(relay.terminate().success());
+    let path = write_config(
+        dir.path(),
+        &relay_config(dir.path(), search, "  - { source: buttercms, events: [\"page.*\"], targets: [search] }"),
+    );
+    let (_relay, _, logs) = spawn_relay_logged(&path);
+    let named = |l: &String| l.contains(r#""target":"old""#) && l.contains(r#""queued":3"#);
+    eventually("the removed target named", || async { logs.lock().unwrap().iter().any(named) }).await;
+    assert!(!logs.lock().unwrap().iter().any(|l| l.contains("does not list") && l.contains(r#""target":"search""#)));
+}

@@ -122,6 +122,9 @@ impl Dispatcher {
         for target in targets {
             dispatcher.spawn_worker(target, paused.contains(&target.name))?;
         }
+        let listed = targets.iter().map(|t| t.name.clone()).collect();
+        let unlisted = upkeep::name_unlisted(dispatcher.store.clone(), listed, dispatcher.shutdown.child_token());
+        dispatcher.tasks.spawn(unlisted);
         if let Some(notices) = dispatcher.store.notices() {
             let follow = upkeep::follow_notices(
                 notices,

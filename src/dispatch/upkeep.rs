@@ -67,6 +67,24 @@ pub async fn gauge_queue(target: String, store: Arc<dyn Store>, metrics: Metrics
     }
 }
 
+/// Names, once at start, each target with queued deliveries that the config
+/// does not list (removed while its queue was not yet drained): nothing
+/// delivers them until a config lists it again.
+pub async fn name_unlisted(store: Arc<dyn Store>, listed: Vec<String>, shutdown: CancellationToken) {
+    let queued = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        queued = store.queued_targets() => queued,
+    };
+    match queued {
+        Ok(queued) => {
+            for (target, n) in queued.iter().filter(|(t, _)| !listed.contains(t)) {
+                tracing::warn!(%target, queued = n, "a target the config does not list has queued deliveries: they stay stored, undelivered, until a config lists it again");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot list the targets with queued deliveries"),
+    }
+}
+
 /// Follows what the instances sharing the store tell each other: wakes the
 /// workers of targets that got work (every worker when notices were
 /// missed), and pauses or resumes a target's worker as another instance did.

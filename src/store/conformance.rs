@@ -354,6 +354,12 @@ async fn counts_follow_every_change(store: &dyn Store) {
     store.requeue("a", ids[1]).await.expect("requeue");
     assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 0 });
     assert_eq!(store.counts("unknown").await.expect("counts"), TargetCounts::default());
+    let b = accepted(store, event("cms", "b", &["b"])).await;
+    let queued = store.queued_targets().await.expect("queued targets");
+    assert_eq!(queued, [("a".to_string(), 3), ("b".to_string(), 1)].into());
+    finish(store, "b", b, NextStep::Delivered).await;
+    let queued = store.queued_targets().await.expect("queued targets");
+    assert_eq!(queued, [("a".to_string(), 3)].into(), "a target with nothing queued is not listed");
 }
 
 async fn recent_events_are_newest_first_per_source(store: &dyn Store) {

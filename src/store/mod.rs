@@ -139,6 +139,10 @@ pub trait Store: Send + Sync + 'static {
     /// Queued and dead deliveries of a target (kept up to date by every write).
     async fn counts(&self, target: &str) -> Result<TargetCounts, StoreError>;
 
+    /// Every target with queued deliveries, and how many: at start, those a
+    /// config no longer lists are named, since nothing delivers them.
+    async fn queued_targets(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError>;
+
     /// Removes events received before `cutoff_ms` whose deliveries are all
     /// delivered or dead, examining at most `limit` events after `after`.
     /// Returns how many were removed and the last event examined (where the

@@ -54,6 +54,9 @@ impl Store for NullStore {
     async fn counts(&self, _: &str) -> Result<TargetCounts, StoreError> {
         Ok(TargetCounts::default())
     }
+    async fn queued_targets(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        Ok(Default::default())
+    }
     async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
         Ok((0, None))
     }

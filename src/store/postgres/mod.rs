@@ -721,6 +721,13 @@ impl Store for PgStore {
         Ok(TargetCounts { queued: n(0), dead: n(1), held: n(2) + n(3) })
     }
 
+    async fn queued_targets(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let client = self.client().await?;
+        let rows = query(&client, "SELECT target, count(*) FROM hr_deliveries WHERE status = 'p' GROUP BY target", &[])
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get::<_, i64>(1).max(0) as u64)).collect())
+    }
+
     async fn purge(
         &self,
         cutoff_ms: u64,

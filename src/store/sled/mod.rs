@@ -205,6 +205,18 @@ impl Store for SledStore {
         }
     }
 
+    async fn queued_targets(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let mut queued = std::collections::BTreeMap::new();
+        for item in self.db.scan_prefix(layout::counts_key("")) {
+            let (k, v) = item?;
+            let counts = layout::decode_counts(&k, &v)?;
+            if counts.queued > 0 {
+                queued.insert(String::from_utf8_lossy(&k[2..]).into_owned(), counts.queued);
+            }
+        }
+        Ok(queued)
+    }
+
     async fn purge(
         &self,
         cutoff_ms: u64,

@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -124,26 +123,28 @@ pub async fn serve_http<I, H, Fut>(
     }
 }
 
-/// Requests in progress on one connection, and when it was last busy.
-struct Activity {
-    busy: AtomicUsize,
-    last: Mutex<tokio::time::Instant>,
-}
+/// Requests in progress on one connection, and when the last one ended
+/// (or the connection opened).
+struct Activity(Mutex<(usize, tokio::time::Instant)>);
 
 impl Activity {
     fn new() -> Self {
-        Activity { busy: AtomicUsize::new(0), last: Mutex::new(tokio::time::Instant::now()) }
+        Activity(Mutex::new((0, tokio::time::Instant::now())))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// When to look again if the connection is not yet `idle` that long;
     /// `None` once it is.
     fn idle_until(&self, idle: Duration) -> Option<tokio::time::Instant> {
         let now = tokio::time::Instant::now();
-        if self.busy.load(Ordering::SeqCst) > 0 {
+        let (busy, last) = *self.lock();
+        if busy > 0 {
             return Some(now + idle);
         }
-        let until = *self.last.lock().unwrap_or_else(|p| p.into_inner()) + idle;
-        (until > now).then_some(until)
+        (last + idle > now).then_some(last + idle)
     }
 }
 
@@ -152,14 +153,14 @@ struct Busy(Arc<Activity>);
 
 impl Busy {
     fn start(activity: &Arc<Activity>) -> Busy {
-        activity.busy.fetch_add(1, Ordering::SeqCst);
+        activity.lock().0 += 1;
         Busy(activity.clone())
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        *self.0.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
-        self.0.busy.fetch_sub(1, Ordering::SeqCst);
+        let mut state = self.0.lock();
+        *state = (state.0.saturating_sub(1), tokio::time::Instant::now());
     }
 }

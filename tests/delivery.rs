@@ -151,6 +151,21 @@ async fn max_age_ends_in_the_dead_letters() {
     assert!((2..100).contains(&attempts), "{attempts} attempts");
 }
 
+/// A `Retry-After` holds the whole queue, not only the delivery that got
+/// it: rate-limited APIs (Slack, Cloudflare, GitHub) ask the client to wait.
+#[tokio::test]
+async fn retry_after_holds_the_other_deliveries_too() {
+    let mut a = FakeTarget::start().await;
+    a.script([Answer::status(429).header("retry-after", "1")]);
+    let extra = format!("    concurrency: 1\n{}", FAST_RETRY.replace("50ms", "5s"));
+    let t = start_relay(&target("search", &a.url("/"), &extra), &route("search")).await;
+    send(&t, butter_page(1)).await;
+    let first = a.next().await.at;
+    send(&t, butter_page(2)).await;
+    let second = a.next().await.at;
+    assert!(second - first >= Duration::from_millis(950), "another delivery sent {:?} after the 429", second - first);
+}
+
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let mut a = FakeTarget::start().await;

@@ -12,7 +12,7 @@
 use std::collections::HashSet;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -97,6 +97,9 @@ pub struct Worker {
     metrics: Metrics,
     /// Where the target's transform runs (its process starts on first use).
     lane: Arc<Lane>,
+    /// Until when the target asked, with `Retry-After` on a 429 or 503,
+    /// that nothing be sent: the whole queue waits, not only that delivery.
+    asked_to_wait: Arc<Mutex<Option<Instant>>>,
     breaker: Breaker,
     limiter: Option<DefaultDirectRateLimiter>,
     /// Held by a 410 or an operator; persisted in the store.
@@ -135,6 +138,7 @@ impl Worker {
         Ok(Worker {
             breaker: Breaker::new(target.circuit_breaker),
             lane: Arc::new(Lane::new(format!("target {} transform", target.name))),
+            asked_to_wait: Arc::default(),
             target,
             store,
             client,
@@ -194,6 +198,10 @@ impl Worker {
             }
             self.store_retry_at = None;
         }
+        let asked = *self.asked_to_wait.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = asked.filter(|at| Instant::now() < *at) {
+            return Some(at);
+        }
         loop {
             let at_target = self.at_target.load(Ordering::SeqCst);
             let free = free_slots(self.target.concurrency as usize, at_target, self.in_flight.len());
@@ -247,6 +255,7 @@ impl Worker {
             client: self.client.clone(),
             metrics: self.metrics.clone(),
             lane: self.lane.clone(),
+            asked_to_wait: self.asked_to_wait.clone(),
         };
         let (reports, shutdown) = (self.reports_tx.clone(), self.shutdown.clone());
         self.attempts.spawn(async move {
@@ -412,9 +421,25 @@ struct AttemptCtx {
     metrics: Metrics,
     /// Where the target's transform runs.
     lane: Arc<Lane>,
+    /// Until when the target asked, with `Retry-After` on a 429 or 503,
+    /// that nothing be sent: the whole queue waits, not only that delivery.
+    asked_to_wait: Arc<Mutex<Option<Instant>>>,
 }
 
 impl AttemptCtx {
+    /// The target asked (`Retry-After`) that nothing be sent for `after`,
+    /// capped like the delivery's own retry: the whole queue waits. Noted
+    /// before the slot is given back, so that no attempt starts meanwhile.
+    fn ask_to_wait(&self, after: Duration) {
+        let after = after.min(self.target.retry.max_backoff);
+        let until = Instant::now() + after;
+        let mut asked = self.asked_to_wait.lock().unwrap_or_else(|p| p.into_inner());
+        if !after.is_zero() && asked.is_none_or(|at| at < until) {
+            tracing::warn!(target = %self.target.name, ?after, "target asked to wait (Retry-After): deliveries wait");
+            *asked = Some(until);
+        }
+    }
+
     /// One attempt, recorded in the store; `slot` is given back once the
     /// target has answered.
     async fn attempt(&self, due: DueDelivery, slot: Slot) -> Done {
@@ -457,6 +482,9 @@ impl AttemptCtx {
                 duration: Duration::ZERO,
             },
         };
+        if let Verdict::Retry { after: Some(after) } = result.verdict {
+            self.ask_to_wait(after);
+        }
         drop(slot);
         let now = now_ms();
         let tries = due.tries + 1;

@@ -422,3 +422,22 @@ async fn a_debug_log_holds_no_webhook_body() {
     }
     assert!(lines.iter().any(|l| l.contains("tokio_postgres") && l.contains("DEBUG")), "debug lines are written");
 }
+
+/// An `order_by` key PostgreSQL could not store as it is (a NUL in it, or
+/// longer than an index entry may be) is stored as its digest: the webhook
+/// is acked, and does not fail the round of every webhook beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_postgres_cannot_index_does_not_fail_its_round() {
+    let Some(cluster) = throwaway::cluster("a_key_postgres_cannot_index_does_not_fail_its_round") else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let targets = "  - name: search\n    url: \"http://127.0.0.1:9/\"\n    order_by: '.data.id'";
+    let routes = "  - { source: buttercms, events: [\"*\"], targets: [search] }";
+    let config = instance_config(dir.path(), &cluster.database(), targets, routes);
+    let (_relay, addr) = spawn_relay(&config);
+    let long = "k".repeat(3_000);
+    for id in ["a\\u0000b", long.as_str()] {
+        let body = format!(r#"{{"data":{{"id":"{id}","locale":null}},"webhook":{{"event":"page.published"}}}}"#);
+        let reply = post_butter(addr, body).await;
+        assert_eq!(reply.status, 202, "{}", reply.body.escape_ascii());
+    }
+}

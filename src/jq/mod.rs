@@ -119,6 +119,21 @@ impl fmt::Debug for Program {
     }
 }
 
+/// The longest key (`order_by`, `debounce.key`) stored as it is.
+pub const MAX_KEY: usize = 512;
+
+/// A key as stores keep it: one no store can index (over [`MAX_KEY`]
+/// bytes, or holding a NUL, which PostgreSQL's text refuses) stands as its
+/// SHA-256, so that equal keys stay equal and one webhook's key cannot fail
+/// the round that stores it.
+pub fn storable_key(key: String) -> String {
+    if key.len() > MAX_KEY || key.contains('\0') {
+        use sha2::Digest;
+        return format!("sha256:{:x}", sha2::Sha256::digest(key.as_bytes()));
+    }
+    key
+}
+
 /// What one run of a program gave.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {

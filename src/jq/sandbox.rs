@@ -108,11 +108,11 @@ impl Lane {
     ) -> Result<Option<String>, Failure> {
         let direct = key.direct.as_ref().zip(json).and_then(|(d, json)| d.key(json, &[source, event]));
         if let Some(key) = direct {
-            return Ok(key);
+            return Ok(key.map(super::storable_key));
         }
         match self.run(key, &[source, event], body).await {
             Ok(Output::Failed(f)) => Err(f),
-            Ok(output) => Ok(output.key()),
+            Ok(output) => Ok(output.key().map(super::storable_key)),
             Err(e) => Err(Failure::new(FailureKind::Unavailable, e.to_string())),
         }
     }

@@ -119,3 +119,15 @@ fn env_and_logging_reveal_nothing() {
     assert!(path.is_empty() || !f.message.contains(&path), "{}", f.message);
     assert_eq!(value(filter(".a | debug | stderr", r#"{"a":1}"#)), "1");
 }
+
+#[test]
+fn a_key_no_store_can_index_stands_as_its_digest() {
+    assert_eq!(storable_key("page-7".into()), "page-7");
+    let nul = storable_key("a\0b".into());
+    assert!(nul.starts_with("sha256:") && nul.len() == 7 + 64 && !nul.contains('\0'), "{nul}");
+    let long = "x".repeat(MAX_KEY + 1);
+    let (a, b) = (storable_key(long.clone()), storable_key(long));
+    assert!(a.starts_with("sha256:") && a == b, "equal keys stay equal: {a}");
+    assert_ne!(a, storable_key("y".repeat(MAX_KEY + 1)));
+    assert_eq!(storable_key("x".repeat(MAX_KEY)).len(), MAX_KEY, "at the limit: as it is");
+}

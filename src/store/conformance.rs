@@ -54,6 +54,7 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     a_delivery_without_a_key_is_never_held,
     a_long_queue_of_one_key_keeps_its_order,
     a_debounce_group_is_one_delivery_of_its_newest_event,
+    a_requeue_of_an_event_in_an_open_group_leaves_it_there,
     a_stale_hand_out_of_a_group_is_refused,
     groups_are_per_key_and_cut_by_max_wait,
 ];
@@ -616,6 +617,27 @@ async fn a_debounce_group_is_one_delivery_of_its_newest_event(store: &dyn Store)
     let next = due(store, "site", now_ms() + 1_000).await.due;
     assert_eq!(next.iter().map(|d| (d.event_id, d.group)).collect::<Vec<_>>(), [(later, true)]);
     assert_eq!(store.purge(now_ms() + 60_000, None, 100).await.expect("purge").0, 3, "the delivered group is purged");
+}
+
+/// A redeliver or replay of an event still in its open group (the newest
+/// or another) changes nothing: it is queued already, and is delivered
+/// once, with the group.
+async fn a_requeue_of_an_event_in_an_open_group_leaves_it_there(store: &dyn Store) {
+    let t0 = now_ms();
+    let first = accepted(store, grouped("1", "site", "", t0, 100, 1_000)).await;
+    let newest = accepted(store, grouped("2", "site", "", t0 + 10, 100, 1_000)).await;
+    for id in [newest, first] {
+        assert!(store.requeue("site", id).await.expect("requeue"), "queued already");
+    }
+    assert_eq!(store.counts("site").await.expect("counts"), TargetCounts { queued: 2, dead: 0, held: 2 });
+    assert!(due(store, "site", t0 + 109).await.due.is_empty(), "not due before newest + window");
+    let handed = due(store, "site", t0 + 110).await.due;
+    assert_eq!(handed.iter().map(|d| (d.event_id, d.group)).collect::<Vec<_>>(), [(newest, true)]);
+    let closed = store.close_group("site", &handed[0]).await.expect("close").expect("the group is current");
+    assert_eq!(closed.coalesced, 2);
+    store.complete("site", &closed, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    assert!(due(store, "site", now_ms() + 60_000).await.due.is_empty(), "delivered once");
+    assert_eq!(store.counts("site").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
 }
 
 async fn a_stale_hand_out_of_a_group_is_refused(store: &dyn Store) {

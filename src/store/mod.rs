@@ -155,8 +155,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(usize, Option<EventId>), StoreError>;
 
     /// Queues a delivery again, due now, whatever its state (delivered,
-    /// dead or pending). False when the event is unknown or was not routed
-    /// to `target`.
+    /// dead or pending); one still in an open debounce group is queued
+    /// already, and stays in it. False when the event is unknown or was not
+    /// routed to `target`.
     async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError>;
 
     /// Dead-lettered deliveries, of one target or of all, at most `limit`.

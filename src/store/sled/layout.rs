@@ -631,6 +631,11 @@ pub fn plan_requeue(
     }
     let dkey = delivery_key(target, id);
     let found = get_record(db, &dkey)?;
+    if found.is_none() && meta.group.contains_key(target) {
+        // Waiting in its open debounce group (its record is written when the
+        // group closes): it is queued already, and goes with the group.
+        return Ok(Some(::sled::Batch::default()));
+    }
     let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
     // An operator's requeue starts the count toward max_attempts afresh.

@@ -16,17 +16,20 @@ pub struct Bucket {
 
 impl Bucket {
     /// Refilled at `per_second` since it was stored, up to `burst` (a new
-    /// bucket starts full).
+    /// bucket starts full). Its time never goes back: an instance whose
+    /// clock is behind another's adds nothing until its clock has passed
+    /// the stored time, and leaves that time as it was (written back
+    /// earlier, it would have given the instance ahead the same time's
+    /// tokens again at its next refill).
     pub fn refilled(stored: Option<Bucket>, now_ms: i64, per_second: u32, burst: u32) -> Bucket {
         let burst = f64::from(burst.max(1));
-        let tokens = match stored {
-            None => burst,
+        match stored {
+            None => Bucket { tokens: burst, at_ms: now_ms },
             Some(b) => {
                 let elapsed = (now_ms - b.at_ms).max(0) as f64 / 1000.0;
-                (b.tokens + elapsed * f64::from(per_second)).min(burst)
+                Bucket { tokens: (b.tokens + elapsed * f64::from(per_second)).min(burst), at_ms: now_ms.max(b.at_ms) }
             }
-        };
-        Bucket { tokens, at_ms: now_ms }
+        }
     }
 
     /// Whole tokens there are.
@@ -74,5 +77,22 @@ mod tests {
         assert_eq!(much_later.next_token_ms(10), None);
         let clock_back = Bucket::refilled(Some(b), 500, 10, 3);
         assert_eq!(clock_back.whole(), 0, "a clock going back adds nothing");
+        assert_eq!(clock_back.at_ms, 1_000, "and leaves the stored time");
+    }
+
+    /// Two instances, one's clock 100 ms ahead, refilling in turn at 100/s
+    /// with a burst of 10 for 10 s of real time: the tokens they see in all
+    /// are about the rate's, not a burst every time the one behind wrote.
+    #[test]
+    fn instances_whose_clocks_differ_share_one_rate() {
+        let (mut bucket, mut taken) = (Bucket::refilled(None, 0, 100, 10).take(10), 0);
+        for real in (10..=10_000).step_by(10) {
+            for skew in [100, 0] {
+                let b = Bucket::refilled(Some(bucket), real + skew, 100, 10);
+                taken += b.whole();
+                bucket = b.take(b.whole());
+            }
+        }
+        assert!((990..=1_011).contains(&taken), "{taken} tokens in 10 s at 100/s");
     }
 }

@@ -710,6 +710,7 @@ macro_rules! shared_scenarios {
 const SHARED: &[(&str, SharedScenario)] = shared_scenarios![
     a_delivery_is_handed_to_one_instance_at_a_time,
     an_expired_lease_is_taken_over_and_both_attempts_are_kept,
+    a_late_outcome_leaves_the_new_lease_alone,
     concurrency_is_held_over_every_instance,
     the_rate_is_held_over_every_instance,
     instances_hear_of_each_others_work_pauses_and_circuits,
@@ -772,6 +773,26 @@ async fn an_expired_lease_is_taken_over_and_both_attempts_are_kept(a: &dyn Store
     a.complete("t", &first[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
     let record = state(a, id, "t").await;
     assert!(matches!(record.state, DeliveryState::Delivered { .. }));
+    assert_eq!(record.attempts.len(), 2, "both attempts are visible");
+    assert_eq!(a.counts("t").await.expect("counts").queued, 0);
+}
+
+/// The other order: the first instance's outcome comes late, while the one
+/// that took the delivery over is still attempting it. Its attempt is
+/// recorded, but the delivery stays the second's: leased (no instance takes
+/// it again meanwhile), and moved on by the second's outcome.
+async fn a_late_outcome_leaves_the_new_lease_alone(a: &dyn Store, b: &dyn Store) {
+    let id = accepted(a, event("cms", "x", &["t"])).await;
+    let now = now_ms() + 1;
+    let first = a.due("t", now, 10, &HashSet::new()).await.expect("due").due;
+    let after = now + LEASE.as_millis() as u64 + 1;
+    let taken = b.due("t", after, 10, &HashSet::new()).await.expect("due").due;
+    assert_eq!(taken.iter().map(|d| d.event_id).collect::<Vec<_>>(), [id], "taken over once the lease expired");
+    a.complete("t", &first[0], attempt(Some(503)), NextStep::RetryAt(after)).await.expect("complete");
+    assert!(a.due("t", after + 1, 10, &HashSet::new()).await.expect("due").due.is_empty(), "b's lease stands");
+    b.complete("t", &taken[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let record = state(a, id, "t").await;
+    assert!(matches!(record.state, DeliveryState::Delivered { .. }), "{:?}", record.state);
     assert_eq!(record.attempts.len(), 2, "both attempts are visible");
     assert_eq!(a.counts("t").await.expect("counts").queued, 0);
 }

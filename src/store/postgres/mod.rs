@@ -204,6 +204,7 @@ impl PgStore {
         // made for any value scans the whole queue: 7x slower measured).
         with_options(&mut relaxed_config, "-c synchronous_commit=off -c plan_cache_mode=force_custom_plan");
         let relaxed = pool_of(relaxed_config, &tls, options.pool.max(2) / 2)?;
+        let owner = Uuid::now_v7();
         let mut client = pool.get().await.map_err(pool_error)?;
         schema::migrate(&mut client).await?;
         drop(client);
@@ -227,11 +228,11 @@ impl PgStore {
                 relaxed.clone(),
                 2,
                 outcomes::MAX_BATCH,
-                |pool, outcomes| async move { outcomes::record(&pool, &outcomes).await },
+                move |pool, outcomes| async move { outcomes::record(&pool, &outcomes, owner).await },
             ),
             pool,
             relaxed,
-            owner: Uuid::now_v7(),
+            owner,
             lease_ms: options.lease.as_millis() as u64,
             notices,
             shutdown,

@@ -30,12 +30,15 @@ struct Row {
     queued: bool,
     ordered: bool,
     record: DeliveryRecord,
+    /// Another instance's lease: it took the delivery over after this
+    /// instance's expired, and its attempt decides what comes next.
+    leased_elsewhere: bool,
 }
 
 /// Records `outcomes` in one transaction (on a connection that commits
 /// without waiting for the disk); one `()` per outcome. An outcome whose
 /// event was purged meanwhile has nothing to record.
-pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreError> {
+pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Vec<()>, StoreError> {
     // BEGIN goes with the read, COMMIT with the writes: two round trips.
     let open = Open::new(pool.get().await.map_err(pool_error)?);
     let tx = open.client();
@@ -57,7 +60,15 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
             tracing::warn!(%target, id = %EventId(event_id), error = %e, "unreadable delivery record; its attempt count restarts");
             DeliveryRecord::pending(ms(due_ms))
         });
-        let row = Row { status: r.get("status"), due_ms, queued: r.get("queued"), ordered: r.get("ordered"), record };
+        let leased_elsewhere = r.get::<_, Option<Uuid>>("lease_owner").is_some_and(|o| o != owner);
+        let row = Row {
+            status: r.get("status"),
+            due_ms,
+            queued: r.get("queued"),
+            ordered: r.get("ordered"),
+            record,
+            leased_elsewhere,
+        };
         rows.insert((target, event_id), row);
     }
     let now = now_ms();
@@ -67,7 +78,10 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
         let Some(row) = rows.get_mut(&key) else { continue };
         // Still where it was handed out? If an operator requeued it
         // meanwhile, their position is kept and the attempt recorded only.
-        let current = row.status == b'p' as i8 && ms(row.due_ms) == o.due.due_ms && row.queued == o.due.queued;
+        let current = row.status == b'p' as i8
+            && ms(row.due_ms) == o.due.due_ms
+            && row.queued == o.due.queued
+            && !row.leased_elsewhere;
         row.record.attempted(o.attempt.clone(), &o.next, current, now);
         if current {
             row.status = status(&row.record.state);
@@ -85,8 +99,16 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
     for (key, row) in &rows {
         cols.push(key, row)?;
     }
-    let write: [&(dyn ToSql + Sync); 7] =
-        [&cols.target, &cols.event_id, &cols.status, &cols.due_ms, &cols.queued, &cols.at_ms, &cols.record];
+    let write: [&(dyn ToSql + Sync); 8] = [
+        &cols.target,
+        &cols.event_id,
+        &cols.status,
+        &cols.due_ms,
+        &cols.queued,
+        &cols.at_ms,
+        &cols.record,
+        &cols.keep_lease,
+    ];
     let notice = super::ingest::notice_of(&released.into_iter().collect::<Vec<_>>());
     let notify: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &notice];
     // After a failed statement, PostgreSQL ends the transaction with a
@@ -113,15 +135,16 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome]) -> Result<Vec<()>, StoreE
 
 /// The batch's deliveries, locked in one order on every instance (no deadlock).
 const READ: &str =
-    "SELECT d.target, d.event_id, d.status, d.due_ms, d.queued, d.order_key IS NOT NULL AS ordered, d.record
+    "SELECT d.target, d.event_id, d.status, d.due_ms, d.queued, d.order_key IS NOT NULL AS ordered, d.record, d.lease_owner
      FROM hr_deliveries d JOIN unnest($1::text[], $2::uuid[]) AS u(t, e) ON d.target = u.t AND d.event_id = u.e
      ORDER BY d.target, d.event_id
      FOR UPDATE OF d";
-/// Every row read, written back.
+/// Every row read, written back; another instance's lease is kept.
 const WRITE: &str = r#"UPDATE hr_deliveries d SET status = u.s::"char", due_ms = u.d, queued = u.q, at_ms = u.a,
-        record = u.r, lease_owner = NULL, lease_until = NULL
-     FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[], $5::bool[], $6::int8[], $7::jsonb[])
-          AS u(t, e, s, d, q, a, r)
+        record = u.r,
+        lease_owner = CASE WHEN u.k THEN d.lease_owner END, lease_until = CASE WHEN u.k THEN d.lease_until END
+     FROM unnest($1::text[], $2::uuid[], $3::text[], $4::int8[], $5::bool[], $6::int8[], $7::jsonb[], $8::bool[])
+          AS u(t, e, s, d, q, a, r, k)
      WHERE d.target = u.t AND d.event_id = u.e"#;
 
 #[derive(Default)]
@@ -133,6 +156,7 @@ struct Columns {
     queued: Vec<bool>,
     at_ms: Vec<Option<i64>>,
     record: Vec<serde_json::Value>,
+    keep_lease: Vec<bool>,
 }
 
 impl Columns {
@@ -147,6 +171,7 @@ impl Columns {
             _ => None,
         });
         self.record.push(serde_json::to_value(&row.record).map_err(|e| StoreError::Io(e.to_string()))?);
+        self.keep_lease.push(row.leased_elsewhere);
         Ok(())
     }
 }

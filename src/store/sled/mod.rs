@@ -290,13 +290,22 @@ struct DiskSync {
     log: File,
     blobs_dir: PathBuf,
     synced_blobs: HashSet<std::ffi::OsString>,
-    /// When the last listing of `blobs/` began.
-    last_scan: Option<SystemTime>,
+    /// The folder's mtime the last listing of `blobs/` saw, and when it began.
+    last_scan: Option<(SystemTime, SystemTime)>,
 }
 
 /// Directory times come from a coarse clock; a listing is skipped only when
 /// the folder's last change is this much older than the previous listing.
 const MTIME_SLACK: Duration = Duration::from_millis(100);
+
+/// Whether `blobs/` must be listed again: unless its mtime (`changed`) is
+/// the one the last listing saw, and that listing began well after it (so
+/// that nothing added in the same tick of a coarse clock was missed). The
+/// mtime is compared with the one seen, not with the wall clock: a clock
+/// stepped back would make a new file look older than the last listing.
+fn must_list(changed: SystemTime, last: Option<(SystemTime, SystemTime)>) -> bool {
+    last.is_none_or(|(seen, scan)| changed != seen || seen + MTIME_SLACK >= scan)
+}
 
 impl DiskSync {
     fn new(path: &Path, db: ::sled::Db) -> Result<Self, StoreError> {
@@ -328,10 +337,10 @@ impl DiskSync {
         // Listing the folder every round is costly; its mtime tells whether
         // anything was added since the last listing began.
         let changed = std::fs::metadata(&self.blobs_dir)?.modified()?;
-        if self.last_scan.is_some_and(|scan| changed + MTIME_SLACK < scan) {
+        if !must_list(changed, self.last_scan) {
             return Ok(());
         }
-        self.last_scan = Some(SystemTime::now());
+        self.last_scan = Some((changed, SystemTime::now()));
         let mut present = HashSet::new();
         let mut new_blob = false;
         for entry in std::fs::read_dir(&self.blobs_dir)? {
@@ -593,6 +602,17 @@ mod tests {
         }
         let err = open_when_unlocked(dir.path()).err().expect("refused").to_string();
         assert!(err.contains("layout 1") && err.contains(&dir.path().display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn the_blobs_folder_is_listed_again_whenever_its_mtime_moved() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let ms = Duration::from_millis;
+        assert!(must_list(t, None), "the first time");
+        assert!(!must_list(t, Some((t, t + ms(500)))), "unchanged, and listed well after its last change");
+        assert!(must_list(t, Some((t, t + ms(50)))), "listed in the same tick: a file may have come after");
+        assert!(must_list(t + ms(1), Some((t, t + ms(500)))), "changed since");
+        assert!(must_list(t - ms(300), Some((t, t + ms(500)))), "changed, with the clock stepped back");
     }
 
     #[tokio::test]

@@ -186,8 +186,24 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
         config.application_name("hookrelay");
     }
     config.connect_timeout(Duration::from_secs(10));
+    // A connection dropped without a reset (a failover, a NAT or balancer
+    // forgetting an idle flow) is noticed within about a minute, not the
+    // system's default two hours: above all the one that listens for other
+    // instances' notices, which waits idle. Unless the URL says otherwise.
+    if config.get_keepalives_idle() == DEFAULT_KEEPALIVES_IDLE {
+        config.keepalives_idle(Duration::from_secs(30));
+    }
+    if config.get_keepalives_interval().is_none() {
+        config.keepalives_interval(Duration::from_secs(10));
+    }
+    if config.get_keepalives_retries().is_none() {
+        config.keepalives_retries(3);
+    }
     Ok(config)
 }
+
+/// tokio-postgres's `keepalives_idle` when the URL does not set it.
+const DEFAULT_KEEPALIVES_IDLE: Duration = Duration::from_secs(2 * 60 * 60);
 
 impl PgStore {
     /// Connects, creates or migrates the schema, and starts the ingest
@@ -921,6 +937,17 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    #[test]
+    fn a_dropped_connection_is_noticed_within_a_minute_unless_the_url_says_otherwise() {
+        let config = parse_url("postgres://u@db.internal/relay").expect("parses");
+        assert!(config.get_keepalives());
+        assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(10)));
+        assert_eq!(config.get_keepalives_retries(), Some(3));
+        let theirs = parse_url("postgres://u@db.internal/relay?keepalives_idle=600").expect("parses");
+        assert_eq!(theirs.get_keepalives_idle(), Duration::from_secs(600));
+    }
 
     #[test]
     fn verify_full_is_read_as_require() {

@@ -97,8 +97,8 @@ pub struct Worker {
     metrics: Metrics,
     /// Where the target's transform runs (its process starts on first use).
     lane: Arc<Lane>,
-    /// Until when the target asked, with `Retry-After` on a 429 or 503,
-    /// that nothing be sent: the whole queue waits, not only that delivery.
+    /// Until when the target asked, with `Retry-After` on a 429, that
+    /// nothing be sent: the whole queue waits, not only that delivery.
     asked_to_wait: Arc<Mutex<Option<Instant>>>,
     breaker: Breaker,
     limiter: Option<DefaultDirectRateLimiter>,
@@ -421,13 +421,13 @@ struct AttemptCtx {
     metrics: Metrics,
     /// Where the target's transform runs.
     lane: Arc<Lane>,
-    /// Until when the target asked, with `Retry-After` on a 429 or 503,
-    /// that nothing be sent: the whole queue waits, not only that delivery.
+    /// Until when the target asked, with `Retry-After` on a 429, that
+    /// nothing be sent: the whole queue waits, not only that delivery.
     asked_to_wait: Arc<Mutex<Option<Instant>>>,
 }
 
 impl AttemptCtx {
-    /// The target asked (`Retry-After`) that nothing be sent for `after`,
+    /// The target asked (429, `Retry-After`) that nothing be sent for `after`,
     /// capped like the delivery's own retry: the whole queue waits. Noted
     /// before the slot is given back, so that no attempt starts meanwhile.
     fn ask_to_wait(&self, after: Duration) {
@@ -482,8 +482,10 @@ impl AttemptCtx {
                 duration: Duration::ZERO,
             },
         };
-        if let Verdict::Retry { after: Some(after) } = result.verdict {
-            self.ask_to_wait(after);
+        // 429 (too many requests) is about the client, not this request: the
+        // whole queue waits. A 503's `Retry-After` delays its delivery only.
+        if let (Some(429), Verdict::Retry { after: Some(after) }) = (result.status, &result.verdict) {
+            self.ask_to_wait(*after);
         }
         drop(slot);
         let now = now_ms();

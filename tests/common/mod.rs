@@ -525,3 +525,25 @@ where
     }
     (process, ingress.unwrap(), logs)
 }
+
+/// Starts the relay of `config` with `RUST_LOG=rust_log`, posts a ButterCMS
+/// webhook whose body holds a unique marker, waits for `target` to get it,
+/// and checks that no log line holds the marker, as text or as the list of
+/// its bytes (how `{:?}` shows a body). Returns the log's lines.
+pub async fn log_of_a_marked_webhook(config: &Path, target: &mut FakeTarget, rust_log: &str) -> Vec<String> {
+    let (_relay, addr, logs) = spawn_relay_with(config, [("RUST_LOG", rust_log)]);
+    let marker = format!("secret-page-{}", fastrand::u64(..));
+    let body = format!(r#"{{"data":{{"id":"{marker}","locale":null}},"webhook":{{"event":"page.published"}}}}"#);
+    assert_eq!(post_butter(addr, body).await.status, 202);
+    let got = tokio::time::timeout(WAIT, target.received.recv()).await.expect("delivered").unwrap();
+    assert!(got.body.windows(marker.len()).any(|w| w == marker.as_bytes()), "the target got the body");
+    // The log's thread writes a batch at most every 10 ms.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = logs.lock().unwrap().clone();
+    let as_bytes = format!("{:?}", marker.as_bytes());
+    let as_bytes = as_bytes.trim_start_matches('[').trim_end_matches(']');
+    for line in &lines {
+        assert!(!line.contains(&marker) && !line.contains(as_bytes), "a body in the log: {line}");
+    }
+    lines
+}

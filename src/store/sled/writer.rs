@@ -197,6 +197,7 @@ impl Writer {
         let failed = Arc::new(AtomicBool::new(false));
         let thread_failed = failed.clone();
         let thread = std::thread::Builder::new().name("hookrelay-writer".into()).spawn(move || {
+            let _panic = FailOnPanic(thread_failed.clone());
             // Ends when every sender is gone and the queue is empty.
             while let Some(first) = rx.blocking_recv() {
                 let mut jobs = vec![first];
@@ -264,6 +265,20 @@ impl Writer {
             if t.join().is_err() {
                 tracing::error!("the storage writer thread panicked");
             }
+        }
+    }
+}
+
+/// Marks the store failed if the writer thread ends in a panic: every write
+/// after it would be refused, so the relay must stop and be restarted, as
+/// after a failed sync (`healthy()` turns false).
+struct FailOnPanic(Arc<AtomicBool>);
+
+impl Drop for FailOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            tracing::error!("the storage writer thread panicked: the store refuses every write until a restart");
+            self.0.store(true, Ordering::SeqCst);
         }
     }
 }
@@ -612,6 +627,16 @@ mod tests {
         assert!(writer.failed());
         assert!(matches!(writer.ingest(event("y")).await, Err(StoreError::Failed(_))));
         assert!(matches!(writer.mutate(|_, _| Ok((::sled::Batch::default(), ()))).await, Err(StoreError::Failed(_))));
+    }
+
+    #[tokio::test]
+    async fn a_panic_on_the_writer_thread_marks_the_store_failed() {
+        let (_dir, db) = temp_db();
+        let writer = Writer::start(db, || Ok(())).unwrap();
+        let planned = writer.mutate::<()>(|_, _| panic!("a bug in a plan")).await;
+        assert!(matches!(planned, Err(StoreError::Closed)), "{planned:?}");
+        assert!(writer.failed(), "the relay's health turns false, so that it stops and is restarted");
+        assert!(writer.ingest(event("x")).await.is_err());
     }
 
     #[tokio::test]

@@ -945,6 +945,12 @@ mod tests {
 
     use super::*;
 
+    /// A store on a fresh database of `cluster`, with `pool` connections.
+    async fn fresh_store(cluster: &throwaway::Cluster, pool: usize) -> PgStore {
+        let options = PgOptions { url: cluster.database(), pool, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
+        PgStore::connect(&options).await.expect("connect")
+    }
+
     #[test]
     fn a_dropped_connection_is_noticed_within_a_minute_unless_the_url_says_otherwise() {
         let config = parse_url("postgres://u@db.internal/relay").expect("parses");
@@ -1033,9 +1039,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_purge_removes_expired_dedup_entries_a_page_at_a_time() {
         let Some(cluster) = throwaway::cluster("PostgreSQL dedup purge") else { return };
-        let options =
-            PgOptions { url: cluster.database(), pool: 8, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
-        let store = PgStore::connect(&options).await.expect("connect");
+        let store = fresh_store(cluster, 8).await;
         for n in 0..5 {
             let mut ev = crate::store::conformance::event("buttercms", &format!("k{n}"), &["search"]);
             ev.dedup_window = Duration::from_millis(1);
@@ -1063,9 +1067,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_unreadable_row_does_not_stop_the_queue() {
         let Some(cluster) = throwaway::cluster("unreadable PostgreSQL rows") else { return };
-        let options =
-            PgOptions { url: cluster.database(), pool: 2, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
-        let store = PgStore::connect(&options).await.expect("connect");
+        let store = fresh_store(cluster, 2).await;
         let mut ids = Vec::new();
         for key in ["k1", "k2", "k3"] {
             match store.ingest(crate::store::conformance::event("buttercms", key, &["search"])).await {
@@ -1105,9 +1107,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_round_whose_insert_fails_commits_nothing_and_the_next_is_stored() {
         let Some(cluster) = throwaway::cluster("a failed PostgreSQL round") else { return };
-        let options =
-            PgOptions { url: cluster.database(), pool: 2, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
-        let store = PgStore::connect(&options).await.expect("connect");
+        let store = fresh_store(cluster, 2).await;
         let client = store.client().await.expect("client");
         let refuse = "ALTER TABLE hr_deliveries ADD CONSTRAINT hr_test_refuse CHECK (target <> 'refused') NOT VALID";
         execute(&client, refuse, &[]).await.expect("constraint");

@@ -635,6 +635,13 @@ mod tests {
         let writer = Writer::start(db, || Ok(())).unwrap();
         let planned = writer.mutate::<()>(|_, _| panic!("a bug in a plan")).await;
         assert!(matches!(planned, Err(StoreError::Closed)), "{planned:?}");
+        // The reply is dropped as the thread unwinds, before the guard runs.
+        for _ in 0..200 {
+            if writer.failed() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert!(writer.failed(), "the relay's health turns false, so that it stops and is restarted");
         assert!(writer.ingest(event("x")).await.is_err());
     }

@@ -81,6 +81,21 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
     }
     unique(&mut p, "sources", raw.sources.iter().map(|s| s.name.as_str()), "name");
     unique(&mut p, "sources", raw.sources.iter().map(|s| s.path.as_str()), "path");
+    for (i, s) in raw.sources.iter().enumerate() {
+        // An event purged within its window takes its dedup record with it.
+        match sources.iter().find(|r| r.name == s.name) {
+            Some(r) if r.dedup_window > storage.retention => p.push(
+                format!("sources[{i}].dedup_window"),
+                format!(
+                    "{} is longer than storage.retention ({}): a copy of a webhook purged within its window would \
+                     be delivered again; make storage.retention at least as long",
+                    humantime::format_duration(r.dedup_window),
+                    humantime::format_duration(storage.retention),
+                ),
+            ),
+            _ => {}
+        }
+    }
 
     for (i, r) in raw.routes.iter().enumerate() {
         let key = format!("routes[{i}]");

@@ -208,6 +208,12 @@ fn bad_values_name_their_key_path() {
         load(&t(url, &format!("{url}\n    retry: {{ max_age: 0s }}"))).is_ok(),
         "a zero max_age is not a time limit"
     );
+    // An event purged within its dedup window would no longer be recognized.
+    let window = |w: &str| t("format: buttercms", &format!("format: buttercms\n    dedup_window: {w}"));
+    assert_problem(&window("30d"), "sources[0].dedup_window", "longer than storage.retention (7days)");
+    let short = format!("storage: {{ retention: 1h }}\n{}", window("2h"));
+    assert_problem(&short, "sources[0].dedup_window", "2h is longer than storage.retention (1h)");
+    assert!(load(&window("7d")).is_ok(), "as long as the retention is enough");
 }
 
 #[test]

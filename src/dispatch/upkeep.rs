@@ -19,35 +19,55 @@ const GATHER: Duration = Duration::from_millis(5);
 /// Time between two readings of a target's counts.
 const COUNT_EVERY: Duration = Duration::from_secs(5);
 
-/// Purges events older than `retention` whose deliveries are all finished.
+/// Purges events older than `retention` whose deliveries are all finished,
+/// and expired dedup records, every [`PURGE_EVERY`].
 pub async fn purge(store: Arc<dyn Store>, retention: Duration, shutdown: CancellationToken) {
-    loop {
-        let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
-        let (mut purged, mut after) = (0, None);
-        loop {
-            if shutdown.is_cancelled() {
-                return;
-            }
-            match store.purge(cutoff, after, PURGE_STEP).await {
-                Ok((n, last)) => {
-                    purged += n;
-                    match last {
-                        Some(id) => after = Some(id),
-                        None => break,
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "retention purge failed; trying again later");
-                    break;
-                }
-            }
-        }
-        if purged > 0 {
-            tracing::info!(purged, "purged delivered and dead events past retention");
-        }
+    while purge_round(store.as_ref(), retention, PURGE_STEP, &shutdown).await {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+    }
+}
+
+/// One round of [`purge`], in steps of `step`; false on shutdown.
+async fn purge_round(store: &dyn Store, retention: Duration, step: usize, shutdown: &CancellationToken) -> bool {
+    let cutoff = now_ms().saturating_sub(retention.as_millis() as u64);
+    let (mut purged, mut after) = (0, None);
+    loop {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        match store.purge(cutoff, after, step).await {
+            Ok((n, last)) => {
+                purged += n;
+                match last {
+                    Some(id) => after = Some(id),
+                    None => break,
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention purge failed; trying again later");
+                break;
+            }
+        }
+    }
+    if purged > 0 {
+        tracing::info!(purged, "purged delivered and dead events past retention");
+    }
+    // Expired dedup records, to the end: one comes with each webhook (or
+    // round), so a step a round would fall behind them.
+    loop {
+        if shutdown.is_cancelled() {
+            return false;
+        }
+        match store.purge_dedup(now_ms(), step).await {
+            Ok(n) if n >= step => {}
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::error!(error = %e, "purge of expired dedup records failed; trying again later");
+                return true;
+            }
         }
     }
 }
@@ -137,5 +157,25 @@ pub async fn follow_notices(
             }
             Err(RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{conformance, Ingested, SledStore};
+
+    #[tokio::test]
+    async fn a_round_purges_every_expired_dedup_record_whatever_its_step() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = SledStore::open(dir.path(), 8 << 20).expect("open");
+        for key in ["1", "2", "3", "4", "5"] {
+            let mut ev = conformance::event("cms", key, &["a"]);
+            ev.dedup_window = Duration::from_millis(20);
+            assert!(matches!(store.ingest(ev).await.expect("ingest"), Ingested::Accepted { .. }));
+        }
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(purge_round(&store, Duration::from_secs(3_600), 2, &CancellationToken::new()).await);
+        assert_eq!(store.purge_dedup(now_ms(), 100).await.expect("purge"), 0, "none left for the next round");
     }
 }

@@ -33,6 +33,7 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     a_duplicate_within_the_window_answers_the_first_id,
     concurrent_copies_of_one_webhook_store_one_event,
     a_dedup_key_is_new_again_after_its_window,
+    expired_dedup_records_are_purged_in_steps_to_the_end,
     first_attempts_come_in_arrival_order_and_skip_what_is_in_flight,
     retries_come_first_once_due_and_tell_when_the_next_is_due,
     a_delivered_delivery_is_done_and_keeps_its_attempts,
@@ -217,6 +218,34 @@ async fn a_dedup_key_is_new_again_after_its_window(store: &dyn Store) {
     again.dedup_window = Duration::from_millis(50);
     let second = accepted(store, again).await;
     assert_ne!(first, second);
+}
+
+/// Each webhook below is its own ingest call, so its own dedup record on
+/// either backend.
+async fn expired_dedup_records_are_purged_in_steps_to_the_end(store: &dyn Store) {
+    let brief = |key: &str| {
+        let mut ev = event("cms", key, &["a"]);
+        ev.dedup_window = Duration::from_millis(50);
+        ev
+    };
+    let mut firsts = Vec::new();
+    for key in ["1", "2", "3"] {
+        firsts.push(accepted(store, brief(key)).await);
+    }
+    let long = accepted(store, event("cms", "4", &["a"])).await;
+    assert_eq!(store.purge_dedup(now_ms(), 10).await.expect("purge"), 0, "nothing has expired yet");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let mut steps = Vec::new();
+    while steps.len() < 10 {
+        let n = store.purge_dedup(now_ms(), 1).await.expect("purge");
+        steps.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(steps, [1, 1, 1, 0], "at most `limit` a call, to the end");
+    assert_eq!(store.ingest(event("cms", "4", &["a"])).await.expect("ingest"), Ingested::Duplicate { id: long });
+    assert_ne!(accepted(store, brief("1")).await, firsts[0], "its window has passed");
 }
 
 async fn first_attempts_come_in_arrival_order_and_skip_what_is_in_flight(store: &dyn Store) {

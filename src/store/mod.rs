@@ -154,6 +154,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<(usize, Option<EventId>), StoreError>;
 
+    /// Removes dedup records whose window had passed at `now_ms`, at most
+    /// `limit` of them (one webhook's entry on PostgreSQL, one ingest
+    /// round's on sled). Returns how many were removed: fewer than `limit`
+    /// once none are left. An expired record answers no lookup; this frees
+    /// its space, so the caller repeats it until the end.
+    async fn purge_dedup(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError>;
+
     /// Queues a delivery again, due now, whatever its state (delivered,
     /// dead or pending); one still in an open debounce group is queued
     /// already, and stays in it. False when the event is unknown or was not

@@ -60,6 +60,9 @@ impl Store for NullStore {
     async fn purge(&self, _: u64, _: Option<EventId>, _: usize) -> Result<(usize, Option<EventId>), StoreError> {
         Ok((0, None))
     }
+    async fn purge_dedup(&self, _: u64, _: usize) -> Result<usize, StoreError> {
+        Ok(0)
+    }
     async fn requeue(&self, _: &str, _: EventId) -> Result<bool, StoreError> {
         Ok(false)
     }

@@ -557,21 +557,28 @@ pub fn complete_into(
     Ok(true)
 }
 
+/// The batch that removes up to `limit` dedup records expired by `now_ms`
+/// (keys sort by expiry), and how many.
+pub fn plan_purge_dedup(db: &::sled::Db, now_ms: u64, limit: usize) -> Result<(::sled::Batch, usize), StoreError> {
+    let mut batch = ::sled::Batch::default();
+    let mut removed = 0;
+    for k in db.range(b"k/".to_vec()..key(b"k/", &[&now_ms.to_be_bytes()])).keys().take(limit) {
+        batch.remove(k?);
+        removed += 1;
+    }
+    Ok((batch, removed))
+}
+
 /// The batch that purges up to `limit` events received before `cutoff_ms`
-/// whose deliveries are all finished, scanning after `after`, and up to
-/// `limit` dedup records expired by `now_ms`.
+/// whose deliveries are all finished, scanning after `after`.
 pub fn plan_purge(
     db: &::sled::Db,
     tally: &mut Tally,
     cutoff_ms: u64,
-    now_ms: u64,
     after: Option<EventId>,
     limit: usize,
 ) -> Result<(::sled::Batch, usize, Option<EventId>), StoreError> {
     let mut batch = ::sled::Batch::default();
-    for k in db.range(b"k/".to_vec()..key(b"k/", &[&now_ms.to_be_bytes()])).keys().take(limit) {
-        batch.remove(k?);
-    }
     let (mut purged, mut examined, mut last) = (0, 0, None);
     for item in db.range(events_after(after)..b"e0".to_vec()) {
         if examined >= limit {

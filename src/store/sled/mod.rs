@@ -225,10 +225,14 @@ impl Store for SledStore {
     ) -> Result<(usize, Option<EventId>), StoreError> {
         self.writer
             .mutate(move |db, tally| {
-                let (batch, purged, last) = layout::plan_purge(db, tally, cutoff_ms, now_ms(), after, limit)?;
+                let (batch, purged, last) = layout::plan_purge(db, tally, cutoff_ms, after, limit)?;
                 Ok((batch, (purged, last)))
             })
             .await
+    }
+
+    async fn purge_dedup(&self, now_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        self.writer.mutate(move |db, _| layout::plan_purge_dedup(db, now_ms, limit)).await
     }
 
     async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError> {

@@ -309,7 +309,13 @@ pub fn plan_ingest(
     if let Some(first) = live_duplicate(db, round.index, hash, &digest, not_before)? {
         return Ok(Ingested::Duplicate { id: first });
     }
-    batch.insert(event_key(id), encode_event(ev, &digest)?);
+    // Everything read first: the batch holds the round's other webhooks,
+    // and a webhook refused must leave nothing of its own in it.
+    for (target, how) in &ev.sequenced {
+        round.sequences.load(db, target, how)?;
+    }
+    let encoded = encode_event(ev, &digest)?;
+    batch.insert(event_key(id), encoded);
     for target in &ev.targets {
         tally.add(target, 1, 0);
     }

@@ -426,6 +426,49 @@ mod tests {
         store.complete(target, &due, attempt, next).await.unwrap();
     }
 
+    fn sequenced(mut ev: NewEvent, how: &[(&str, Sequenced)]) -> NewEvent {
+        ev.targets = how.iter().map(|(t, _)| t.to_string()).collect();
+        ev.sequenced = how.iter().map(|(t, h)| (t.to_string(), h.clone())).collect();
+        ev
+    }
+
+    /// A round's webhooks share one batch: one refused because a record it
+    /// reads is unreadable must leave nothing of its own in it.
+    #[tokio::test]
+    async fn a_webhook_refused_for_an_unreadable_record_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        store.db.insert(sequence::group_key("grouped", "k"), b"garbage".to_vec()).unwrap();
+        let how = [
+            ("ordered", Sequenced::Ordered { key: "k".into() }),
+            ("grouped", Sequenced::Grouped { key: "k".into(), window_ms: 1_000, max_wait_ms: 5_000 }),
+        ];
+        assert!(store.ingest(sequenced(event(b"1".to_vec()), &how)).await.is_err());
+        assert!(store.db.scan_prefix(b"e/").next().is_none(), "its event was written");
+        assert!(sequence::head(&store.db, "ordered", "k").unwrap().is_none(), "it joined the order queue");
+        assert_eq!(store.counts("ordered").await.unwrap(), TargetCounts::default());
+    }
+
+    /// The same for an outcome, whose writes join the round's others: one
+    /// that cannot release the next delivery of its key changes nothing.
+    #[tokio::test]
+    async fn an_outcome_refused_for_an_unreadable_record_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let how = [("search", Sequenced::Ordered { key: "k".into() })];
+        let first = accepted(&store, sequenced(event(b"1".to_vec()), &how)).await;
+        let next = accepted(&store, sequenced(event(b"2".to_vec()), &how)).await;
+        store.db.insert(delivery_key("search", next), b"garbage".to_vec()).unwrap();
+        let due = due_of(&store, first).await;
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+        let done = layout::Completion { target: "search".into(), due, attempt, next: NextStep::Delivered };
+        let (mut tally, mut batch) = (layout::Tally::default(), ::sled::Batch::default());
+        assert!(layout::complete_into(&store.db, &mut tally, &mut batch, &done, now_ms(), &mut |_| true).is_err());
+        // As the round would: applied with the others.
+        store.db.apply_batch(batch).unwrap();
+        assert_eq!(sequence::head(&store.db, "search", "k").unwrap(), Some(first), "the queue lost its head");
+    }
+
     #[tokio::test]
     async fn a_rounds_outcomes_are_applied_as_one_batch() {
         let dir = tempfile::tempdir().unwrap();

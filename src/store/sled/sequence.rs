@@ -16,6 +16,7 @@
 //! Key hashes are 16 bytes of SHA-256: two keys that collide would share
 //! one queue (held longer, never out of order).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
@@ -114,8 +115,9 @@ struct Tail {
 pub struct Sequences {
     /// Order queues appended to this round: their last chunk (`None`: empty before).
     tails: HashMap<Vec<u8>, Tail>,
-    /// Groups changed this round, as they now are.
-    groups: HashMap<Vec<u8>, Group>,
+    /// Groups read or changed this round, as they now are (`None`: no group
+    /// open).
+    groups: HashMap<Vec<u8>, Option<Group>>,
 }
 
 impl Sequences {
@@ -124,8 +126,41 @@ impl Sequences {
         self.tails.keys().map(Vec::as_slice)
     }
 
+    /// Reads what [`Sequences::join`] of `target` will change, if this
+    /// round has not yet: a caller that loads every target of an event
+    /// first fails, if a record is unreadable, before writing any of it.
+    pub fn load(&mut self, db: &::sled::Db, target: &str, how: &Sequenced) -> Result<(), StoreError> {
+        match how {
+            Sequenced::Ordered { key: k } => {
+                let prefix = order_prefix(target, k);
+                if let Entry::Vacant(slot) = self.tails.entry(prefix) {
+                    let prefix = slot.key();
+                    let tail = match db.scan_prefix(prefix).next_back() {
+                        Some(item) => {
+                            let (ck, v) = item?;
+                            Tail { chunk: chunk_number(prefix, &ck), entries: entries(&ck, &v)? }
+                        }
+                        None => Tail { chunk: 0, entries: Vec::new() },
+                    };
+                    slot.insert(tail);
+                }
+            }
+            Sequenced::Grouped { key: k, .. } => {
+                if let Entry::Vacant(slot) = self.groups.entry(group_key(target, k)) {
+                    let open = get_json::<Group>(db, slot.key())?;
+                    if let Some(g) = &open {
+                        g.newest_id(slot.key())?;
+                    }
+                    slot.insert(open);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Adds a new event's delivery to `target` to its key's order queue, or
-    /// to its key's debounce group (opening one, or moving the group's due time).
+    /// to its key's debounce group (opening one, or moving the group's due
+    /// time). It reads nothing once [`Sequences::load`] has.
     #[allow(clippy::too_many_arguments)]
     pub fn join(
         &mut self,
@@ -137,61 +172,53 @@ impl Sequences {
         id: EventId,
         received_ms: u64,
     ) -> Result<(), StoreError> {
+        self.load(db, target, how)?;
         match how {
             Sequenced::Ordered { key: k } => {
                 let prefix = order_prefix(target, k);
-                let tail = match self.tails.remove(&prefix) {
-                    Some(tail) => Some(tail),
-                    None => match db.scan_prefix(&prefix).next_back() {
-                        Some(item) => {
-                            let (ck, v) = item?;
-                            Some(Tail { chunk: chunk_number(&prefix, &ck), entries: entries(&ck, &v)? })
-                        }
-                        None => None,
-                    },
-                };
-                let behind = tail.as_ref().is_some_and(|t| !t.entries.is_empty());
-                let mut tail = match tail {
-                    Some(t) if t.entries.len() < CHUNK => t,
-                    Some(t) => Tail { chunk: t.chunk + 1, entries: Vec::new() },
-                    None => Tail { chunk: 0, entries: Vec::new() },
-                };
+                let Some(tail) = self.tails.get_mut(&prefix) else { return Ok(()) };
+                let behind = !tail.entries.is_empty();
+                if tail.entries.len() >= CHUNK {
+                    *tail = Tail { chunk: tail.chunk + 1, entries: Vec::new() };
+                }
                 tail.entries.push((id, id));
                 batch.insert(chunk_key(&prefix, tail.chunk), pack(&tail.entries));
                 if behind {
                     tally.held(target, 1);
                 }
-                self.tails.insert(prefix, tail);
             }
             Sequenced::Grouped { key: k, window_ms, max_wait_ms } => {
                 let gkey = group_key(target, k);
-                let open = match self.groups.get(&gkey) {
-                    Some(g) => Some(g.clone()),
-                    None => get_json::<Group>(db, &gkey)?,
-                };
-                let group = match open {
+                let (group, replaced) = match self.groups.get(&gkey).cloned().flatten() {
                     Some(mut g) => {
-                        batch.remove(queue_key(target, g.due_ms(), g.newest_id(&gkey)?));
+                        let replaced = queue_key(target, g.due_ms(), g.newest_id(&gkey)?);
                         g.newest_ms = g.newest_ms.max(received_ms);
                         g.newest = id.to_string();
                         g.count += 1;
                         (g.window_ms, g.max_wait_ms) = (*window_ms, *max_wait_ms);
-                        g
+                        (g, Some(replaced))
                     }
-                    None => Group {
-                        oldest_ms: received_ms,
-                        newest_ms: received_ms,
-                        newest: id.to_string(),
-                        count: 1,
-                        window_ms: *window_ms,
-                        max_wait_ms: *max_wait_ms,
-                    },
+                    None => (
+                        Group {
+                            oldest_ms: received_ms,
+                            newest_ms: received_ms,
+                            newest: id.to_string(),
+                            count: 1,
+                            window_ms: *window_ms,
+                            max_wait_ms: *max_wait_ms,
+                        },
+                        None,
+                    ),
                 };
+                let encoded = json(&group)?;
+                if let Some(replaced) = replaced {
+                    batch.remove(replaced);
+                }
                 tally.held(target, 1);
                 batch.insert(key(&member_prefix(target, k), &[id.as_bytes()]), Vec::new());
-                batch.insert(gkey.clone(), json(&group)?);
+                batch.insert(gkey.clone(), encoded);
                 batch.insert(queue_key(target, group.due_ms(), id), GROUP_MARK);
-                self.groups.insert(gkey, group);
+                self.groups.insert(gkey, Some(group));
             }
         }
         Ok(())
@@ -257,35 +284,35 @@ pub fn leave(
         },
     };
     remaining |= !list.is_empty() || next.is_some();
+    // Everything read before anything is written: a caller's batch holds
+    // other writes, and a half-planned one must not join them.
+    let released = match (was_head, next) {
+        (true, Some(next)) => Some((next, released_record(db, target, next, now_ms)?)),
+        _ => None,
+    };
     if list.is_empty() {
         batch.remove(ck);
     } else {
         batch.insert(ck, pack(&list));
     }
-    match (was_head, next) {
-        (false, _) => tally.held(target, -1),
-        (true, Some(next)) => release(db, batch, tally, target, next, now_ms)?,
-        (true, None) => {}
+    if !was_head {
+        tally.held(target, -1);
+    }
+    if let Some((next, record)) = released {
+        // The held delivery is due now.
+        batch.insert(delivery_key(target, next), record);
+        batch.insert(queue_key(target, now_ms, next), Vec::new());
+        tally.held(target, -1);
     }
     Ok(remaining)
 }
 
-/// Makes a held delivery due now.
-fn release(
-    db: &::sled::Db,
-    batch: &mut ::sled::Batch,
-    tally: &mut Tally,
-    target: &str,
-    id: EventId,
-    now_ms: u64,
-) -> Result<(), StoreError> {
-    let dkey = delivery_key(target, id);
-    let mut record = get_json::<DeliveryRecord>(db, &dkey)?.unwrap_or_else(|| DeliveryRecord::pending(now_ms));
+/// The record of a held delivery made due at `now_ms`.
+fn released_record(db: &::sled::Db, target: &str, id: EventId, now_ms: u64) -> Result<Vec<u8>, StoreError> {
+    let mut record =
+        get_json::<DeliveryRecord>(db, &delivery_key(target, id))?.unwrap_or_else(|| DeliveryRecord::pending(now_ms));
     record.state = DeliveryState::Pending { due_ms: now_ms };
-    batch.insert(dkey, json(&record)?);
-    batch.insert(queue_key(target, now_ms, id), Vec::new());
-    tally.held(target, -1);
-    Ok(())
+    json(&record)
 }
 
 /// Puts a requeued delivery at the end of its key's queue, in a chunk of its

@@ -271,6 +271,34 @@ async fn a_pause_on_one_instance_holds_the_target_on_all() {
     assert_eq!(collect(&mut target, after.len(), Duration::from_secs(10)).await.len(), 3);
 }
 
+/// A 429's `Retry-After` is the target's limit on every instance: the one
+/// it answered tells the others, which wait too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429s_retry_after_holds_every_instance() {
+    let Some(cluster) = throwaway::cluster("a_429s_retry_after_holds_every_instance") else { return };
+    let url = cluster.database();
+    let mut target = FakeTarget::start().await;
+    target.script([Answer::status(429).header("retry-after", "2")]);
+    let dir = tempfile::tempdir().unwrap();
+    let targets = format!("  - name: search\n    url: \"{}\"", target.url("/reindex"));
+    let config = instance_config(
+        dir.path(),
+        &url,
+        &targets,
+        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
+    );
+    let (_a, a_addr) = spawn_relay(&config);
+    let (_b, b_addr) = spawn_relay(&config);
+    let mut ids = post_all(&[a_addr], 0, 1).await;
+    target.next().await;
+    // Either instance may have sent it; the other hears within milliseconds.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ids.extend(post_all(&[b_addr], 1, 1).await);
+    target.nothing_for(Duration::from_millis(1_200)).await;
+    let seen = collect(&mut target, ids.len(), Duration::from_secs(10)).await;
+    assert_eq!(seen.len(), 2, "both delivered once the wait is over");
+}
+
 /// A pause the database refuses to save is answered 503 and not applied:
 /// reported as done, it would have held this instance only, and been gone
 /// after a restart.

@@ -155,6 +155,9 @@ pub async fn follow_notices(
             Ok(Notice::CircuitOpened { target, open_ms }) => {
                 workers.control(&target, super::Control::CircuitOpened(Duration::from_millis(open_ms))).await;
             }
+            Ok(Notice::AskedToWait { target, wait_ms }) => {
+                workers.control(&target, super::Control::AskedToWait(Duration::from_millis(wait_ms))).await;
+            }
             Err(RecvError::Closed) => return,
         }
     }

@@ -50,6 +50,9 @@ pub enum Control {
     Reconfigure(Arc<Target>),
     /// Another instance sharing the store opened the circuit for this long.
     CircuitOpened(Duration),
+    /// The target told another instance sharing the store (429,
+    /// `Retry-After`) to send nothing for this long.
+    AskedToWait(Duration),
     /// The target is paused (or not) in the store shared with other
     /// instances: applied, not written again.
     PausedElsewhere(bool),
@@ -286,6 +289,12 @@ impl Worker {
                 }
                 return;
             }
+            Control::AskedToWait(wait) => {
+                if hold_queue(&self.asked_to_wait, &self.target, wait) {
+                    tracing::warn!(target = %self.target.name, ?wait, "target asked another instance to wait (Retry-After): deliveries wait");
+                }
+                return;
+            }
             Control::PausedElsewhere(paused) => {
                 if paused != self.paused {
                     let action = if paused { "paused" } else { "resumed" };
@@ -426,18 +435,29 @@ struct AttemptCtx {
     asked_to_wait: Arc<Mutex<Option<Instant>>>,
 }
 
+/// Holds the target's queue for `wait` (capped like a delivery's own retry)
+/// unless it is held longer already; true when it now waits longer.
+fn hold_queue(asked: &Mutex<Option<Instant>>, target: &Target, wait: Duration) -> bool {
+    let wait = wait.min(target.retry.max_backoff);
+    let until = Instant::now() + wait;
+    let mut asked = asked.lock().unwrap_or_else(|p| p.into_inner());
+    let longer = !wait.is_zero() && asked.is_none_or(|at| at < until);
+    if longer {
+        *asked = Some(until);
+    }
+    longer
+}
+
 impl AttemptCtx {
-    /// The target asked (429, `Retry-After`) that nothing be sent for `after`,
-    /// capped like the delivery's own retry: the whole queue waits. Noted
-    /// before the slot is given back, so that no attempt starts meanwhile.
-    fn ask_to_wait(&self, after: Duration) {
-        let after = after.min(self.target.retry.max_backoff);
-        let until = Instant::now() + after;
-        let mut asked = self.asked_to_wait.lock().unwrap_or_else(|p| p.into_inner());
-        if !after.is_zero() && asked.is_none_or(|at| at < until) {
+    /// The target asked (429, `Retry-After`) that nothing be sent for `after`:
+    /// the whole queue waits. Noted before the slot is given back, so that
+    /// no attempt starts meanwhile; true when it holds the queue longer.
+    fn ask_to_wait(&self, after: Duration) -> bool {
+        let longer = hold_queue(&self.asked_to_wait, &self.target, after);
+        if longer {
             tracing::warn!(target = %self.target.name, ?after, "target asked to wait (Retry-After): deliveries wait");
-            *asked = Some(until);
         }
+        longer
     }
 
     /// One attempt, recorded in the store; `slot` is given back once the
@@ -484,10 +504,17 @@ impl AttemptCtx {
         };
         // 429 (too many requests) is about the client, not this request: the
         // whole queue waits. A 503's `Retry-After` delays its delivery only.
-        if let (Some(429), Verdict::Retry { after: Some(after) }) = (result.status, &result.verdict) {
-            self.ask_to_wait(*after);
-        }
+        let asked = match (result.status, &result.verdict) {
+            (Some(429), Verdict::Retry { after: Some(after) }) => Some(*after).filter(|after| self.ask_to_wait(*after)),
+            _ => None,
+        };
         drop(slot);
+        if let Some(wait) = asked {
+            // The target's limit is on every instance sharing the store.
+            if let Err(e) = self.store.asked_to_wait(name, wait).await {
+                tracing::warn!(target = %name, error = %e, "other instances not told to wait");
+            }
+        }
         let now = now_ms();
         let tries = due.tries + 1;
         let next = next_step(&self.target.retry, &result.verdict, tries, event.meta.received_ms, now, fastrand::f64());

@@ -872,4 +872,6 @@ async fn instances_hear_of_each_others_work_pauses_and_circuits(a: &dyn Store, b
     assert_eq!(next(&mut heard).await, Notice::Paused { target: "t".into(), paused: true });
     a.circuit_opened("t", Duration::from_secs(30)).await.expect("tell");
     assert_eq!(next(&mut heard).await, Notice::CircuitOpened { target: "t".into(), open_ms: 30_000 });
+    a.asked_to_wait("t", Duration::from_secs(2)).await.expect("tell");
+    assert_eq!(next(&mut heard).await, Notice::AskedToWait { target: "t".into(), wait_ms: 2_000 });
 }

@@ -54,6 +54,9 @@ pub enum Notice {
     Paused { target: String, paused: bool },
     /// An instance opened this target's circuit for `open_ms`.
     CircuitOpened { target: String, open_ms: u64 },
+    /// The target told an instance (429, `Retry-After`) to send nothing
+    /// for `wait_ms`.
+    AskedToWait { target: String, wait_ms: u64 },
 }
 
 /// What the rest of hookrelay needs from storage.
@@ -127,6 +130,13 @@ pub trait Store: Send + Sync + 'static {
     /// target's circuit for `open_for`, so that they hold too (nothing to
     /// tell where no other instance shares it).
     async fn circuit_opened(&self, _target: &str, _open_for: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Tells the instances sharing the store that the target asked (429,
+    /// `Retry-After`) that nothing be sent for `wait`: the target's limit
+    /// is on all of them, so they wait too.
+    async fn asked_to_wait(&self, _target: &str, _wait: std::time::Duration) -> Result<(), StoreError> {
         Ok(())
     }
 

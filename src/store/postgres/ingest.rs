@@ -475,6 +475,9 @@ fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
         if channel == PAUSES {
             return vec![Notice::Paused { target, paused: value == "1" }];
         }
+        if let Some(wait) = value.strip_prefix("wait ") {
+            return wait.parse().map(|wait_ms| vec![Notice::AskedToWait { target, wait_ms }]).unwrap_or_default();
+        }
         return value.parse().map(|open_ms| vec![Notice::CircuitOpened { target, open_ms }]).unwrap_or_default();
     }
     if payload == ANY {
@@ -498,6 +501,11 @@ mod tests {
             [Notice::CircuitOpened { target: "build".into(), open_ms: 30_000 }]
         );
         assert!(notices_of(CIRCUITS, "soon\nbuild").is_empty());
+        assert_eq!(
+            notices_of(CIRCUITS, "wait 2000\nbuild"),
+            [Notice::AskedToWait { target: "build".into(), wait_ms: 2_000 }]
+        );
+        assert!(notices_of(CIRCUITS, "wait soon\nbuild").is_empty());
         let many: Vec<String> = (0..1_000).map(|n| format!("target-{n}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
         assert_eq!(notices_of(CHANNEL, &notice_of(&many)), [Notice::AnyQueued], "too many for a notice: any");

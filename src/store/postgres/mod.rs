@@ -36,7 +36,8 @@ use super::*;
 pub(crate) const CHANNEL: &str = "hookrelay_queued";
 /// The channel of pauses: `1` or `0`, a line feed, the target.
 pub(crate) const PAUSES: &str = "hookrelay_paused";
-/// The channel of opened circuits: how long in ms, a line feed, the target.
+/// The channel of opened circuits (how long in ms, a line feed, the target)
+/// and of a 429's waits (`wait `, how long in ms, a line feed, the target).
 pub(crate) const CIRCUITS: &str = "hookrelay_circuit";
 
 /// How to reach the database.
@@ -709,6 +710,15 @@ impl Store for PgStore {
     async fn circuit_opened(&self, target: &str, open_for: Duration) -> Result<(), StoreError> {
         let client = self.client().await?;
         let notice = format!("{}\n{target}", open_for.as_millis());
+        execute(&client, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
+        Ok(())
+    }
+
+    async fn asked_to_wait(&self, target: &str, wait: Duration) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        // On the circuits' channel, which instances of every version hear;
+        // one that does not know the `wait ` prefix ignores the notice.
+        let notice = format!("wait {}\n{target}", wait.as_millis());
         execute(&client, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
         Ok(())
     }

@@ -182,14 +182,11 @@ async fn events(admin: &Admin, query: &HashMap<String, String>) -> Result {
     let mut out = Vec::new();
     let mut scanned = 0;
     let mut exhausted = false;
-    while out.len() < limit && scanned < MAX_SCANNED {
-        let page = admin.store.events_before(before, source, limit.max(100)).await?;
-        exhausted = page.is_empty();
-        if exhausted {
-            break;
-        }
-        for (id, m) in page {
-            scanned += 1;
+    'pages: while out.len() < limit && scanned < MAX_SCANNED {
+        let step = limit.max(100);
+        let page = admin.store.events_before(before, source, step).await?;
+        scanned += step;
+        for (id, m) in page.events {
             before = Some(id);
             if pattern.is_some_and(|p| !glob(p, &m.event)) || target.is_some_and(|t| !m.targets.iter().any(|x| x == t))
             {
@@ -206,7 +203,15 @@ async fn events(admin: &Admin, query: &HashMap<String, String>) -> Result {
             if wanted {
                 out.push(json!({ "id": id.to_string(), "source": m.source, "event": m.event, "received_at": time(m.received_ms), "targets": m.targets, "deliveries": statuses }));
             }
-            if out.len() >= limit || scanned >= MAX_SCANNED {
+            if out.len() >= limit {
+                // The next page goes on after this one.
+                break 'pages;
+            }
+        }
+        match page.next_before {
+            Some(next) => before = Some(next),
+            None => {
+                exhausted = true;
                 break;
             }
         }

@@ -403,12 +403,28 @@ async fn recent_events_are_newest_first_per_source(store: &dyn Store) {
     assert_eq!(of_a, [a2, a1]);
     assert_eq!(store.recent_events(None, 1).await.expect("recent").len(), 1);
     let older: Vec<EventId> =
-        store.events_before(Some(b1), None, 10).await.expect("page").into_iter().map(|e| e.0).collect();
+        store.events_before(Some(b1), None, 10).await.expect("page").events.into_iter().map(|e| e.0).collect();
     assert_eq!(older, [a1], "the page before b1");
     let older_a: Vec<EventId> =
-        store.events_before(Some(a2), Some("a"), 10).await.expect("page").into_iter().map(|e| e.0).collect();
+        store.events_before(Some(a2), Some("a"), 10).await.expect("page").events.into_iter().map(|e| e.0).collect();
     assert_eq!(older_a, [a1]);
-    assert!(store.events_before(Some(a1), None, 10).await.expect("page").is_empty());
+    assert_eq!(store.events_before(Some(a1), None, 10).await.expect("page"), EventsPage::default(), "the end");
+    // Pages of one source, `limit` at most each, go on to the end whatever
+    // the backend examined per page.
+    for n in 2..6 {
+        accepted(store, event("b", &n.to_string(), &[])).await;
+    }
+    let (mut seen, mut before) = (Vec::new(), None);
+    for _ in 0..20 {
+        let page = store.events_before(before, Some("a"), 2).await.expect("page");
+        assert!(page.events.len() <= 2);
+        seen.extend(page.events.iter().map(|e| e.0));
+        before = page.next_before;
+        if before.is_none() {
+            break;
+        }
+    }
+    assert_eq!((seen, before), (vec![a2, a1], None));
 }
 
 async fn purge_removes_finished_old_events_only_and_goes_on_from_its_cursor(store: &dyn Store) {

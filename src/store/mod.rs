@@ -72,19 +72,24 @@ pub trait Store: Send + Sync + 'static {
     /// One event with its payload, or `None`.
     async fn event(&self, id: EventId) -> Result<Option<StoredEvent>, StoreError>;
 
-    /// The newest events first, of one source or of all, at most `limit`.
+    /// The newest events first, of one source or of all: the first page of
+    /// [`Store::events_before`].
     async fn recent_events(&self, source: Option<&str>, limit: usize) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
-        self.events_before(None, source, limit).await
+        Ok(self.events_before(None, source, limit).await?.events)
     }
 
-    /// [`Store::recent_events`] received before the event `before` (paging
-    /// back from where a page ended), or from the newest for `None`.
+    /// The events received before the event `before` (paging back from
+    /// where a page ended), or from the newest for `None`, newest first, of
+    /// one source or of all. At most `limit` events are examined, so a page
+    /// of one source may hold fewer, even none, while more remain (a
+    /// backend without an index by source reads no further):
+    /// `next_before` tells where the next page starts.
     async fn events_before(
         &self,
         before: Option<EventId>,
         source: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError>;
+    ) -> Result<EventsPage, StoreError>;
 
     /// The delivery records of one event, one per target.
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError>;

@@ -25,13 +25,8 @@ impl Store for NullStore {
     async fn event(&self, _: EventId) -> Result<Option<StoredEvent>, StoreError> {
         Ok(None)
     }
-    async fn events_before(
-        &self,
-        _: Option<EventId>,
-        _: Option<&str>,
-        _: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
-        Ok(Vec::new())
+    async fn events_before(&self, _: Option<EventId>, _: Option<&str>, _: usize) -> Result<EventsPage, StoreError> {
+        Ok(EventsPage::default())
     }
     async fn deliveries(&self, _: EventId) -> Result<Vec<Delivery>, StoreError> {
         Ok(Vec::new())

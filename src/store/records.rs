@@ -208,6 +208,14 @@ pub struct EventMeta {
     pub group: BTreeMap<String, String>,
 }
 
+/// A page of [`super::Store::events_before`], newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventsPage {
+    pub events: Vec<(EventId, EventMeta)>,
+    /// Where the next page starts (the last event examined); `None` at the end.
+    pub next_before: Option<EventId>,
+}
+
 /// An event with its body, byte for byte as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {

@@ -425,14 +425,18 @@ impl Store for PgStore {
         before: Option<EventId>,
         source: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
+    ) -> Result<EventsPage, StoreError> {
         let client = self.client().await?;
         let sql = format!(
             "SELECT {META} FROM hr_events WHERE ($1::uuid IS NULL OR id < $1) AND ($2::text IS NULL OR source = $2)
              ORDER BY id DESC LIMIT $3"
         );
         let rows = query(&client, &sql, &[&before.map(|b| b.0), &source, &(limit as i64)]).await?;
-        rows.iter().map(|r| Ok((EventId(r.get("id")), meta_of(r)?))).collect()
+        let events =
+            rows.iter().map(|r| Ok((EventId(r.get("id")), meta_of(r)?))).collect::<Result<Vec<_>, StoreError>>()?;
+        // By an index on (source, id): `limit` of the source, or the end.
+        let next_before = events.last().map(|e| e.0).filter(|_| events.len() >= limit);
+        Ok(EventsPage { events, next_before })
     }
 
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError> {

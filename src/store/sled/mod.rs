@@ -72,22 +72,25 @@ impl Store for SledStore {
         before: Option<EventId>,
         source: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(EventId, EventMeta)>, StoreError> {
-        // Ids are UUIDv7, so key order is arrival order: walk it backwards.
-        let mut out = Vec::new();
+    ) -> Result<EventsPage, StoreError> {
+        // Ids are UUIDv7, so key order is arrival order: walk it backwards,
+        // `limit` events at most, whatever their source (no index by source).
+        let mut page = EventsPage::default();
         let end = before.map_or_else(|| b"e0".to_vec(), event_key);
-        for item in self.db.range(b"e/".to_vec()..end).rev() {
-            if out.len() >= limit {
-                break;
+        for (examined, item) in self.db.range(b"e/".to_vec()..end).rev().enumerate() {
+            if examined >= limit {
+                return Ok(page);
             }
             let (k, v) = item?;
             let id = layout::id_of(&k)?;
+            page.next_before = Some(id);
             let meta = layout::decode_meta(&k, &v)?;
             if source.is_none_or(|s| s == meta.source) {
-                out.push((id, meta));
+                page.events.push((id, meta));
             }
         }
-        Ok(out)
+        page.next_before = None;
+        Ok(page)
     }
 
     async fn deliveries(&self, id: EventId) -> Result<Vec<Delivery>, StoreError> {
@@ -430,6 +433,22 @@ mod tests {
         ev.targets = how.iter().map(|(t, _)| t.to_string()).collect();
         ev.sequenced = how.iter().map(|(t, h)| (t.to_string(), h.clone())).collect();
         ev
+    }
+
+    /// Without an index by source, a page examines `limit` events at most:
+    /// a source that matches nothing does not read the whole store.
+    #[tokio::test]
+    async fn a_page_of_one_source_examines_limit_events_at_most() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..5u8 {
+            ids.push(accepted(&store, event(vec![n])).await);
+        }
+        let page = store.events_before(None, Some("typo"), 3).await.unwrap();
+        assert_eq!(page, EventsPage { events: Vec::new(), next_before: Some(ids[2]) });
+        let page = store.events_before(page.next_before, Some("typo"), 3).await.unwrap();
+        assert_eq!(page, EventsPage::default(), "the end");
     }
 
     /// A round's webhooks share one batch: one refused because a record it

@@ -259,3 +259,61 @@ async fn runaway_programs_are_stopped_while_other_webhooks_flow() {
     assert_eq!(slow.next().await.body.as_ref(), b"true");
     assert!(started.elapsed() < Duration::from_secs(2), "the sandbox came back in {:?}", started.elapsed());
 }
+
+/// A lane sends the runs waiting in one write. A run that kills its
+/// sandbox (stack or memory) fails alone: the runs answered before it in
+/// the same write keep their answers, whatever the child had sent by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_fails_only_the_run_that_caused_it() {
+    use hookrelay::jq::{set_worker_exe, FailureKind, Kind, Lane, Output, Program};
+    set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
+    let lane = Lane::new("blame");
+    let benign = Program::compile(Kind::Filter, ".a + 1").unwrap();
+    let deep = Program::compile(Kind::Filter, "def f: 1 + f; f").unwrap();
+    let input = bytes::Bytes::from_static(br#"{"a":1}"#);
+    let vars = ["s", "e"];
+    let runs = (0..21).map(|n| {
+        let program = if n == 10 { &deep } else { &benign };
+        lane.run(program, &vars, &input)
+    });
+    let outputs = futures_util::future::join_all(runs).await;
+    for (n, output) in outputs.into_iter().enumerate() {
+        match (n, output.unwrap()) {
+            (10, Output::Failed(f)) => assert_eq!(f.kind, FailureKind::Crashed, "{f:?}"),
+            (10, other) => panic!("the recursion was not stopped: {other:?}"),
+            (_, output) => assert_eq!(output, Output::Value(b"2".to_vec()), "run {n}"),
+        }
+    }
+}
+
+/// Runs of a lane each well within the time limit, sent together, all
+/// answer, however long they take together: each answer goes out as soon as
+/// it is made (the lane stops a sandbox that answers nothing for 2 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_slow_runs_sent_at_once_all_answer() {
+    use hookrelay::jq::{set_worker_exe, Kind, Lane, Output, Program};
+    set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
+    let lane = Lane::new("slow runs");
+    let input = bytes::Bytes::from_static(b"null");
+    let vars = ["s", "e"];
+    // The sandbox started, then a loop that takes about 25 ms here (well
+    // within the 100 ms limit).
+    let warm = Program::compile(Kind::Filter, "[range(10)] | length").unwrap();
+    assert_eq!(lane.run(&warm, &vars, &input).await.unwrap(), Output::Value(b"10".to_vec()));
+    let mut n = 10_000u64;
+    let program = loop {
+        let program = Program::compile(Kind::Filter, &format!("reduce range({n}) as $x (0; . + 1)")).unwrap();
+        let started = Instant::now();
+        let output = lane.run(&program, &vars, &input).await.unwrap();
+        assert!(matches!(output, Output::Value(_)), "{output:?}");
+        let took = started.elapsed();
+        if took >= Duration::from_millis(25) || n >= 100_000_000 {
+            break program;
+        }
+        n = n * 25 / took.as_millis().clamp(1, 24) as u64;
+    };
+    // 120 of them: about 3 s in all.
+    let outputs = futures_util::future::join_all((0..120).map(|_| lane.run(&program, &vars, &input))).await;
+    let failed: Vec<_> = outputs.into_iter().map(Result::unwrap).filter(|o| !matches!(o, Output::Value(_))).collect();
+    assert!(failed.is_empty(), "{} of 120 failed: {:?}", failed.len(), failed.first());
+}

@@ -87,10 +87,6 @@ fn serve(outgoing: &Mutex<Outgoing>) -> io::Result<()> {
     let mut programs = Programs::default();
     let (mut body, mut answer) = (Vec::new(), Vec::new());
     loop {
-        // Nothing more is waiting: send the answers before blocking on input.
-        if input.buffer().is_empty() {
-            lock(outgoing).out.flush()?;
-        }
         if !frame::read_frame(&mut input, &mut body)? {
             return lock(outgoing).out.flush();
         }
@@ -99,9 +95,14 @@ fn serve(outgoing: &Mutex<Outgoing>) -> io::Result<()> {
         let output = programs.run(request);
         answer.clear();
         frame::encode_output(&mut answer, &output);
+        // Each answer goes out as it is made, even with more runs waiting:
+        // held back behind them, answers would be lost with the process if
+        // a later run kills it (and the lane would blame the oldest run it
+        // has no answer for), and a long batch would look stuck.
         let mut o = lock(outgoing);
         o.running = None;
         o.out.write_all(&answer)?;
+        o.out.flush()?;
     }
 }
 

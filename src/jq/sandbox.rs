@@ -146,7 +146,10 @@ impl Lane {
 /// A started child.
 struct Running {
     process: Child,
-    stdin: ChildStdin,
+    /// Requests for its input, written by a task of their own: a child
+    /// reads a long batch as it runs it, and the lane meanwhile takes its
+    /// answers and new runs.
+    requests: mpsc::UnboundedSender<Vec<u8>>,
     /// Its answers, in order; closed when it exits or breaks the protocol.
     /// An error when it never greeted: it is not a working sandbox.
     answers: mpsc::UnboundedReceiver<Result<Output, String>>,
@@ -247,9 +250,9 @@ impl LaneState {
             batch.extend_from_slice(&job.input);
             self.sent.push_back(job);
         }
-        // A child that does not read is stopped; a dead one shows as its
-        // answers ending.
-        if tokio::time::timeout(BACKSTOP, c.stdin.write_all(&batch)).await.is_err() {
+        // A child that does not read answers nothing and is stopped after
+        // the backstop; a dead one shows as its answers ending.
+        if c.requests.send(batch).is_err() {
             stop(c).await;
         }
     }
@@ -347,7 +350,18 @@ async fn start() -> std::io::Result<Running> {
     };
     let (tx, answers) = mpsc::unbounded_channel();
     tokio::spawn(read_answers(exe, stdout, tx));
-    Ok(Running { process, stdin, answers, timed_out: false, stopped: false })
+    let (requests, to_write) = mpsc::unbounded_channel();
+    tokio::spawn(write_requests(stdin, to_write));
+    Ok(Running { process, requests, answers, timed_out: false, stopped: false })
+}
+
+/// Writes the lane's batches to a child's input, until either ends.
+async fn write_requests(mut stdin: ChildStdin, mut batches: mpsc::UnboundedReceiver<Vec<u8>>) {
+    while let Some(batch) = batches.recv().await {
+        if stdin.write_all(&batch).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Reads a child's greeting, then its answers, until it ends.

@@ -59,6 +59,8 @@ pub struct Relay {
     fixed: Fixed,
     /// Keeps the routes channel open; reload sends new routes through it.
     routes: watch::Sender<Arc<Routes>>,
+    /// Ingress's TLS certificate and key; reload sends renewed ones.
+    tls: watch::Sender<Option<Arc<rustls::ServerConfig>>>,
 }
 
 impl Relay {
@@ -127,13 +129,8 @@ impl Relay {
         ));
         let tasks = TaskTracker::new();
         let admin_task = tokio::spawn(admin::serve(admin_listener, admin.clone(), admin_shutdown.clone()));
-        tasks.spawn(ingress::serve(
-            listener,
-            settings.server.tls.clone(),
-            ingress,
-            settings.server.request_timeout,
-            shutdown.child_token(),
-        ));
+        let (tls_tx, tls_rx) = watch::channel(settings.server.tls.clone());
+        tasks.spawn(ingress::serve(listener, tls_rx, ingress, settings.server.request_timeout, shutdown.child_token()));
         tracing::info!(
             listen = %ingress_addr,
             tls = settings.server.tls.is_some(),
@@ -157,6 +154,7 @@ impl Relay {
             admin,
             fixed: Fixed::of(&settings),
             routes: routes_tx,
+            tls: tls_tx,
         })
     }
 
@@ -216,17 +214,22 @@ impl Relay {
     /// Applies a reloaded configuration without dropping a connection or a
     /// queued delivery: targets first (new ones get workers, changed ones
     /// their new settings), then the sources and routes, then the admin
-    /// token. Listeners, TLS and storage keep their running settings until
-    /// a restart (logged).
+    /// token, then ingress's TLS certificate and key (read again from their
+    /// files, for new connections). Listeners, TLS on or off and storage
+    /// keep their running settings until a restart (logged).
     pub async fn reload(&self, settings: Settings) -> Result<(), String> {
         if Fixed::of(&settings) != self.fixed {
             tracing::warn!(
-                "server.listen, server.tls, admin.listen and storage changes take effect at the next restart"
+                "server.listen, server.tls on or off, admin.listen and storage changes take effect at the next restart"
             );
         }
         self.dispatcher.apply(&settings.targets).await.map_err(|e| e.to_string())?;
         self.routes.send_replace(routes(&settings, &self.metrics));
         self.admin.update(settings.admin.token.clone(), settings.targets.clone());
+        if self.fixed.tls && settings.server.tls.is_some() {
+            self.tls.send_replace(settings.server.tls.clone());
+            tracing::info!("TLS certificate and key read again: new connections are served with them");
+        }
         tracing::info!(sources = settings.sources.len(), targets = settings.targets.len(), "configuration reloaded");
         Ok(())
     }

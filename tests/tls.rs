@@ -14,23 +14,30 @@ struct Tls {
     relay: TestRelay,
     roots: rustls::RootCertStore,
     /// Holds the certificate files as long as the relay runs.
-    _certs: tempfile::TempDir,
+    certs: tempfile::TempDir,
+}
+
+/// A new self-signed certificate for localhost, written where the relay's
+/// config points; the roots that trust it.
+fn write_cert(dir: &std::path::Path) -> rustls::RootCertStore {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    std::fs::write(dir.join("relay.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("relay.key"), cert.key_pair.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    roots
 }
 
 async fn start_tls() -> Tls {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("relay.pem"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("relay.key"), cert.key_pair.serialize_pem()).unwrap();
+    let roots = write_cert(dir.path());
     let tls = format!(
         "  tls:\n    cert: \"{}\"\n    key: \"{}\"",
         dir.path().join("relay.pem").display(),
         dir.path().join("relay.key").display()
     );
     let relay = start_with(&tls, "").await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(cert.cert.der().clone()).unwrap();
-    Tls { relay, roots, _certs: dir }
+    Tls { relay, roots, certs: dir }
 }
 
 fn client(
@@ -72,6 +79,23 @@ async fn https_with_http1_over_tls12() {
     assert_eq!(reply.version, Version::HTTP_11);
     assert_eq!(reply.status, StatusCode::ACCEPTED);
     assert!(t.relay.store.event(reply.json()["id"].as_str().unwrap().parse().unwrap()).await.unwrap().is_some());
+}
+
+/// A reload reads the certificate and key again: a renewed certificate
+/// (cert-manager, certbot) is served to new connections without a restart.
+#[tokio::test]
+async fn a_reload_serves_a_renewed_certificate() {
+    let mut t = start_tls().await;
+    assert_eq!(post_tls(&t, &[b"http/1.1"], &rustls::version::TLS13).await.status, StatusCode::ACCEPTED);
+    let old = std::mem::replace(&mut t.roots, write_cert(t.certs.path()));
+    let settings = hookrelay::config::load(&t.relay.dir.path().join("routes.yaml")).unwrap();
+    t.relay.relay.reload(settings).await.unwrap();
+    // The same webhook again: its duplicate's answer, over the new certificate.
+    assert_eq!(post_tls(&t, &[b"http/1.1"], &rustls::version::TLS13).await.status, StatusCode::OK);
+    let tcp = TcpStream::connect(t.relay.addr).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let refused = client(&old, &[b"http/1.1"], &rustls::version::TLS13).connect(name, tcp).await;
+    assert!(refused.is_err(), "the old certificate is still served");
 }
 
 #[tokio::test]

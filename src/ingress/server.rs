@@ -9,6 +9,7 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -17,21 +18,22 @@ use crate::listen;
 
 /// Serves ingress on `listener` until `shutdown` fires, then lets each
 /// connection finish the requests it has begun. Returns once all have.
+/// `tls`: the certificate and key new connections are served with (a
+/// reload sends renewed ones); `None` for plain HTTP.
 pub async fn serve(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: watch::Receiver<Option<Arc<rustls::ServerConfig>>>,
     ingress: Arc<Ingress>,
     header_timeout: Duration,
     shutdown: CancellationToken,
 ) {
-    let acceptor = tls.map(TlsAcceptor::from);
     let builder = Arc::new(listen::http_builder(header_timeout));
     listen::accept(listener, shutdown.clone(), "ingress", |stream, peer| {
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
-        let (ingress, builder, acceptor, shutdown) =
-            (ingress.clone(), builder.clone(), acceptor.clone(), shutdown.clone());
+        let acceptor = tls.borrow().clone().map(TlsAcceptor::from);
+        let (ingress, builder, shutdown) = (ingress.clone(), builder.clone(), shutdown.clone());
         async move {
             let Some(acceptor) = acceptor else {
                 return serve_connection(&builder, stream, peer, ingress, header_timeout, shutdown).await;

@@ -167,7 +167,7 @@ fn postgres(raw: &RawStorage, base: &Path, p: &mut Problems) -> Option<PostgresS
     };
     let ca_certs = match &raw.ca_file {
         None => Vec::new(),
-        Some(f) => p.take("storage.ca_file", crate::ingress::tls::load_certs(&base.join(f))).unwrap_or_default(),
+        Some(f) => p.take("storage.ca_file", crate::ingress::tls::load_ca_certs(&base.join(f))).unwrap_or_default(),
     };
     let url = match raw.url.as_deref().map(str::trim) {
         None | Some("") => {
@@ -384,7 +384,9 @@ fn target(raw: &RawTarget, key: &str, base: &Path, p: &mut Problems) -> Option<T
     let url: Option<Uri> = p.take(format!("{key}.url"), parse_target_url(&raw.url));
     let ca_certs = match &raw.ca_file {
         None => Vec::new(),
-        Some(f) => p.take(format!("{key}.ca_file"), crate::ingress::tls::load_certs(&base.join(f))).unwrap_or_default(),
+        Some(f) => {
+            p.take(format!("{key}.ca_file"), crate::ingress::tls::load_ca_certs(&base.join(f))).unwrap_or_default()
+        }
     };
     let mut headers = Vec::new();
     for (name, value) in &raw.headers {

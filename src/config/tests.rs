@@ -178,6 +178,14 @@ fn bad_values_name_their_key_path() {
         "at most max_backoff",
     );
     assert_problem(&t(url, &format!("{url}\n    ca_file: missing.pem")), "targets[0].ca_file", "missing.pem");
+    // PEM, but not a certificate: refused here, not by the first connection
+    // (nor half-way through a reload).
+    let dir = tempfile::tempdir().unwrap();
+    let bogus = dir.path().join("ca.pem");
+    std::fs::write(&bogus, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+    let ca_file = format!("{url}\n    ca_file: \"{}\"", bogus.display());
+    assert_problem(&t(url, &ca_file), "targets[0].ca_file", "certificate 1 of");
+    assert_problem(&t(url, &ca_file), "targets[0].ca_file", "is not a usable CA certificate");
     assert_problem(&t("path: /hooks/buttercms", "path: hooks"), "sources[0].path", "must start with '/'");
     assert_problem(&t("format: buttercms", "format: wordpress"), "sources[0].format", "unknown variant `wordpress`");
     assert_problem(&t("name: buttercms", "name: \"butter cms\""), "sources[0].name", "not a valid name");

@@ -23,6 +23,20 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
+/// The CA certificates of a `ca_file`, each checked to be one rustls can
+/// trust: a file that is PEM but not a certificate is refused by `check`
+/// and by a reload, not when the first connection needs it.
+pub fn load_ca_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = load_certs(path)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for (n, cert) in certs.iter().enumerate() {
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("certificate {} of {} is not a usable CA certificate: {e}", n + 1, path.display()))?;
+    }
+    Ok(certs)
+}
+
 /// Builds the server's TLS settings from a PEM chain and a PEM key (PKCS#8, PKCS#1 or SEC1).
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
     let certs = load_certs(cert)?;

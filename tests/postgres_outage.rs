@@ -17,6 +17,8 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
     let Some(cluster) = throwaway::cluster("a_database_restart_under_load") else { return };
     let url = cluster.database();
     let mut target = FakeTarget::start().await;
+    // Slow enough that attempts are at the target when the database goes.
+    target.always(Answer::status(200).delay(Duration::from_millis(300)));
     let dir = tempfile::tempdir().unwrap();
     let text = relay_config_on(
         &format!(r#"{{ backend: postgres, url: "{url}", pool: 4 }}"#),
@@ -24,7 +26,7 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
         "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
     );
     let config = write_config(dir.path(), &text);
-    let (_relay, addr) = spawn_relay(&config);
+    let (relay, addr) = spawn_relay(&config);
 
     let mut acked: HashSet<String> = HashSet::new();
     let mut refused = 0;
@@ -76,13 +78,29 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
     // Everything acked arrives (those acked before the outage may arrive
     // twice: an attempt whose completion the outage lost is made again).
     let mut delivered: HashSet<String> = HashSet::new();
+    let mut requests = 0;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !acked.is_subset(&delivered) && Instant::now() < deadline {
         let left = deadline.saturating_duration_since(Instant::now());
         if let Ok(Some(r)) = tokio::time::timeout(left, target.received.recv()).await {
             delivered.insert(r.headers["webhook-id"].to_str().unwrap().to_string());
+            requests += 1;
         }
     }
     let lost = acked.difference(&delivered).count();
     assert_eq!(lost, 0, "acked webhooks lost across a database restart");
+    assert!(requests > acked.len(), "no attempt was at the target when the database went: nothing was repeated");
+
+    // Each delivery is counted once, when its outcome is recorded: those
+    // whose outcome the outage refused were attempted again, and counted
+    // then (they were counted twice).
+    let counted = || async {
+        let metrics = admin_call(relay.admin, http::Method::GET, "/metrics", None, "").await;
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let line = r#"hookrelay_deliveries_total{outcome="delivered",target="search"} "#;
+        text.lines().find_map(|l| l.strip_prefix(line)).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0)
+    };
+    eventually("every delivery recorded", || async { counted().await >= acked.len() }).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counted().await, acked.len(), "{requests} requests for {} webhooks", acked.len());
 }

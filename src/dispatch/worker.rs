@@ -521,16 +521,11 @@ impl AttemptCtx {
         let ms = result.duration.as_secs_f64() * 1000.0;
         self.metrics.delivery_attempt_seconds.with_label_values(&[name]).observe(result.duration.as_secs_f64());
         let outcome = match &next {
-            NextStep::Delivered => {
-                let lag = now.saturating_sub(event.meta.received_ms) as f64 / 1000.0;
-                self.metrics.delivery_lag_seconds.with_label_values(&[name]).observe(lag);
-                DeliveryOutcome::Delivered
-            }
+            NextStep::Delivered => DeliveryOutcome::Delivered,
             NextStep::RetryAt(_) | NextStep::Hold => DeliveryOutcome::Retried,
             NextStep::Dead(_) => DeliveryOutcome::Dead,
             NextStep::Skipped => DeliveryOutcome::Skipped,
         };
-        self.metrics.delivery(name, outcome, 1);
         let error = result.error.as_deref().unwrap_or("");
         match &next {
             NextStep::Dead(reason) => {
@@ -552,10 +547,17 @@ impl AttemptCtx {
             status: result.status,
             error: result.error,
         };
-        match self.record(&due, number, attempt, next).await {
-            true => Done::Sent(result.verdict),
-            false => Done::Stalled,
+        if !self.record(&due, number, attempt, next).await {
+            return Done::Stalled;
         }
+        // Counted once recorded: an outcome the store refused is attempted
+        // again, and counted then.
+        self.metrics.delivery(name, outcome, 1);
+        if outcome == DeliveryOutcome::Delivered {
+            let lag = now.saturating_sub(event.meta.received_ms) as f64 / 1000.0;
+            self.metrics.delivery_lag_seconds.with_label_values(&[name]).observe(lag);
+        }
+        Done::Sent(result.verdict)
     }
 
     /// Closes the debounce group whose newest event `due` is, as its attempt
@@ -610,13 +612,13 @@ impl AttemptCtx {
             NextStep::Skipped => DeliveryOutcome::Skipped,
             _ => DeliveryOutcome::Dead,
         };
-        self.metrics.delivery(&self.target.name, outcome, 1);
         tracing::info!(target = %self.target.name, id = %due.event_id, attempt = number, outcome = outcome.as_str(), "delivery ended without sending");
         let attempt = Attempt { at_ms: now_ms(), duration_ms: 0, status: None, error: Some(why.to_string()) };
-        match self.record(due, number, attempt, next).await {
-            true => Done::Unsent,
-            false => Done::Stalled,
+        if !self.record(due, number, attempt, next).await {
+            return Done::Stalled;
         }
+        self.metrics.delivery(&self.target.name, outcome, 1);
+        Done::Unsent
     }
 
     /// Records the attempt; false when the store refused it (the delivery then

@@ -84,7 +84,7 @@ impl Admin {
                 let Some(token) = token else {
                     return error(StatusCode::NOT_FOUND, "not found (no admin.token is configured)");
                 };
-                if !authorized(&token, &req) {
+                if !authorized(&token, req.headers()) {
                     return error(StatusCode::UNAUTHORIZED, "unauthorized");
                 }
                 api::route(self, req).await
@@ -94,10 +94,15 @@ impl Admin {
     }
 }
 
-/// `Authorization: Bearer <token>`, compared in constant time.
-fn authorized(token: &Secret, req: &Request<Incoming>) -> bool {
-    let given =
-        req.headers().get(AUTHORIZATION).and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
+/// `Authorization: Bearer <token>` (the scheme in any case, as HTTP has
+/// it), the token compared in constant time.
+fn authorized(token: &Secret, headers: &http::HeaderMap) -> bool {
+    let given = headers
+        .get(AUTHORIZATION)
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.split_at_checked(7))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
+        .map_or(&b""[..], |(_, token)| token);
     token.expose().ct_eq(given).into()
 }
 
@@ -121,4 +126,26 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>, shutdown: Cancellat
         async move { listen::serve_http(&builder, stream, handle, ADMIN_HEADER_TIMEOUT, shutdown, "admin", peer).await }
     })
     .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_read_in_any_case_and_the_token_exactly() {
+        let token = Secret::new("test-admin-token-0123456789");
+        let with = |value: &str| {
+            let mut headers = http::HeaderMap::new();
+            headers.insert(AUTHORIZATION, http::HeaderValue::from_str(value).unwrap());
+            authorized(&token, &headers)
+        };
+        for scheme in ["Bearer", "bearer", "BEARER"] {
+            assert!(with(&format!("{scheme} test-admin-token-0123456789")), "{scheme}");
+        }
+        for value in ["Bearer test-admin-token-012345678", "Basic test-admin-token-0123456789", "Bearer", ""] {
+            assert!(!with(value), "{value:?}");
+        }
+        assert!(!authorized(&token, &http::HeaderMap::new()));
+    }
 }

@@ -233,6 +233,9 @@ fn check_name(p: &mut Problems, key: String, name: &str) {
         !name.is_empty() && name.len() <= 64 && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if !ok {
         p.push(key, format!("{name:?} is not a valid name: use 1 to 64 letters, digits, '-', '_' or '.'"));
+    } else if name.chars().all(|c| c == '.') {
+        // `.` and `..` are path steps: /admin/targets/../pause is not the target's.
+        p.push(key, format!("{name:?} is not a valid name: it needs a letter, a digit, '-' or '_'"));
     }
 }
 

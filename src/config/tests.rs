@@ -189,6 +189,9 @@ fn bad_values_name_their_key_path() {
     assert_problem(&t("path: /hooks/buttercms", "path: hooks"), "sources[0].path", "must start with '/'");
     assert_problem(&t("format: buttercms", "format: wordpress"), "sources[0].format", "unknown variant `wordpress`");
     assert_problem(&t("name: buttercms", "name: \"butter cms\""), "sources[0].name", "not a valid name");
+    for dots in ["\".\"", "\"..\""] {
+        assert_problem(&t("name: search", &format!("name: {dots}")), "targets[0].name", "not a valid name");
+    }
     assert_problem(&format!("server: {{ max_body: lots }}\n{MINIMAL}"), "server.max_body", "invalid size");
     assert_problem(&format!("server: {{ listen: \"localhost\" }}\n{MINIMAL}"), "server.listen", "not an address");
     assert_problem(&format!("storage: {{ cache: 12XB }}\n{MINIMAL}"), "storage.cache", "invalid size");

@@ -187,12 +187,17 @@ async fn browse(c: Client) {
     let mut working = FakeTarget::start().await;
     let mut failing = FakeTarget::start().await;
     failing.always(Answer::status(500));
+    let mut failing_too = FakeTarget::start().await;
+    failing_too.always(Answer::status(500));
+    let dead_soon = "    retry: { max_attempts: 1 }\n    circuit_breaker: { open_for: 200ms }\n";
     let targets = format!(
-        "  - name: working\n    url: \"{}\"\n  - name: failing\n    url: \"{}\"\n    retry: {{ max_attempts: 1 }}\n    circuit_breaker: {{ open_for: 200ms }}\n",
+        "  - name: working\n    url: \"{}\"\n  - name: failing\n    url: \"{}\"\n{dead_soon}  - name: failing-too\n    url: \"{}\"\n{dead_soon}",
         working.url("/"),
-        failing.url("/")
+        failing.url("/"),
+        failing_too.url("/"),
     );
-    let t = start_relay(&targets, "  - { source: buttercms, events: [\"*\"], targets: [working, failing] }").await;
+    let routes = "  - { source: buttercms, events: [\"*\"], targets: [working, failing, failing-too] }";
+    let t = start_relay(&targets, routes).await;
     let admin: SocketAddr = t.relay.admin_addr;
     let origin = format!("http://{admin}");
     let (shot_dir, _keep) = shots();
@@ -202,12 +207,14 @@ async fn browse(c: Client) {
         ids.push(post_butter(t.addr, butter_page(n)).await.json()["id"].as_str().unwrap().to_string());
         working.next().await;
         failing.next().await;
+        failing_too.next().await;
     }
     // A hostile page name, as a CMS could send it.
     let hostile = r#"{"data":{"id":"evil","name":"<img src=x onerror=alert(1)></script><script>window.__pwned=1</script>","timestamp":"t"},"webhook":{"event":"page.published","target":"x"}}"#;
     let evil = post_butter(t.addr, hostile).await.json()["id"].as_str().unwrap().to_string();
     working.next().await;
     failing.next().await;
+    failing_too.next().await;
 
     // Sign in: a wrong token is refused, the right one opens the overview.
     c.goto(&format!("{origin}/")).await.unwrap();
@@ -261,6 +268,19 @@ async fn browse(c: Client) {
     wait_text(&c, "#status", "1 replayed").await;
     let replayed = failing.next().await;
     assert_eq!(replayed.headers["webhook-id"], ids[1].as_str());
+    // With every target listed, a row is one target's dead letter: only
+    // the row ticked is replayed, not the event's other dead letters.
+    c.goto(&format!("{origin}/console#/dead-letters")).await.unwrap();
+    wait_text(&c, "#dead-table", "failing-too").await;
+    click(&c, &format!("input[data-id='{}'][data-target='failing']", ids[2])).await;
+    click(&c, "#replay-selected").await;
+    click(&c, "#confirm-yes").await;
+    wait_text(&c, "#status", "1 replayed").await;
+    assert_eq!(failing.next().await.headers["webhook-id"], ids[2].as_str());
+    let dead = admin_call(admin, Method::GET, "/admin/dead-letters?target=failing-too", Some(ADMIN_TOKEN), "").await;
+    let still = dead.json()["dead_letters"].as_array().unwrap().iter().any(|d| d["id"] == ids[2].as_str());
+    assert!(still, "its dead letter to failing-too was replayed too");
+    failing_too.nothing_for(Duration::from_millis(200)).await;
 
     // Pause and resume a target.
     c.goto(&format!("{origin}/console#/targets")).await.unwrap();
@@ -274,6 +294,14 @@ async fn browse(c: Client) {
     click(&c, "#toggle-working").await;
     wait_text(&c, "#status", "working resumed").await;
     wait_text(&c, "#toggle-working", "Pause working").await;
+
+    // An action that fails says why: the event is gone when its redeliver is clicked.
+    c.goto(&format!("{origin}/console#/events/{}", ids[3])).await.unwrap();
+    wait_text(&c, "[data-target=failing]", "dead").await;
+    let (purged, _) = t.store.purge(hookrelay::store::now_ms() + 60_000, None, 1_000).await.unwrap();
+    assert!(purged > 0);
+    click(&c, "#redeliver-all").await;
+    wait_text(&c, "#status", "no event").await;
 
     // Readable on a phone: nothing wider than the screen.
     c.set_window_size(390, 844).await.unwrap();

@@ -300,15 +300,34 @@ async fn redeliver(admin: &Admin, raw_id: &str, target: Option<&String>) -> Resu
         Some(t) => return Err(ApiError(StatusCode::NOT_FOUND, format!("event {raw_id} was not routed to {t:?}"))),
         None => ev.meta.targets.clone(),
     };
-    let mut queued = Vec::new();
-    for t in chosen {
-        if admin.store.requeue(&t, id).await? {
-            queued.push(t);
-        }
-    }
-    admin.workers.wake(queued.iter().map(String::as_str));
+    let chosen: Vec<(String, EventId)> = chosen.into_iter().map(|t| (t, id)).collect();
+    let queued: Vec<&str> = requeue(admin, &chosen).await?.into_iter().map(|(t, _)| t.as_str()).collect();
     tracing::info!(id = %id, targets = ?queued, "redelivery requested by an operator");
     Ok(reply(StatusCode::OK, json!({ "id": id.to_string(), "redelivered": queued })))
+}
+
+/// Queues each delivery again, due now; the ones queued (an unknown one is
+/// not). Their workers are woken even when a later one fails, so that what
+/// was queued does not wait for the workers' next look.
+async fn requeue<'a>(admin: &Admin, chosen: &'a [(String, EventId)]) -> Result<Vec<&'a (String, EventId)>> {
+    let mut queued = Vec::new();
+    let mut failed = None;
+    for delivery in chosen {
+        match admin.store.requeue(&delivery.0, delivery.1).await {
+            Ok(true) => queued.push(delivery),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(queued = queued.len(), error = %e, "requeue stopped part-way; those queued go out");
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    admin.workers.wake(queued.iter().map(|(t, _)| t.as_str()));
+    match failed {
+        Some(e) => Err(e.into()),
+        None => Ok(queued),
+    }
 }
 
 async fn dead_letters(admin: &Admin, query: &HashMap<String, String>) -> Result {
@@ -377,13 +396,7 @@ async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
     // An id listed twice is replayed once.
     chosen.sort_unstable();
     chosen.dedup();
-    let mut replayed = 0;
-    for (target, id) in &chosen {
-        if admin.store.requeue(target, *id).await? {
-            replayed += 1;
-        }
-    }
-    admin.workers.wake(chosen.iter().map(|(t, _)| t.as_str()));
+    let replayed = requeue(admin, &chosen).await?.len();
     tracing::info!(replayed, target = ?ask.target, "dead letters replayed by an operator");
     Ok(reply(StatusCode::OK, json!({ "replayed": replayed })))
 }

@@ -77,9 +77,24 @@ async function api(path, options = {}) {
   } catch {
     body = null;
   }
-  if (response.status === 503) throw new ApiError("Storage is unavailable: the relay cannot read or write its store.");
+  if (response.status === 503) {
+    // The store's trouble, or the relay's own word (a worker that did not answer).
+    const said = body && body.error;
+    throw new ApiError(said && said !== "storage unavailable" ? `Not done: ${said}.` : "Storage is unavailable: the relay cannot read or write its store.");
+  }
   if (!response.ok) throw new ApiError((body && body.error) || `The relay answered ${response.status}.`);
   return body;
+}
+
+// A button's action: when it fails, the page says why.
+function act(action) {
+  return async () => {
+    try {
+      await action();
+    } catch (err) {
+      if (err.message !== "unauthorized") show(err.message);
+    }
+  };
 }
 
 // ---- Sign in and out ------------------------------------------------------
@@ -263,12 +278,12 @@ function deliveryDetails(d) {
 
 async function eventView(id) {
   const ev = await api(`/admin/events/${encodeURIComponent(id)}`);
-  const redeliver = (target) => async () => {
+  const redeliver = (target) => act(async () => {
     const q = target ? `?target=${encodeURIComponent(target)}` : "";
     const r = await api(`/admin/events/${encodeURIComponent(id)}/redeliver${q}`, { method: "POST" });
     await route();
     show(`Queued again for ${r.redelivered.join(", ") || "no target"}.`, "notice");
-  };
+  });
   const deliveries = ev.deliveries.map((d) => el("section", { class: "card", "data-target": d.target },
     el("h2", {}, d.target, " ", pill(d.status)),
     el("p", {}, deliveryDetails(d)),
@@ -281,7 +296,7 @@ async function eventView(id) {
   main.replaceChildren(
     el("h1", {}, ev.event, " ", el("span", { class: "muted" }, `from ${ev.source}`)),
     el("p", {}, "Received ", time(ev.received_at), " · ", el("code", {}, ev.id)),
-    el("div", { class: "actions" }, ev.deliveries.length ? el("button", { type: "button", onclick: redeliver(null) }, "Redeliver to every target") : null),
+    el("div", { class: "actions" }, ev.deliveries.length ? el("button", { type: "button", id: "redeliver-all", onclick: redeliver(null) }, "Redeliver to every target") : null),
     ...(deliveries.length ? deliveries : [el("p", { class: "empty" }, "No target's route matched this event.")]),
     el("h2", {}, "Payload"),
     el("pre", { class: "payload", id: "payload" }, JSON.stringify(ev.payload, null, 2)));
@@ -298,15 +313,22 @@ async function deadLettersView() {
   const list = (await api(`/admin/dead-letters?${q}`)).dead_letters;
   const confirmBox = el("div", { class: "actions", id: "confirm" });
   const ask = (question, action) => confirmBox.replaceChildren(el("span", {}, question),
-    el("button", { type: "button", id: "confirm-yes", onclick: async () => { confirmBox.replaceChildren(); await action(); } }, "Yes, replay"),
+    el("button", { type: "button", id: "confirm-yes", onclick: act(async () => { confirmBox.replaceChildren(); await action(); }) }, "Yes, replay"),
     el("button", { type: "button", class: "secondary", onclick: () => confirmBox.replaceChildren() }, "Cancel"));
-  const replay = async (body) => {
-    const r = await api("/admin/dead-letters/replay", { method: "POST", body });
+  // One request per target: a row is one event's dead letter to one target,
+  // and an event may be dead for several.
+  const replay = async (bodies) => {
+    let replayed = 0;
+    for (const body of bodies) replayed += (await api("/admin/dead-letters/replay", { method: "POST", body })).replayed;
     await route();
-    show(`${r.replayed} replayed.`, "notice");
+    show(`${replayed} replayed.`, "notice");
   };
-  const checks = list.map((d) => el("input", { type: "checkbox", "data-id": d.id, "data-target": d.target, "aria-label": `select ${d.id}` }));
-  const selected = () => checks.filter((c) => c.checked).map((c) => c.dataset.id);
+  const checks = list.map((d) => el("input", { type: "checkbox", "data-id": d.id, "data-target": d.target, "aria-label": `select ${d.id} for ${d.target}` }));
+  const selected = () => {
+    const byTarget = new Map();
+    for (const c of checks.filter((c) => c.checked)) byTarget.set(c.dataset.target, [...(byTarget.get(c.dataset.target) || []), c.dataset.id]);
+    return [...byTarget].map(([target, ids]) => ({ target, ids }));
+  };
   const rows = list.map((d, i) => el("tr", {},
     el("td", {}, checks[i]),
     el("td", {}, el("a", { href: `#/events/${encodeURIComponent(d.id)}` }, d.id)),
@@ -319,12 +341,13 @@ async function deadLettersView() {
         targets.map((t) => el("option", { value: t, selected: t === target }, t))))),
     el("div", { class: "actions" },
       el("button", { type: "button", id: "replay-selected", disabled: !list.length, onclick: () => {
-        const ids = selected();
-        if (!ids.length) return show("Select dead letters to replay first.");
-        ask(`Replay ${ids.length} selected?`, () => replay({ ids, target: target || undefined }));
+        const bodies = selected();
+        const count = bodies.reduce((n, b) => n + b.ids.length, 0);
+        if (!count) return show("Select dead letters to replay first.");
+        ask(`Replay ${count} selected?`, () => replay(bodies));
       } }, "Replay selected"),
       target ? el("button", { type: "button", id: "replay-all", class: "secondary", disabled: !list.length,
-        onclick: () => ask(`Replay every dead letter of ${target}?`, () => replay({ target })) }, `Replay all of ${target}`) : null),
+        onclick: () => ask(`Replay every dead letter of ${target}?`, () => replay([{ target }])) }, `Replay all of ${target}`) : null),
     confirmBox,
     list.length ? el("div", { class: "scroll" }, el("table", { id: "dead-table" },
       el("thead", {}, el("tr", {}, el("th", {}, ""), el("th", {}, "Event"), el("th", {}, "Target"), el("th", {}, "Died"), el("th", {}, "Last error"))),
@@ -335,11 +358,11 @@ async function deadLettersView() {
 
 async function targetsView() {
   const targets = (await api("/admin/targets")).targets;
-  const toggle = (t) => async () => {
+  const toggle = (t) => act(async () => {
     await api(`/admin/targets/${encodeURIComponent(t.name)}/${t.paused ? "resume" : "pause"}`, { method: "POST" });
     await route();
     show(`${t.name} ${t.paused ? "resumed" : "paused"}.`, "notice");
-  };
+  });
   main.replaceChildren(el("h1", {}, "Targets"), targetsTable(targets),
     el("div", { class: "actions" }, targets.map((t) => el("button", { type: "button", id: `toggle-${t.name}`, class: t.paused ? "" : "secondary", onclick: toggle(t) },
       `${t.paused ? "Resume" : "Pause"} ${t.name}`))));

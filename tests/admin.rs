@@ -183,6 +183,31 @@ async fn dead_letters_are_listed_and_replayed() {
     assert!(get(&t, "/admin/dead-letters").await.json()["dead_letters"].as_array().unwrap().is_empty());
     // Nothing left to replay.
     assert_eq!(post_admin(&t, "/admin/dead-letters/replay", "{}").await.json(), serde_json::json!({ "replayed": 0 }));
+
+    // Newest first, a page at a time; a replay of all goes through every page.
+    target.always(Answer::status(400));
+    let mut ids = Vec::new();
+    for n in 10..13 {
+        ids.push(delivered_id(&t, &mut target, n).await);
+    }
+    let dead = |path: &'static str| {
+        let t = &t;
+        async move { get(t, path).await.json() }
+    };
+    eventually("three dead", || async {
+        dead("/admin/dead-letters").await["dead_letters"].as_array().unwrap().len() == 3
+    })
+    .await;
+    let first = dead("/admin/dead-letters?limit=2").await;
+    let listed: Vec<&str> =
+        first["dead_letters"].as_array().unwrap().iter().map(|d| d["id"].as_str().unwrap()).collect();
+    assert_eq!(listed, [ids[2].as_str(), ids[1].as_str()]);
+    let next = first["next_before"].as_str().unwrap();
+    let rest = get(&t, &format!("/admin/dead-letters?limit=2&before={next}")).await.json();
+    assert_eq!(rest["dead_letters"][0]["id"], ids[0].as_str());
+    assert_eq!((rest["dead_letters"].as_array().unwrap().len(), &rest["next_before"]), (1, &serde_json::Value::Null));
+    target.always(Answer::status(200));
+    assert_eq!(post_admin(&t, "/admin/dead-letters/replay", "{}").await.json(), serde_json::json!({ "replayed": 3 }));
 }
 
 #[tokio::test]

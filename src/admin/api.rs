@@ -16,8 +16,8 @@ use crate::store::{Attempt, DeliveryState, EventId, StoreError, StoredEvent};
 /// Entries a listing returns when `limit` is not given, and at most.
 const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 1000;
-/// Dead letters one replay requeues at most.
-const MAX_REPLAY: usize = 100_000;
+/// Events whose dead letters a replay of them all reads at once.
+const REPLAY_PAGE: usize = 1_000;
 /// Largest request body accepted by the admin API.
 const MAX_BODY: usize = 1 << 20;
 
@@ -336,7 +336,12 @@ async fn dead_letters(admin: &Admin, query: &HashMap<String, String>) -> Result 
     if let Some(t) = target {
         known_target(admin, t)?;
     }
-    let list = admin.store.dead_letters(target.map(String::as_str), limit).await?;
+    let before = query.get("before").filter(|b| !b.is_empty()).map(|b| parse_id(b)).transpose()?;
+    let list = admin.store.dead_letters(target.map(String::as_str), before, limit).await?;
+    // A full page may have more before it.
+    let mut events: Vec<EventId> = list.iter().map(|d| d.event_id).collect();
+    events.dedup();
+    let next = events.last().filter(|_| events.len() >= limit).map(|id| id.to_string());
     let letters: Vec<Value> = list
         .into_iter()
         .map(|d| {
@@ -349,7 +354,7 @@ async fn dead_letters(admin: &Admin, query: &HashMap<String, String>) -> Result 
             })
         })
         .collect();
-    Ok(reply(StatusCode::OK, json!({ "dead_letters": letters })))
+    Ok(reply(StatusCode::OK, json!({ "dead_letters": letters, "next_before": next })))
 }
 
 #[derive(Deserialize)]
@@ -373,10 +378,11 @@ async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
     if let Some(t) = &ask.target {
         known_target(admin, t)?;
     }
-    // The dead letters to replay: the listed ids (of the target, if given), or all of the target's (or all).
-    let mut chosen: Vec<(String, EventId)> = Vec::new();
-    match &ask.ids {
+    // The listed ids (of the target, if given), or every dead letter of the
+    // target (or of all), a page of events at a time.
+    let replayed = match &ask.ids {
         Some(ids) => {
+            let mut chosen: Vec<(String, EventId)> = Vec::new();
             for raw in ids {
                 let id = parse_id(raw)?;
                 for d in admin.store.deliveries(id).await? {
@@ -386,17 +392,23 @@ async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
                     }
                 }
             }
+            // An id listed twice is replayed once.
+            chosen.sort_unstable();
+            chosen.dedup();
+            requeue(admin, &chosen).await?.len()
         }
         None => {
-            for d in admin.store.dead_letters(ask.target.as_deref(), MAX_REPLAY).await? {
-                chosen.push((d.target, d.event_id));
+            let (mut replayed, mut before) = (0, None);
+            loop {
+                let page = admin.store.dead_letters(ask.target.as_deref(), before, REPLAY_PAGE).await?;
+                let Some(last) = page.last() else { break };
+                before = Some(last.event_id);
+                let chosen: Vec<(String, EventId)> = page.into_iter().map(|d| (d.target, d.event_id)).collect();
+                replayed += requeue(admin, &chosen).await?.len();
             }
+            replayed
         }
-    }
-    // An id listed twice is replayed once.
-    chosen.sort_unstable();
-    chosen.dedup();
-    let replayed = requeue(admin, &chosen).await?.len();
+    };
     tracing::info!(replayed, target = ?ask.target, "dead letters replayed by an operator");
     Ok(reply(StatusCode::OK, json!({ "replayed": replayed })))
 }

@@ -309,14 +309,31 @@ async fn dead_letters_are_listed_with_their_reason_and_last_attempt(store: &dyn 
     let b = accepted(store, event("cms", "2", &["b"])).await;
     finish(store, "a", a, NextStep::Dead("gave up after 12 attempts".into())).await;
     finish(store, "b", b, NextStep::Dead("permanent".into())).await;
-    let of_a = store.dead_letters(Some("a"), 10).await.expect("dead letters");
+    let of_a = store.dead_letters(Some("a"), None, 10).await.expect("dead letters");
     assert_eq!(of_a.len(), 1);
     assert_eq!((of_a[0].event_id, of_a[0].target.as_str()), (a, "a"));
     assert_eq!(of_a[0].reason, "gave up after 12 attempts");
     assert_eq!(of_a[0].last_attempt.as_ref().and_then(|t| t.status), Some(503));
     assert!(of_a[0].at_ms > 0);
-    assert_eq!(store.dead_letters(None, 10).await.expect("dead letters").len(), 2);
-    assert_eq!(store.dead_letters(None, 1).await.expect("dead letters").len(), 1, "at most `limit`");
+    assert_eq!(store.dead_letters(None, None, 10).await.expect("dead letters").len(), 2);
+    assert_eq!(store.dead_letters(None, None, 1).await.expect("dead letters").len(), 1, "at most `limit`");
+    // Newest event first, an event's dead letters in one page by target,
+    // paged back from the last event of a page.
+    let c = accepted(store, event("cms", "3", &["b", "a"])).await;
+    finish(store, "b", c, NextStep::Dead("no".into())).await;
+    finish(store, "a", c, NextStep::Dead("no".into())).await;
+    let page = |before, limit| async move {
+        let list = store.dead_letters(None, before, limit).await.expect("dead letters");
+        list.into_iter().map(|d| (d.event_id, d.target)).collect::<Vec<_>>()
+    };
+    let (a_, b_) = (String::from("a"), String::from("b"));
+    assert_eq!(page(None, 10).await, [(c, a_.clone()), (c, b_.clone()), (b, b_.clone()), (a, a_.clone())]);
+    assert_eq!(page(None, 1).await, [(c, a_.clone()), (c, b_.clone())], "one event: both of its dead letters");
+    assert_eq!(page(Some(c), 1).await, [(b, b_.clone())]);
+    assert_eq!(page(Some(b), 1).await, [(a, a_.clone())]);
+    assert!(page(Some(a), 1).await.is_empty());
+    let of_b = store.dead_letters(Some("b"), Some(c), 10).await.expect("dead letters");
+    assert_eq!(of_b.iter().map(|d| d.event_id).collect::<Vec<_>>(), [b]);
     assert!(
         matches!(state(store, a, "a").await.state, DeliveryState::Dead { ref reason, .. } if reason == "gave up after 12 attempts")
     );
@@ -338,7 +355,7 @@ async fn a_requeue_queues_any_delivery_again_due_now(store: &dyn Store) {
     got.sort();
     assert_eq!(got, [dead, delivered, pending], "all three due now");
     assert!(now.due.iter().all(|d| d.tries == 0));
-    assert!(store.dead_letters(Some("a"), 10).await.expect("dead letters").is_empty());
+    assert!(store.dead_letters(Some("a"), None, 10).await.expect("dead letters").is_empty());
     assert_eq!(store.counts("a").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 0 });
     assert!(!store.requeue("nowhere", dead).await.expect("requeue"), "not routed there");
     assert!(!store.requeue("a", EventId::new()).await.expect("requeue"), "no such event");

@@ -182,8 +182,16 @@ pub trait Store: Send + Sync + 'static {
     /// routed to `target`.
     async fn requeue(&self, target: &str, id: EventId) -> Result<bool, StoreError>;
 
-    /// Dead-lettered deliveries, of one target or of all, at most `limit`.
-    async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError>;
+    /// Dead-lettered deliveries, of one target or of all, newest event
+    /// first: every dead letter of the `limit` newest events that have one,
+    /// received before the event `before` (paging back from where a page
+    /// ended). An event's dead letters are in one page, by target.
+    async fn dead_letters(
+        &self,
+        target: Option<&str>,
+        before: Option<EventId>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError>;
 
     /// What the instances sharing the store tell each other (this one
     /// included), for a backend that several instances share; `None` for

@@ -61,7 +61,7 @@ impl Store for NullStore {
     async fn requeue(&self, _: &str, _: EventId) -> Result<bool, StoreError> {
         Ok(false)
     }
-    async fn dead_letters(&self, _: Option<&str>, _: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    async fn dead_letters(&self, _: Option<&str>, _: Option<EventId>, _: usize) -> Result<Vec<DeadLetter>, StoreError> {
         Ok(Vec::new())
     }
     async fn close(&self) -> Result<(), StoreError> {

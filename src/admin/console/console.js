@@ -310,7 +310,14 @@ async function deadLettersView() {
   const targets = (await api("/admin/targets")).targets.map((t) => t.name);
   const q = new URLSearchParams({ limit: "200" });
   if (target) q.set("target", target);
-  const list = (await api(`/admin/dead-letters?${q}`)).dead_letters;
+  if (p.get("before")) q.set("before", p.get("before"));
+  const page = await api(`/admin/dead-letters?${q}`);
+  const list = page.dead_letters;
+  const older = page.next_before ? el("button", { class: "secondary", type: "button", id: "dead-older", onclick: () => {
+    const next = new URLSearchParams(params());
+    next.set("before", page.next_before);
+    location.hash = `#/dead-letters?${next}`;
+  } }, "Older") : null;
   const confirmBox = el("div", { class: "actions", id: "confirm" });
   const ask = (question, action) => confirmBox.replaceChildren(el("span", {}, question),
     el("button", { type: "button", id: "confirm-yes", onclick: act(async () => { confirmBox.replaceChildren(); await action(); }) }, "Yes, replay"),
@@ -351,7 +358,8 @@ async function deadLettersView() {
     confirmBox,
     list.length ? el("div", { class: "scroll" }, el("table", { id: "dead-table" },
       el("thead", {}, el("tr", {}, el("th", {}, ""), el("th", {}, "Event"), el("th", {}, "Target"), el("th", {}, "Died"), el("th", {}, "Last error"))),
-      el("tbody", {}, rows))) : el("p", { class: "empty" }, "No dead letters."));
+      el("tbody", {}, rows))) : el("p", { class: "empty" }, "No dead letters."),
+    older);
 }
 
 // ---- Targets --------------------------------------------------------------

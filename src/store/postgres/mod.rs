@@ -859,14 +859,23 @@ impl Store for PgStore {
         Ok(true)
     }
 
-    async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
+    async fn dead_letters(
+        &self,
+        target: Option<&str>,
+        before: Option<EventId>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         let client = self.client().await?;
+        // The dead rows are few and partially indexed (`hr_deliveries_dead`).
         let rows = query(
             &client,
             "SELECT target, event_id, record FROM hr_deliveries
-                 WHERE status = 'x' AND ($1::text IS NULL OR target = $1)
-                 ORDER BY target, event_id LIMIT $2",
-            &[&target, &(limit as i64)],
+                 WHERE status = 'x' AND ($1::text IS NULL OR target = $1) AND event_id IN (
+                     SELECT DISTINCT event_id FROM hr_deliveries
+                      WHERE status = 'x' AND ($1::text IS NULL OR target = $1) AND ($2::uuid IS NULL OR event_id < $2)
+                      ORDER BY event_id DESC LIMIT $3)
+                 ORDER BY event_id DESC, target",
+            &[&target, &before.map(|b| b.0), &(limit as i64)],
         )
         .await?;
         let mut out = Vec::with_capacity(rows.len());

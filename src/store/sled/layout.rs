@@ -684,23 +684,47 @@ pub fn plan_requeue(
     Ok(Some(batch))
 }
 
-/// Dead letters of one target (or of all), at most `limit`.
+/// Dead letters of one target (or of all), as [`super::Store::dead_letters`] lists them.
 pub fn read_dead_letters(
     db: &::sled::Db,
     target: Option<&str>,
+    before: Option<EventId>,
     limit: usize,
 ) -> Result<Vec<super::DeadLetter>, StoreError> {
-    let prefix = match target {
-        Some(t) => target_prefix(b"x/", t),
-        None => b"x/".to_vec(),
+    let targets = match target {
+        Some(t) => vec![t.to_string()],
+        None => dead_letter_targets(db)?,
     };
-    let mut out = Vec::new();
-    for item in db.scan_prefix(&prefix).take(limit) {
-        let (k, reason) = item?;
-        let rest = &k[2..];
-        let sep = rest.iter().position(|&b| b == 0).ok_or_else(|| corrupt(&k, "bad dead-letter key"))?;
-        let target = String::from_utf8_lossy(&rest[..sep]).into_owned();
-        let id = EventId::from_slice(&rest[sep + 1..]).ok_or_else(|| corrupt(&k, "bad dead-letter key"))?;
+    // Each target's dead letters newest first, merged by event id.
+    let mut lanes: Vec<_> = targets
+        .iter()
+        .map(|t| {
+            let upper = before.map_or_else(|| key(b"x/", &[t.as_bytes(), b"\x01"]), |b| dead_key(t, b));
+            db.range(target_prefix(b"x/", t)..upper).rev()
+        })
+        .collect();
+    let mut heads: Vec<Option<(EventId, sled::IVec)>> = Vec::with_capacity(lanes.len());
+    for lane in &mut lanes {
+        heads.push(next_dead(lane)?);
+    }
+    let (mut out, mut events, mut last) = (Vec::new(), 0, None);
+    // The newest head; targets in name order for one event.
+    let newest = |heads: &[Option<(EventId, sled::IVec)>]| {
+        (0..heads.len()).filter(|i| heads[*i].is_some()).max_by(|a, b| {
+            let (x, y) = (heads[*a].as_ref().map(|h| h.0), heads[*b].as_ref().map(|h| h.0));
+            x.cmp(&y).then(targets[*b].cmp(&targets[*a]))
+        })
+    };
+    while let Some(at) = newest(&heads) {
+        let Some((id, reason)) = heads[at].take() else { break };
+        if last != Some(id) {
+            if events == limit {
+                break;
+            }
+            (events, last) = (events + 1, Some(id));
+        }
+        heads[at] = next_dead(&mut lanes[at])?;
+        let target = targets[at].clone();
         let record = get_record(db, &delivery_key(&target, id))?;
         let at_ms = match record.as_ref().map(|r| &r.state) {
             Some(DeliveryState::Dead { at_ms, .. }) => *at_ms,
@@ -716,6 +740,32 @@ pub fn read_dead_letters(
         });
     }
     Ok(out)
+}
+
+/// The next dead letter of one target's reversed range: its event and reason.
+fn next_dead(
+    lane: &mut impl Iterator<Item = Result<(sled::IVec, sled::IVec), sled::Error>>,
+) -> Result<Option<(EventId, sled::IVec)>, StoreError> {
+    let Some(item) = lane.next() else { return Ok(None) };
+    let (k, reason) = item?;
+    let id = k.iter().position(|&b| b == 0).and_then(|sep| EventId::from_slice(&k[sep + 1..]));
+    let id = id.ok_or_else(|| corrupt(&k, "bad dead-letter key"))?;
+    Ok(Some((id, reason)))
+}
+
+/// The targets with dead letters: one seek per target.
+fn dead_letter_targets(db: &::sled::Db) -> Result<Vec<String>, StoreError> {
+    let mut targets = Vec::new();
+    let mut from = b"x/".to_vec();
+    while let Some(item) = db.range(from..b"x0".to_vec()).next() {
+        let (k, _) = item?;
+        let rest = &k[2..];
+        let sep = rest.iter().position(|&b| b == 0).ok_or_else(|| corrupt(&k, "bad dead-letter key"))?;
+        let target = &rest[..sep];
+        from = key(b"x/", &[target, b"\x01"]);
+        targets.push(String::from_utf8_lossy(target).into_owned());
+    }
+    Ok(targets)
 }
 
 #[cfg(test)]

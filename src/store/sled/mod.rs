@@ -248,8 +248,13 @@ impl Store for SledStore {
             .await
     }
 
-    async fn dead_letters(&self, target: Option<&str>, limit: usize) -> Result<Vec<DeadLetter>, StoreError> {
-        layout::read_dead_letters(&self.db, target, limit)
+    async fn dead_letters(
+        &self,
+        target: Option<&str>,
+        before: Option<EventId>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        layout::read_dead_letters(&self.db, target, before, limit)
     }
 
     fn healthy(&self) -> bool {

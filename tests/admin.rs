@@ -132,6 +132,13 @@ async fn events_list_newest_first_and_show_payload_and_attempts() {
     assert_eq!(d["target"], "search");
     assert_eq!(d["attempts"][0]["status"], 200);
     assert!(d["attempts"][0]["at"].is_string() && d["attempts"][0]["duration_ms"].is_u64());
+
+    // The payload as received, too: a key given twice and an integer past
+    // what a browser's numbers hold, which the parsed form cannot show.
+    let body = r#"{"data":{"id":"twice","id":"page-9","n":9007199254740993},"webhook":{"event":"page.published"}}"#;
+    let id = post_butter(t.addr, body).await.json()["id"].as_str().unwrap().to_string();
+    let ev = get(&t, &format!("/admin/events/{id}")).await.json();
+    assert_eq!(ev["payload_text"], body);
 }
 
 #[tokio::test]

@@ -287,6 +287,9 @@ async fn event(admin: &Admin, raw_id: &str) -> Result {
             "received_at": time(ev.meta.received_ms),
             "content_type": ev.meta.content_type,
             "payload": payload,
+            // Byte for byte (as UTF-8): what the targets are sent, where the
+            // parsed form would fold a key given twice or round a number.
+            "payload_text": String::from_utf8_lossy(&ev.body),
             "deliveries": deliveries,
         }),
     ))

@@ -359,10 +359,19 @@ fn error_text(e: &jaq_core::Error<Val>) -> String {
     format!("{}…", &text[..text.floor_char_boundary(MAX)])
 }
 
+/// The largest output a program may give: a body for one request, not a
+/// way to make the relay send and hold hundreds of MiB per attempt.
+pub const MAX_OUTPUT: usize = 16 << 20;
+
 /// Compact JSON of a value; jaq can make values JSON has no text for
 /// (`nan`, `infinite`, byte strings), which cannot be sent.
 fn to_json(value: &Val) -> Output {
     let text = value.to_string();
+    if text.len() > MAX_OUTPUT {
+        let message =
+            format!("the output is {} bytes, over the {} MiB a program may give", text.len(), MAX_OUTPUT >> 20);
+        return Output::Failed(Failure::new(FailureKind::Output, message));
+    }
     match serde_json::from_str::<serde::de::IgnoredAny>(&text) {
         Ok(_) => Output::Value(text.into_bytes()),
         Err(_) => {

@@ -131,3 +131,11 @@ fn a_key_no_store_can_index_stands_as_its_digest() {
     assert_ne!(a, storable_key("y".repeat(MAX_KEY + 1)));
     assert_eq!(storable_key("x".repeat(MAX_KEY)).len(), MAX_KEY, "at the limit: as it is");
 }
+
+#[test]
+fn an_output_past_its_limit_is_a_failure_not_a_body() {
+    let f = failure(run(Kind::Transform, r#""x" * 17000000"#, "null", &["s", "e", "id"]));
+    assert_eq!(f.kind, FailureKind::Output);
+    assert!(f.message.contains("17000002 bytes, over the 16 MiB"), "{}", f.message);
+    assert_eq!(value(run(Kind::Transform, r#""x" * 1000 | length"#, "null", &["s", "e", "id"])), "1000");
+}

@@ -299,7 +299,9 @@ async function eventView(id) {
     el("div", { class: "actions" }, ev.deliveries.length ? el("button", { type: "button", id: "redeliver-all", onclick: redeliver(null) }, "Redeliver to every target") : null),
     ...(deliveries.length ? deliveries : [el("p", { class: "empty" }, "No target's route matched this event.")]),
     el("h2", {}, "Payload"),
-    el("pre", { class: "payload", id: "payload" }, JSON.stringify(ev.payload, null, 2)));
+    el("pre", { class: "payload", id: "payload" }, JSON.stringify(ev.payload, null, 2)),
+    el("details", {}, el("summary", {}, "As received, byte for byte (what the targets are sent)"),
+      el("pre", { class: "payload", id: "payload-raw" }, ev.payload_text)));
 }
 
 // ---- Dead letters ---------------------------------------------------------

@@ -303,6 +303,24 @@ async fn browse(c: Client) {
     click(&c, "#redeliver-all").await;
     wait_text(&c, "#status", "no event").await;
 
+    // A page left while it loads does not replace the one shown after it:
+    // the overview's statistics answer late, the dead letters are shown meanwhile.
+    let slow_stats =
+        "const fetchNow = window.fetch; window.fetch = (url, options) => String(url).includes('/admin/stats') \
+        ? new Promise((done) => setTimeout(done, 1500)).then(() => fetchNow(url, options)) : fetchNow(url, options);";
+    c.execute(slow_stats, vec![]).await.unwrap();
+    c.execute("location.hash = '#/overview';", vec![]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.execute("location.hash = '#/dead-letters';", vec![]).await.unwrap();
+    wait_text(&c, "h1", "Dead letters").await;
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert_eq!(
+        c.find(Locator::Css("h1")).await.unwrap().text().await.unwrap(),
+        "Dead letters",
+        "overtaken by a late render"
+    );
+    c.execute("location.reload();", vec![]).await.unwrap();
+
     // Readable on a phone: nothing wider than the screen.
     c.set_window_size(390, 844).await.unwrap();
     c.goto(&format!("{origin}/console#/overview")).await.unwrap();

@@ -5,6 +5,9 @@
 const TOKEN_KEY = "hookrelay.token";
 let token = sessionStorage.getItem(TOKEN_KEY);
 let refresh = null;
+// The render in progress: one that a newer render overtook paints nothing
+// (a slow refresh of a page left must not replace the page shown).
+let rendering = null;
 
 const main = document.getElementById("main");
 const nav = document.getElementById("nav");
@@ -205,10 +208,12 @@ function outcomeSeries(minutes, field) {
 }
 
 async function overviewView() {
+  const mine = rendering;
   const [targets, stats] = await Promise.all([api("/admin/targets"), api("/admin/stats?minutes=60")]);
   const minutes = stats.minutes;
   const queueNames = [...new Set(minutes.flatMap((m) => Object.keys(m.queued)))].sort();
   const queue = queueNames.map((name, i) => ({ name, color: PALETTE[i % PALETTE.length], values: minutes.map((m) => m.queued[name] ?? null) }));
+  if (mine !== rendering) return;
   main.replaceChildren(
     el("h1", {}, "Overview"),
     el("section", { class: "card" }, el("h2", {}, "Targets"), targetsTable(targets.targets)),
@@ -227,6 +232,7 @@ function params() {
 }
 
 async function eventsView() {
+  const mine = rendering;
   const p = params();
   const targets = (await api("/admin/targets")).targets.map((t) => t.name);
   const query = new URLSearchParams();
@@ -257,6 +263,7 @@ async function eventsView() {
     next.set("before", list.next_before);
     location.hash = `#/events?${next}`;
   } }, "Older") : null;
+  if (mine !== rendering) return;
   main.replaceChildren(el("h1", {}, "Events"), form,
     rows.length ? el("div", { class: "scroll" }, el("table", { id: "events-table" },
       el("thead", {}, el("tr", {}, el("th", {}, "Received"), el("th", {}, "Source"), el("th", {}, "Event"), el("th", { class: "hide-narrow" }, "Deliveries"))),
@@ -277,6 +284,7 @@ function deliveryDetails(d) {
 }
 
 async function eventView(id) {
+  const mine = rendering;
   const ev = await api(`/admin/events/${encodeURIComponent(id)}`);
   const redeliver = (target) => act(async () => {
     const q = target ? `?target=${encodeURIComponent(target)}` : "";
@@ -293,6 +301,7 @@ async function eventView(id) {
         el("td", {}, time(a.at)), el("td", {}, a.status ?? a.error ?? ""), el("td", {}, `${a.duration_ms} ms`)))))) :
       el("p", { class: "muted" }, "Not attempted yet."),
     el("button", { type: "button", class: "secondary", onclick: redeliver(d.target) }, `Redeliver to ${d.target}`)));
+  if (mine !== rendering) return;
   main.replaceChildren(
     el("h1", {}, ev.event, " ", el("span", { class: "muted" }, `from ${ev.source}`)),
     el("p", {}, "Received ", time(ev.received_at), " · ", el("code", {}, ev.id)),
@@ -307,6 +316,7 @@ async function eventView(id) {
 // ---- Dead letters ---------------------------------------------------------
 
 async function deadLettersView() {
+  const mine = rendering;
   const p = params();
   const target = p.get("target") || "";
   const targets = (await api("/admin/targets")).targets.map((t) => t.name);
@@ -344,6 +354,7 @@ async function deadLettersView() {
     el("td", {}, d.target),
     el("td", {}, time(d.dead_at)),
     el("td", {}, d.reason, d.last_attempt ? el("div", { class: "muted" }, `last: ${d.last_attempt.status ?? d.last_attempt.error ?? ""}`) : null)));
+  if (mine !== rendering) return;
   main.replaceChildren(el("h1", {}, "Dead letters"),
     el("form", { class: "filters", onchange: (e) => { location.hash = e.target.value ? `#/dead-letters?target=${encodeURIComponent(e.target.value)}` : "#/dead-letters"; } },
       el("label", { for: "f-target" }, "Target", el("select", { id: "f-target" }, el("option", { value: "" }, "all"),
@@ -367,12 +378,14 @@ async function deadLettersView() {
 // ---- Targets --------------------------------------------------------------
 
 async function targetsView() {
+  const mine = rendering;
   const targets = (await api("/admin/targets")).targets;
   const toggle = (t) => act(async () => {
     await api(`/admin/targets/${encodeURIComponent(t.name)}/${t.paused ? "resume" : "pause"}`, { method: "POST" });
     await route();
     show(`${t.name} ${t.paused ? "resumed" : "paused"}.`, "notice");
   });
+  if (mine !== rendering) return;
   main.replaceChildren(el("h1", {}, "Targets"), targetsTable(targets),
     el("div", { class: "actions" }, targets.map((t) => el("button", { type: "button", id: `toggle-${t.name}`, class: t.paused ? "" : "secondary", onclick: toggle(t) },
       `${t.paused ? "Resume" : "Pause"} ${t.name}`))));
@@ -382,6 +395,7 @@ async function targetsView() {
 
 async function render() {
   clearTimeout(refresh);
+  rendering = {};
   const hash = location.hash.split("?")[0];
   if (!token) return signInView();
   nav.hidden = false;

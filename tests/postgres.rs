@@ -278,7 +278,7 @@ async fn a_429s_retry_after_holds_every_instance() {
     let Some(cluster) = throwaway::cluster("a_429s_retry_after_holds_every_instance") else { return };
     let url = cluster.database();
     let mut target = FakeTarget::start().await;
-    target.script([Answer::status(429).header("retry-after", "2")]);
+    target.script([Answer::status(429).header("retry-after", "3")]);
     let dir = tempfile::tempdir().unwrap();
     let targets = format!("  - name: search\n    url: \"{}\"", target.url("/reindex"));
     let config = instance_config(

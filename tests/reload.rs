@@ -114,3 +114,20 @@ async fn a_start_names_a_removed_target_that_has_queued_deliveries() {
     eventually("the removed target named", || async { logs.lock().unwrap().iter().any(named) }).await;
     assert!(!logs.lock().unwrap().iter().any(|l| l.contains("does not list") && l.contains(r#""target":"search""#)));
 }
+
+/// A dedup window is checked against the retention running, which a reload
+/// does not change: a longer retention in the same file does not let a
+/// longer window through, whose events the running purge would take early.
+#[tokio::test]
+async fn a_reload_refuses_a_dedup_window_past_the_running_retention() {
+    let t = start_relay("", "").await;
+    let text = relay_config(t.dir.path(), "", "")
+        .replace("cache: \"8MiB\"", "cache: \"8MiB\", retention: 30d")
+        .replace("format: buttercms", "format: buttercms\n    dedup_window: 10d");
+    let path = write_config(t.dir.path(), &text);
+    let refused = t.relay.reload(hookrelay::config::load(&path).unwrap()).await.unwrap_err();
+    assert!(
+        refused.contains("dedup_window (10days) is longer than the running storage.retention (7days)"),
+        "{refused}"
+    );
+}

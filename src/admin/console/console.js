@@ -412,11 +412,15 @@ async function render() {
 }
 
 async function route() {
+  const done = render();
+  // Set as render began: a render overtaken since says nothing either.
+  const mine = rendering;
   try {
-    await render();
+    await done;
+    if (mine !== rendering) return;
     if (statusBox.firstChild && statusBox.firstChild.className === "error") show("");
   } catch (err) {
-    if (err.message !== "unauthorized") show(err.message);
+    if (mine === rendering && err.message !== "unauthorized") show(err.message);
   }
 }
 

@@ -395,6 +395,7 @@ async fn notify(pool: &Pool, notice: &str) -> Result<(), StoreError> {
 pub async fn listen(
     config: tokio_postgres::Config,
     tls: tokio_postgres_rustls::MakeRustlsConnect,
+    owner: uuid::Uuid,
     notices: broadcast::Sender<Notice>,
     shutdown: CancellationToken,
 ) {
@@ -427,7 +428,7 @@ pub async fn listen(
                         }
                         message = messages.next() => match message {
                             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                                for notice in notices_of(n.channel(), n.payload()) {
+                                for notice in notices_of(n.channel(), n.payload(), owner) {
                                     let _ = notices.send(notice);
                                 }
                             }
@@ -467,8 +468,9 @@ pub fn notice_of(targets: &[&str]) -> String {
 /// The payload that stands for every target.
 const ANY: &str = "*";
 
-/// What one `NOTIFY` says.
-fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
+/// What one `NOTIFY` says to the instance `owner` (which ignores its own
+/// waits: it holds already).
+fn notices_of(channel: &str, payload: &str, owner: uuid::Uuid) -> Vec<Notice> {
     if channel == PAUSES || channel == CIRCUITS {
         let Some((value, target)) = payload.split_once('\n') else { return Vec::new() };
         let target = target.to_string();
@@ -476,6 +478,10 @@ fn notices_of(channel: &str, payload: &str) -> Vec<Notice> {
             return vec![Notice::Paused { target, paused: value == "1" }];
         }
         if let Some(wait) = value.strip_prefix("wait ") {
+            let (wait, from) = wait.split_once(' ').unwrap_or((wait, ""));
+            if from == owner.to_string() {
+                return Vec::new();
+            }
             return wait.parse().map(|wait_ms| vec![Notice::AskedToWait { target, wait_ms }]).unwrap_or_default();
         }
         return value.parse().map(|open_ms| vec![Notice::CircuitOpened { target, open_ms }]).unwrap_or_default();
@@ -492,23 +498,28 @@ mod tests {
 
     #[test]
     fn a_notify_names_targets_or_a_pause() {
-        assert_eq!(notices_of(CHANNEL, "a\nb"), [Notice::Queued("a".into()), Notice::Queued("b".into())]);
-        assert_eq!(notices_of(PAUSES, "1\nbuild"), [Notice::Paused { target: "build".into(), paused: true }]);
-        assert_eq!(notices_of(PAUSES, "0\nbuild"), [Notice::Paused { target: "build".into(), paused: false }]);
-        assert!(notices_of(PAUSES, "garbage").is_empty());
+        let me = uuid::Uuid::now_v7();
+        assert_eq!(notices_of(CHANNEL, "a\nb", me), [Notice::Queued("a".into()), Notice::Queued("b".into())]);
+        assert_eq!(notices_of(PAUSES, "1\nbuild", me), [Notice::Paused { target: "build".into(), paused: true }]);
+        assert_eq!(notices_of(PAUSES, "0\nbuild", me), [Notice::Paused { target: "build".into(), paused: false }]);
+        assert!(notices_of(PAUSES, "garbage", me).is_empty());
         assert_eq!(
-            notices_of(CIRCUITS, "30000\nbuild"),
+            notices_of(CIRCUITS, "30000\nbuild", me),
             [Notice::CircuitOpened { target: "build".into(), open_ms: 30_000 }]
         );
-        assert!(notices_of(CIRCUITS, "soon\nbuild").is_empty());
+        assert!(notices_of(CIRCUITS, "soon\nbuild", me).is_empty());
         assert_eq!(
-            notices_of(CIRCUITS, "wait 2000\nbuild"),
+            notices_of(CIRCUITS, "wait 2000\nbuild", me),
             [Notice::AskedToWait { target: "build".into(), wait_ms: 2_000 }]
         );
-        assert!(notices_of(CIRCUITS, "wait soon\nbuild").is_empty());
+        assert!(notices_of(CIRCUITS, "wait soon\nbuild", me).is_empty());
+        let mine = format!("wait 2000 {me}\nbuild");
+        assert!(notices_of(CIRCUITS, &mine, me).is_empty(), "its own wait: held already");
+        let other = format!("wait 2000 {}\nbuild", uuid::Uuid::now_v7());
+        assert_eq!(notices_of(CIRCUITS, &other, me), [Notice::AskedToWait { target: "build".into(), wait_ms: 2_000 }]);
         let many: Vec<String> = (0..1_000).map(|n| format!("target-{n}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(notices_of(CHANNEL, &notice_of(&many)), [Notice::AnyQueued], "too many for a notice: any");
+        assert_eq!(notices_of(CHANNEL, &notice_of(&many), me), [Notice::AnyQueued], "too many for a notice: any");
         assert_eq!(notice_of(&["a", "b"]), "a\nb");
     }
 

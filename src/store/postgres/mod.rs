@@ -37,7 +37,8 @@ pub(crate) const CHANNEL: &str = "hookrelay_queued";
 /// The channel of pauses: `1` or `0`, a line feed, the target.
 pub(crate) const PAUSES: &str = "hookrelay_paused";
 /// The channel of opened circuits (how long in ms, a line feed, the target)
-/// and of a 429's waits (`wait `, how long in ms, a line feed, the target).
+/// and of a 429's waits (`wait `, how long in ms, a space, the instance told,
+/// a line feed, the target).
 pub(crate) const CIRCUITS: &str = "hookrelay_circuit";
 
 /// How to reach the database.
@@ -227,7 +228,7 @@ impl PgStore {
         drop(client);
         let shutdown = CancellationToken::new();
         let (notices, _) = broadcast::channel(1024);
-        tokio::spawn(ingest::listen(config, tls, notices.clone(), shutdown.child_token()));
+        tokio::spawn(ingest::listen(config, tls, owner, notices.clone(), shutdown.child_token()));
         let notifier = ingest::Notifier::start(relaxed.clone());
         Ok(PgStore {
             rounds: batch::Batches::start(
@@ -721,8 +722,9 @@ impl Store for PgStore {
     async fn asked_to_wait(&self, target: &str, wait: Duration) -> Result<(), StoreError> {
         let client = self.client().await?;
         // On the circuits' channel, which instances of every version hear;
-        // one that does not know the `wait ` prefix ignores the notice.
-        let notice = format!("wait {}\n{target}", wait.as_millis());
+        // one that does not know the `wait ` prefix ignores the notice. The
+        // owner: this instance waits already, and ignores its own.
+        let notice = format!("wait {} {}\n{target}", wait.as_millis(), self.owner);
         execute(&client, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
         Ok(())
     }
@@ -809,7 +811,10 @@ impl Store for PgStore {
         }
         let removed = execute(
             &tx,
-            "DELETE FROM hr_dedup WHERE hash IN (SELECT hash FROM hr_dedup WHERE expires_ms < $1 LIMIT $2)",
+            // Expiry checked again on the rows deleted: one an ingest took
+            // over meanwhile (a new webhook of that key) is live again.
+            "DELETE FROM hr_dedup WHERE hash IN (SELECT hash FROM hr_dedup WHERE expires_ms < $1 LIMIT $2)
+                AND expires_ms < $1",
             &[&to_i64(now_ms), &(limit as i64)],
         )
         .await?;
@@ -874,7 +879,7 @@ impl Store for PgStore {
                      SELECT DISTINCT event_id FROM hr_deliveries
                       WHERE status = 'x' AND ($1::text IS NULL OR target = $1) AND ($2::uuid IS NULL OR event_id < $2)
                       ORDER BY event_id DESC LIMIT $3)
-                 ORDER BY event_id DESC, target",
+                 ORDER BY event_id DESC, target COLLATE \"C\"",
             &[&target, &before.map(|b| b.0), &(limit as i64)],
         )
         .await?;

@@ -593,10 +593,14 @@ impl AttemptCtx {
                 Err(self.finish_unsent(due, number, why, NextStep::Skipped).await)
             }
             Ok(Output::Failed(f)) => {
-                self.metrics.transform_errors.with_label_values(&[name]).inc();
                 let reason = format!("transform: {}", f.message);
                 tracing::warn!(target = %name, id = %due.event_id, error = f.kind.as_str(), "transform failed; the delivery goes to the dead letters");
-                Err(self.finish_unsent(due, number, &reason, NextStep::Dead(reason.clone())).await)
+                let done = self.finish_unsent(due, number, &reason, NextStep::Dead(reason.clone())).await;
+                if matches!(done, Done::Unsent) {
+                    // Once recorded, as the outcomes: a refused one runs again.
+                    self.metrics.transform_errors.with_label_values(&[name]).inc();
+                }
+                Err(done)
             }
             Err(e) => {
                 tracing::error!(target = %name, id = %due.event_id, error = %e, "cannot run the transform; trying again later");

@@ -226,11 +226,21 @@ fn the_store_s_conf_file_is_synced_when_the_store_is_created() {
     // `tid openat(AT_FDCWD, "…/data/conf", O_RDONLY|O_CLOEXEC) = fd`, then `tid fsync(fd) = 0`.
     let synced = |text: &str| {
         let mut opened: Vec<(String, String)> = Vec::new();
+        // An open of `conf` another thread's call interrupted: `openat(… <unfinished ...>`,
+        // then `<... openat resumed>) = fd` on the same thread.
+        let mut resuming: Vec<String> = Vec::new();
         for line in text.lines() {
             // strace pads the thread id to a width: `123  openat(…`.
             let (tid, call) = line.split_once(' ').unwrap_or((line, ""));
             let call = call.trim_start();
             if call.starts_with("openat(") && call.contains(&format!("\"{conf}\"")) {
+                if call.ends_with("<unfinished ...>") {
+                    resuming.push(tid.to_string());
+                } else if let Some(fd) = call.rsplit("= ").next() {
+                    opened.push((tid.to_string(), fd.trim().to_string()));
+                }
+            } else if call.starts_with("<... openat resumed>") && resuming.iter().any(|t| t == tid) {
+                resuming.retain(|t| t != tid);
                 if let Some(fd) = call.rsplit("= ").next() {
                     opened.push((tid.to_string(), fd.trim().to_string()));
                 }

@@ -23,6 +23,13 @@ fn instance_config(dir: &Path, url: &str, targets: &str, routes: &str) -> std::p
     path
 }
 
+/// A config for instances with one target, `search` at `target` (with the
+/// YAML lines `extra`), to which `page.*` webhooks go.
+fn search_config(dir: &Path, url: &str, target: &FakeTarget, extra: &str) -> std::path::PathBuf {
+    let targets = format!("  - name: search\n    url: \"{}\"{extra}", target.url("/reindex"));
+    instance_config(dir, url, &targets, "  - { source: buttercms, events: [\"page.*\"], targets: [search] }")
+}
+
 /// `n` relay processes with `config`, and their ingress addresses.
 fn spawn_instances(config: &Path, n: usize) -> (Vec<RelayProcess>, Vec<SocketAddr>) {
     (0..n).map(|_| spawn_relay(config)).unzip()
@@ -76,13 +83,7 @@ async fn three_instances_on_one_database_ack_and_deliver_every_webhook_once() {
     let url = cluster.database();
     let mut target = FakeTarget::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let targets = format!("  - name: search\n    url: \"{}\"\n    concurrency: 4", target.url("/reindex"));
-    let config = instance_config(
-        dir.path(),
-        &url,
-        &targets,
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
+    let config = search_config(dir.path(), &url, &target, "\n    concurrency: 4");
     // Three processes started at once on an empty database: one creates the
     // schema, the others wait for it and find it current.
     let relays: Vec<_> = std::thread::scope(|s| {
@@ -130,14 +131,7 @@ async fn a_killed_instances_deliveries_are_taken_over_after_its_lease() {
     // Slow answers, so that the killed instance has attempts in flight.
     target.always(Answer::status(200).delay(Duration::from_millis(300)));
     let dir = tempfile::tempdir().unwrap();
-    let targets =
-        format!("  - name: search\n    url: \"{}\"\n    concurrency: 16\n    timeout: 1s", target.url("/reindex"));
-    let config = instance_config(
-        dir.path(),
-        &url,
-        &targets,
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
+    let config = search_config(dir.path(), &url, &target, "\n    concurrency: 16\n    timeout: 1s");
     let (mut doomed, doomed_addr) = spawn_relay(&config);
     let (_survivor, survivor_addr) = spawn_relay(&config);
 
@@ -232,13 +226,7 @@ async fn a_pause_on_one_instance_holds_the_target_on_all() {
     let url = cluster.database();
     let mut target = FakeTarget::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let targets = format!("  - name: search\n    url: \"{}\"", target.url("/reindex"));
-    let config = instance_config(
-        dir.path(),
-        &url,
-        &targets,
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
+    let config = search_config(dir.path(), &url, &target, "");
     let (a, _) = spawn_relay(&config);
     let (b, b_addr) = spawn_relay(&config);
     let paused = admin_call(a.admin, http::Method::POST, "/admin/targets/search/pause", Some(ADMIN_TOKEN), "").await;
@@ -280,13 +268,7 @@ async fn a_429s_retry_after_holds_every_instance() {
     let mut target = FakeTarget::start().await;
     target.script([Answer::status(429).header("retry-after", "3")]);
     let dir = tempfile::tempdir().unwrap();
-    let targets = format!("  - name: search\n    url: \"{}\"", target.url("/reindex"));
-    let config = instance_config(
-        dir.path(),
-        &url,
-        &targets,
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
+    let config = search_config(dir.path(), &url, &target, "");
     let (_a, a_addr) = spawn_relay(&config);
     let (_b, b_addr) = spawn_relay(&config);
     let mut ids = post_all(&[a_addr], 0, 1).await;
@@ -430,9 +412,7 @@ async fn a_debug_log_holds_no_webhook_body() {
     let Some(cluster) = throwaway::cluster("a_debug_log_holds_no_webhook_body") else { return };
     let mut target = FakeTarget::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let targets = format!("  - name: search\n    url: \"{}\"", target.url("/reindex"));
-    let routes = "  - { source: buttercms, events: [\"page.*\"], targets: [search] }";
-    let config = instance_config(dir.path(), &cluster.database(), &targets, routes);
+    let config = search_config(dir.path(), &cluster.database(), &target, "");
     let lines = log_of_a_marked_webhook(&config, &mut target, "debug").await;
     assert!(lines.iter().any(|l| l.contains("tokio_postgres") && l.contains("DEBUG")), "debug lines are written");
 }

@@ -218,16 +218,14 @@ impl Relay {
     /// files, for new connections). Listeners, TLS on or off and storage
     /// keep their running settings until a restart (logged).
     pub async fn reload(&self, settings: Settings) -> Result<(), String> {
-        // The retention a reload cannot change: the running one holds events.
-        let retention = self.fixed.storage.2;
-        if let Some(s) = settings.sources.iter().find(|s| s.dedup_window > retention) {
-            return Err(format!(
-                "source {}: dedup_window ({}) is longer than the running storage.retention ({}), which changes \
-                 only at a restart: a copy of a webhook purged within its window would be delivered again",
-                s.name,
-                humantime::format_duration(s.dedup_window),
-                humantime::format_duration(retention),
-            ));
+        // Against the retention running, which only a restart changes.
+        for s in &settings.sources {
+            if let Some(message) = crate::config::window_past_retention(s, self.fixed.storage.2) {
+                return Err(format!(
+                    "source {}: dedup_window {message} (the running one: it changes at a restart)",
+                    s.name
+                ));
+            }
         }
         if Fixed::of(&settings) != self.fixed {
             tracing::warn!(

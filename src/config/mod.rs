@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use interpolate::EnvValues;
-pub use resolve::standard_webhooks_secret;
+pub use resolve::{standard_webhooks_secret, window_past_retention};
 pub use settings::*;
 pub use units::{parse_duration, parse_size};
 

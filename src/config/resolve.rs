@@ -82,18 +82,9 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
     unique(&mut p, "sources", raw.sources.iter().map(|s| s.name.as_str()), "name");
     unique(&mut p, "sources", raw.sources.iter().map(|s| s.path.as_str()), "path");
     for (i, s) in raw.sources.iter().enumerate() {
-        // An event purged within its window takes its dedup record with it.
-        match sources.iter().find(|r| r.name == s.name) {
-            Some(r) if r.dedup_window > storage.retention => p.push(
-                format!("sources[{i}].dedup_window"),
-                format!(
-                    "{} is longer than storage.retention ({}): a copy of a webhook purged within its window would \
-                     be delivered again; make storage.retention at least as long",
-                    humantime::format_duration(r.dedup_window),
-                    humantime::format_duration(storage.retention),
-                ),
-            ),
-            _ => {}
+        let past = sources.iter().find(|r| r.name == s.name).and_then(|r| window_past_retention(r, storage.retention));
+        if let Some(message) = past {
+            p.push(format!("sources[{i}].dedup_window"), message);
         }
     }
 
@@ -117,6 +108,19 @@ pub fn resolve(raw: RawConfig, path: &Path) -> Result<Settings, Vec<Problem>> {
         sources: sources.into_iter().map(Arc::new).collect(),
         targets,
         from_env: Default::default(),
+    })
+}
+
+/// Why `source`'s dedup window cannot run with `retention`, if it cannot:
+/// an event purged within its window takes its dedup record with it.
+pub fn window_past_retention(source: &Source, retention: Duration) -> Option<String> {
+    (source.dedup_window > retention).then(|| {
+        format!(
+            "{} is longer than storage.retention ({}): a copy of a webhook purged within its window would be \
+             delivered again; make storage.retention at least as long",
+            humantime::format_duration(source.dedup_window),
+            humantime::format_duration(retention),
+        )
     })
 }
 

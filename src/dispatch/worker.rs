@@ -504,10 +504,12 @@ impl AttemptCtx {
         };
         // 429 (too many requests) is about the client, not this request: the
         // whole queue waits. A 503's `Retry-After` delays its delivery only.
-        let asked = match (result.status, &result.verdict) {
-            (Some(429), Verdict::Retry { after: Some(after) }) => Some(*after).filter(|after| self.ask_to_wait(*after)),
-            _ => None,
-        };
+        let mut asked = None;
+        if let (Some(429), Verdict::Retry { after: Some(after) }) = (result.status, &result.verdict) {
+            if self.ask_to_wait(*after) {
+                asked = Some(*after);
+            }
+        }
         drop(slot);
         if let Some(wait) = asked {
             // The target's limit is on every instance sharing the store.

@@ -431,6 +431,8 @@ async fn recent_events_are_newest_first_per_source(store: &dyn Store) {
         store.events_before(Some(a2), Some("a"), 10).await.expect("page").events.into_iter().map(|e| e.0).collect();
     assert_eq!(older_a, [a1]);
     assert_eq!(store.events_before(Some(a1), None, 10).await.expect("page"), EventsPage::default(), "the end");
+    let exactly = store.events_before(None, None, 3).await.expect("page");
+    assert_eq!((exactly.events.len(), exactly.next_before), (3, None), "a page that ends with the events");
     // Pages of one source, `limit` at most each, go on to the end whatever
     // the backend examined per page.
     for n in 2..6 {

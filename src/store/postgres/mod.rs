@@ -432,11 +432,15 @@ impl Store for PgStore {
             "SELECT {META} FROM hr_events WHERE ($1::uuid IS NULL OR id < $1) AND ($2::text IS NULL OR source = $2)
              ORDER BY id DESC LIMIT $3"
         );
-        let rows = query(&client, &sql, &[&before.map(|b| b.0), &source, &(limit as i64)]).await?;
-        let events =
-            rows.iter().map(|r| Ok((EventId(r.get("id")), meta_of(r)?))).collect::<Result<Vec<_>, StoreError>>()?;
-        // By an index on (source, id): `limit` of the source, or the end.
-        let next_before = events.last().map(|e| e.0).filter(|_| events.len() >= limit);
+        // One more than a page, to tell the end (by an index on (source, id)).
+        let rows = query(&client, &sql, &[&before.map(|b| b.0), &source, &(limit as i64 + 1)]).await?;
+        let more = rows.len() > limit;
+        let events = rows
+            .iter()
+            .take(limit)
+            .map(|r| Ok((EventId(r.get("id")), meta_of(r)?)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let next_before = events.last().map(|e| e.0).filter(|_| more);
         Ok(EventsPage { events, next_before })
     }
 

@@ -292,29 +292,69 @@ async fn a_crash_fails_only_the_run_that_caused_it() {
 /// it is made (the lane stops a sandbox that answers nothing for 2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_slow_runs_sent_at_once_all_answer() {
-    use hookrelay::jq::{set_worker_exe, Kind, Lane, Output, Program};
+    use hookrelay::jq::{set_worker_exe, Lane, Output};
     set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
     let lane = Lane::new("slow runs");
     let input = bytes::Bytes::from_static(b"null");
     let vars = ["s", "e"];
-    // The sandbox started, then a loop that takes about 15 ms here (well
-    // within the 100 ms limit, on a busy machine too).
+    // A loop that takes about 15 ms here (well within the 100 ms limit, on
+    // a busy machine too).
+    let program = program_taking(&lane, 15).await;
+    // 200 of them: about 3 s in all.
+    let outputs = futures_util::future::join_all((0..200).map(|_| lane.run(&program, &vars, &input))).await;
+    let failed: Vec<_> = outputs.into_iter().map(Result::unwrap).filter(|o| !matches!(o, Output::Value(_))).collect();
+    assert!(failed.is_empty(), "{} of 200 failed: {:?}", failed.len(), failed.first());
+}
+
+/// A program that takes about `ms` (at least) in `lane`'s sandbox here, the
+/// sandbox started first.
+async fn program_taking(lane: &hookrelay::jq::Lane, ms: u64) -> hookrelay::jq::Program {
+    use hookrelay::jq::{Kind, Output, Program};
+    let (input, vars) = (bytes::Bytes::from_static(b"null"), ["s", "e"]);
     let warm = Program::compile(Kind::Filter, "[range(10)] | length").unwrap();
     assert_eq!(lane.run(&warm, &vars, &input).await.unwrap(), Output::Value(b"10".to_vec()));
     let mut n = 10_000u64;
-    let program = loop {
+    loop {
         let program = Program::compile(Kind::Filter, &format!("reduce range({n}) as $x (0; . + 1)")).unwrap();
         let started = Instant::now();
         let output = lane.run(&program, &vars, &input).await.unwrap();
         assert!(matches!(output, Output::Value(_)), "{output:?}");
         let took = started.elapsed();
-        if took >= Duration::from_millis(15) || n >= 100_000_000 {
-            break program;
+        if took >= Duration::from_millis(ms) || n >= 100_000_000 {
+            return program;
         }
-        n = n * 15 / took.as_millis().clamp(1, 14) as u64;
-    };
-    // 200 of them: about 3 s in all.
-    let outputs = futures_util::future::join_all((0..200).map(|_| lane.run(&program, &vars, &input))).await;
-    let failed: Vec<_> = outputs.into_iter().map(Result::unwrap).filter(|o| !matches!(o, Output::Value(_))).collect();
-    assert!(failed.is_empty(), "{} of 200 failed: {:?}", failed.len(), failed.first());
+        n = n * ms / (took.as_millis() as u64).clamp(1, ms - 1);
+    }
+}
+
+/// A slow run holds up only its own child: a quick run sent to the same
+/// lane while it runs is answered by another child, before it ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_run_does_not_hold_up_the_next_one() {
+    use hookrelay::jq::{set_worker_exe, Kind, Lane, Output, Program};
+    set_worker_exe(std::path::PathBuf::from(env!("CARGO_BIN_EXE_hookrelay")));
+    let lane = std::sync::Arc::new(Lane::new("two children"));
+    let (input, vars) = (bytes::Bytes::from_static(b"null"), ["s", "e"]);
+    let quick = Program::compile(Kind::Filter, "[range(10)] | length").unwrap();
+    let slow = std::sync::Arc::new(program_taking(&lane, 60).await);
+    // Twice: the first starts the second child, the second is timed.
+    for round in 0..2 {
+        let started = Instant::now();
+        let slow_run = {
+            let (lane, slow, input) = (lane.clone(), slow.clone(), input.clone());
+            tokio::spawn(async move {
+                let output = lane.run(&slow, &["s", "e"], &input).await.unwrap();
+                (output, started.elapsed())
+            })
+        };
+        // Past the 5 ms after which a child without an answer is busy.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(lane.run(&quick, &vars, &input).await.unwrap(), Output::Value(b"10".to_vec()));
+        let quick_done = started.elapsed();
+        let (output, slow_done) = slow_run.await.unwrap();
+        assert!(matches!(output, Output::Value(_)), "{output:?}");
+        if round == 1 {
+            assert!(quick_done < slow_done, "the quick run waited for the slow one: {quick_done:?}, {slow_done:?}");
+        }
+    }
 }

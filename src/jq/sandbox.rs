@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -60,16 +61,64 @@ struct Job {
 }
 
 /// Runs programs for one source or one target, in a child process of its
-/// own, started on first use. Dropping the lane ends its task and its child.
+/// own, started on first use; while that child is busy with a slow run (it
+/// answered nothing for [`SLOW`]), in the next one, and so on (as many as
+/// the machine runs at once, 2 to 4), so that a slow run holds up only the
+/// runs sent with it. Dropping the lane ends its tasks and their children.
 #[derive(Debug)]
 pub struct Lane {
     name: String,
+    seats: Vec<Seat>,
+    /// What the seats' times count from.
+    epoch: Instant,
+}
+
+/// A child busy this long without an answer is on a slow run: the lane's
+/// next runs go to another. Quick runs stay together in one child, where a
+/// batch of them costs one pipe write and one wake-up.
+const SLOW: Duration = Duration::from_millis(5);
+
+/// One child of a lane: the task that owns it, started on first use.
+#[derive(Debug, Default)]
+struct Seat {
     jobs: OnceLock<mpsc::UnboundedSender<Job>>,
+    /// Runs sent to it and not yet answered.
+    load: AtomicUsize,
+    /// When it last answered, or was given work while idle (ms from the
+    /// lane's epoch).
+    progress_ms: AtomicU64,
+}
+
+/// A run on its seat: taken off the seat's load when it ends, answered or
+/// dropped.
+struct Seated<'a> {
+    seat: &'a Seat,
+    epoch: Instant,
+}
+
+impl Drop for Seated<'_> {
+    fn drop(&mut self) {
+        self.seat.progress_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.seat.load.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Lane {
     pub fn new(name: impl Into<String>) -> Lane {
-        Lane { name: name.into(), jobs: OnceLock::new() }
+        let seats = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 4);
+        Lane { name: name.into(), seats: (0..seats).map(|_| Seat::default()).collect(), epoch: Instant::now() }
+    }
+
+    /// The seat for the next run: the first that is idle or answering, else
+    /// the least loaded.
+    fn seat(&self) -> usize {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let answering = |s: &Seat| {
+            s.load.load(Ordering::Relaxed) == 0
+                || now.saturating_sub(s.progress_ms.load(Ordering::Relaxed)) < SLOW.as_millis() as u64
+        };
+        let least = || (0..self.seats.len()).min_by_key(|i| self.seats[*i].load.load(Ordering::Relaxed));
+        self.seats.iter().position(answering).or_else(least).unwrap_or(0)
     }
 
     /// A route filter's verdict on a webhook (`$source`, `$event`): whether
@@ -130,11 +179,18 @@ impl Lane {
     /// Runs `program` on `input` with its variables' values (in
     /// [`super::Kind::vars`] order). Must be called within a Tokio runtime.
     pub async fn run(&self, program: &Program, vars: &[&str], input: &Bytes) -> Result<Output, SandboxError> {
-        let jobs = self.jobs.get_or_init(|| {
+        let at = self.seat();
+        let seat = self.seats.get(at).ok_or_else(|| SandboxError::Unavailable("the lane has no child".into()))?;
+        let jobs = seat.jobs.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(lane_task(self.name.clone(), rx));
+            let name = if at == 0 { self.name.clone() } else { format!("{} #{}", self.name, at + 1) };
+            tokio::spawn(lane_task(name, rx));
             tx
         });
+        if seat.load.fetch_add(1, Ordering::Relaxed) == 0 {
+            seat.progress_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        }
+        let _seated = Seated { seat, epoch: self.epoch };
         let head = frame::encode_request_head(program.kind(), program.text(), vars, input.len());
         let (reply, answer) = oneshot::channel();
         jobs.send(Job { head, input: input.clone(), reply })

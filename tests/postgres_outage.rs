@@ -17,8 +17,10 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
     let Some(cluster) = throwaway::cluster("a_database_restart_under_load") else { return };
     let url = cluster.database();
     let mut target = FakeTarget::start().await;
-    // Slow enough that attempts are at the target when the database goes.
-    target.always(Answer::status(200).delay(Duration::from_millis(500)));
+    // Slow enough that attempts are at the target when the database goes
+    // (50 webhooks take about 2 s to deliver), quick enough that they answer
+    // while it is down (below): their outcomes are refused.
+    target.always(Answer::status(200).delay(Duration::from_millis(300)));
     let dir = tempfile::tempdir().unwrap();
     let text = relay_config_on(
         &format!(r#"{{ backend: postgres, url: "{url}", pool: 4 }}"#),
@@ -54,6 +56,8 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
         post(&mut acked, &mut refused, reply);
     }
     assert!(down.elapsed() < Duration::from_secs(10), "503s come at once, not after timeouts: {:?}", down.elapsed());
+    // Down longer than an answer takes.
+    tokio::time::sleep(Duration::from_millis(700).saturating_sub(down.elapsed())).await;
 
     cluster.restart();
     // The same relay process recovers by itself.

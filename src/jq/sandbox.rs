@@ -89,6 +89,11 @@ struct Seat {
     progress_ms: AtomicU64,
 }
 
+/// Milliseconds since a lane's epoch: the seats' times.
+fn ms_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_millis() as u64
+}
+
 /// A run on its seat: taken off the seat's load when it ends, answered or
 /// dropped.
 struct Seated<'a> {
@@ -98,7 +103,7 @@ struct Seated<'a> {
 
 impl Drop for Seated<'_> {
     fn drop(&mut self) {
-        self.seat.progress_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.seat.progress_ms.store(ms_since(self.epoch), Ordering::Relaxed);
         self.seat.load.fetch_sub(1, Ordering::Relaxed);
     }
 }
@@ -112,7 +117,7 @@ impl Lane {
     /// The seat for the next run: the first that is idle or answering, else
     /// the least loaded.
     fn seat(&self) -> usize {
-        let now = self.epoch.elapsed().as_millis() as u64;
+        let now = ms_since(self.epoch);
         let answering = |s: &Seat| {
             s.load.load(Ordering::Relaxed) == 0
                 || now.saturating_sub(s.progress_ms.load(Ordering::Relaxed)) < SLOW.as_millis() as u64
@@ -188,7 +193,7 @@ impl Lane {
             tx
         });
         if seat.load.fetch_add(1, Ordering::Relaxed) == 0 {
-            seat.progress_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            seat.progress_ms.store(ms_since(self.epoch), Ordering::Relaxed);
         }
         let _seated = Seated { seat, epoch: self.epoch };
         let head = frame::encode_request_head(program.kind(), program.text(), vars, input.len());

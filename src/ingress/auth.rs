@@ -76,7 +76,12 @@ pub fn verify(auth: &Auth, headers: &HeaderMap, body: Bytes, now: SystemTime) ->
         Auth::Basic { username, passwords } => {
             let raw = header_str(headers, AUTHORIZATION.as_str())?;
             let malformed = |why| AuthFailure::Malformed { header: "authorization".into(), why };
-            let encoded = raw.strip_prefix("Basic ").ok_or_else(|| malformed("not Basic"))?;
+            // The scheme's name is case-insensitive (RFC 9110 §11.1).
+            let encoded = raw
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+                .map(|(_, rest)| rest)
+                .ok_or_else(|| malformed("not Basic"))?;
             let decoded = B64.decode(encoded.trim()).map_err(|_| malformed("not base64"))?;
             let colon = decoded.iter().position(|&b| b == b':').ok_or_else(|| malformed("no ':'"))?;
             let (user, pass) = (&decoded[..colon], &decoded[colon + 1..]);
@@ -169,6 +174,10 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, AuthFai
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    // Hex digits only: `from_str_radix` alone would take "+a" for 0x0a.
+    if !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()

@@ -59,6 +59,10 @@ fn hmac_hex_sha256_matches_cometcms_documentation() {
     // Uppercase hex is the same signature.
     let upper = format!("sha256={}", encode_hex(&hmac(HmacAlgorithm::Sha256, b"comet-secret", &[BODY])).to_uppercase());
     assert_eq!(check(&comet_auth(HmacAlgorithm::Sha256, Encoding::Hex), &[("x-cometcms-signature", &upper)]), Ok(()));
+    // A sign is not a hex digit: "+a" is not the byte 0x0a.
+    assert_eq!(decode_hex("0a1f"), Some(vec![0x0a, 0x1f]));
+    assert_eq!(decode_hex("+a1f"), None);
+    assert_eq!(decode_hex("0a-1"), None);
 }
 
 #[test]
@@ -183,6 +187,11 @@ fn basic_accepts_rotated_passwords_and_refuses_others() {
     assert!(matches!(check(&basic_auth(), &[("authorization", &hdr("butter", "p3"))]), Err(AuthFailure::Mismatch(_))));
     assert!(matches!(check(&basic_auth(), &[("authorization", &hdr("other", "p1"))]), Err(AuthFailure::Mismatch(_))));
     assert!(matches!(check(&basic_auth(), &[("authorization", "Bearer x")]), Err(AuthFailure::Malformed { .. })));
+    // The scheme's name in any case.
+    let lower = format!("basic {}", B64.encode("butter:p1"));
+    assert_eq!(check(&basic_auth(), &[("authorization", &lower)]), Ok(()));
+    let upper = format!("BASIC {}", B64.encode("butter:p2"));
+    assert_eq!(check(&basic_auth(), &[("authorization", &upper)]), Ok(()));
     assert!(matches!(check(&basic_auth(), &[("authorization", "Basic !!!")]), Err(AuthFailure::Malformed { .. })));
     let no_colon = format!("Basic {}", B64.encode("butter"));
     assert!(matches!(check(&basic_auth(), &[("authorization", &no_colon)]), Err(AuthFailure::Malformed { .. })));

@@ -74,10 +74,12 @@ pub fn next_step(
                     humantime::format_duration(policy.max_age)
                 ));
             }
-            let delay = match after {
-                Some(d) => (*d).min(policy.max_backoff),
-                None => backoff(policy, attempt, unit),
-            };
+            // A `Retry-After` is the least the target asks to wait: it
+            // lengthens the backoff, never shortens it (a `0`, or a date
+            // already past on a target whose clock is behind, would
+            // otherwise spend the attempts at once).
+            let own = backoff(policy, attempt, unit);
+            let delay = after.map_or(own, |d| d.max(own)).min(policy.max_backoff);
             NextStep::RetryAt(now_ms.saturating_add(delay.as_millis() as u64))
         }
     }
@@ -148,5 +150,15 @@ mod tests {
         let after = |s| Verdict::Retry { after: Some(Duration::from_secs(s)) };
         assert_eq!(next_step(&p, &after(30), 1, 0, 1_000, 0.0), NextStep::RetryAt(31_000));
         assert_eq!(next_step(&p, &after(3_000), 1, 0, 1_000, 0.0), NextStep::RetryAt(61_000));
+    }
+
+    #[test]
+    fn a_retry_after_shorter_than_the_backoff_does_not_shorten_it() {
+        let p = policy();
+        let after = |s| Verdict::Retry { after: Some(Duration::from_secs(s)) };
+        // Attempt 4 with jitter 0.5: our own backoff is 4 s.
+        assert_eq!(next_step(&p, &after(0), 4, 0, 1_000, 0.5), NextStep::RetryAt(5_000));
+        assert_eq!(next_step(&p, &after(1), 4, 0, 1_000, 0.5), NextStep::RetryAt(5_000));
+        assert_eq!(next_step(&p, &after(9), 4, 0, 1_000, 0.5), NextStep::RetryAt(10_000));
     }
 }

@@ -171,8 +171,15 @@ impl Relay {
         self.dispatcher.stop(grace).await;
         let closed = self.store.close().await;
         self.admin_shutdown.cancel();
-        if self.admin_task.await.is_err() {
-            tracing::error!("the admin listener task panicked");
+        // A request still being sent (a client gone half-open) must not hold the exit.
+        let mut admin_task = self.admin_task;
+        match tokio::time::timeout(grace, &mut admin_task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => tracing::error!("the admin listener task panicked"),
+            Err(_) => {
+                tracing::warn!(?grace, "admin requests still in progress after the grace period; stopping anyway");
+                admin_task.abort();
+            }
         }
         closed
     }

@@ -304,3 +304,25 @@ async fn readyz_turns_503_as_soon_as_shutdown_begins() {
     drop(slow); // the client hangs up: its request ends, and shutdown can finish
     tokio::time::timeout(WAIT, stopping).await.expect("shutdown within its bound").unwrap().unwrap();
 }
+
+/// SIGTERM while an admin request's body is still coming (a client gone
+/// half-open): the relay still exits, once the grace period has passed.
+#[tokio::test]
+async fn an_unfinished_admin_request_does_not_hold_the_exit() {
+    use tokio::io::AsyncWriteExt;
+    let target = FakeTarget::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (targets, routes) = one_target(&target.url("/"));
+    let config = write_config(dir.path(), &relay_config(dir.path(), &targets, &routes));
+    let (mut relay, _) = spawn_relay(&config);
+    let mut stream = tokio::net::TcpStream::connect(relay.admin).await.unwrap();
+    let head = format!(
+        "POST /admin/dead-letters/replay HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: 100\r\n\r\n{{"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopping = std::time::Instant::now();
+    assert!(relay.terminate().success(), "a clean exit");
+    assert!(stopping.elapsed() >= Duration::from_secs(9), "the request had the grace period");
+    drop(stream);
+}

@@ -183,6 +183,25 @@ async fn ordering_holds_under_dead_letters_and_replay() {
     eventually("A delivered", || async { event_json(&t, &a).await["deliveries"][0]["status"] == "delivered" }).await;
 }
 
+/// "Replay all" requeues a key's dead letters oldest first, though the
+/// store lists them newest first: A is sent again before B.
+#[tokio::test]
+async fn replaying_all_dead_letters_keeps_a_keys_order() {
+    let mut site = FakeTarget::start().await;
+    site.script([Answer::status(500), Answer::status(500)]);
+    let t = start_relay(&ordered(&site.url("/"), &format!("{FAST}, max_attempts: 1")), ROUTE).await;
+    let a = post_id(&t, page("k1", "x", 1)).await;
+    let b = post_id(&t, page("k1", "x", 2)).await;
+    assert_eq!(site.next().await.headers["webhook-id"], a.as_str());
+    assert_eq!(site.next().await.headers["webhook-id"], b.as_str());
+    eventually("both dead", || async { event_json(&t, &b).await["deliveries"][0]["status"] == "dead" }).await;
+    let replay =
+        admin_call(t.relay.admin_addr, Method::POST, "/admin/dead-letters/replay", Some(ADMIN_TOKEN), "{}").await;
+    assert_eq!(replay.json()["replayed"], 2);
+    assert_eq!(site.next().await.headers["webhook-id"], a.as_str(), "the older one first");
+    assert_eq!(site.next().await.headers["webhook-id"], b.as_str());
+}
+
 #[tokio::test]
 async fn held_deliveries_show_in_the_admin_api_and_metrics() {
     let mut site = FakeTarget::start().await;

@@ -401,13 +401,20 @@ async fn replay(admin: &Admin, req: Request<Incoming>) -> Result {
             requeue(admin, &chosen).await?.len()
         }
         None => {
-            let (mut replayed, mut before) = (0, None);
+            // The store lists them newest first; they are requeued oldest
+            // first, so that an `order_by` key's deliveries keep their order.
+            let mut chosen: Vec<(String, EventId)> = Vec::new();
+            let mut before = None;
             loop {
                 let page = admin.store.dead_letters(ask.target.as_deref(), before, REPLAY_PAGE).await?;
                 let Some(last) = page.last() else { break };
                 before = Some(last.event_id);
-                let chosen: Vec<(String, EventId)> = page.into_iter().map(|d| (d.target, d.event_id)).collect();
-                replayed += requeue(admin, &chosen).await?.len();
+                chosen.extend(page.into_iter().map(|d| (d.target, d.event_id)));
+            }
+            chosen.sort_unstable();
+            let mut replayed = 0;
+            for page in chosen.chunks(REPLAY_PAGE) {
+                replayed += requeue(admin, page).await?.len();
             }
             replayed
         }

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{ALLOW, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, StatusCode, Version};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper::body::{Body, Incoming};
 use serde_json::Value;
 use tokio::sync::watch;
 
 use super::auth::{self, AuthFailure};
+use super::budget::{BodyBudget, BodyError};
 use super::formats::{self, FormatError};
 use crate::config::{RouteRule, Sequencing, Settings, Source, Target};
 use crate::dispatch::Workers;
@@ -32,6 +32,8 @@ pub struct Routes {
     lanes: HashMap<String, Lane>,
     /// The targets, for their `order_by` and `debounce`.
     targets: HashMap<String, Arc<Target>>,
+    /// Each source's bytes of bodies read at once.
+    budgets: HashMap<String, BodyBudget>,
     max_body: u64,
     request_timeout: Duration,
 }
@@ -46,6 +48,11 @@ impl Routes {
                 .map(|s| (s.name.clone(), Lane::new(format!("source {} programs", s.name))))
                 .collect(),
             targets: settings.targets.iter().map(|t| (t.name.clone(), t.clone())).collect(),
+            budgets: settings
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), BodyBudget::for_source(&s.auth, settings.server.max_body)))
+                .collect(),
             max_body: settings.server.max_body,
             request_timeout: settings.server.request_timeout,
         }
@@ -185,14 +192,15 @@ impl Ingress {
         }
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(routes.max_body).unwrap_or(usize::MAX);
-        let body = tokio::time::timeout(routes.request_timeout, Limited::new(body, limit).collect())
+        let budget = routes.budgets.get(&source.name).ok_or_else(|| Reject::BodyRead("no body budget".into()))?;
+        // `_held` gives the body's bytes back to the budget once stored.
+        let (body, _held) = tokio::time::timeout(routes.request_timeout, budget.read(body, limit))
             .await
             .map_err(|_| Reject::Timeout)?
-            .map_err(|e| match e.downcast_ref::<LengthLimitError>() {
-                Some(_) => Reject::TooLarge,
-                None => Reject::BodyRead(e.to_string()),
-            })?
-            .to_bytes();
+            .map_err(|e| match e {
+                BodyError::TooLarge => Reject::TooLarge,
+                BodyError::Read(e) => Reject::BodyRead(e),
+            })?;
         let verified =
             auth::verify(&source.auth, &parts.headers, body, SystemTime::now()).map_err(Reject::Unauthorized)?;
         let parsed = formats::parse(&source.format, &parts.headers, verified.body()).map_err(Reject::Invalid)?;

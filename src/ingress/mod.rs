@@ -2,6 +2,7 @@
 //! and turns each webhook into a stored event and a `202`.
 
 pub mod auth;
+mod budget;
 pub mod formats;
 mod handler;
 mod server;

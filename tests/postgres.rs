@@ -91,7 +91,8 @@ async fn three_instances_on_one_database_ack_and_deliver_every_webhook_once() {
         starting.into_iter().map(|t| t.join().unwrap()).collect()
     });
     let addrs: Vec<SocketAddr> = relays.iter().map(|(_, a)| *a).collect();
-    assert_eq!(cluster.query(&database_of(&url), "select version from hr_schema"), "1");
+    let migrations = hookrelay::store::SCHEMA_VERSION.to_string();
+    assert_eq!(cluster.query(&database_of(&url), "select version from hr_schema"), migrations);
 
     let ids = post_all(&addrs, 0, 300).await;
     let seen = collect(&mut target, ids.len(), Duration::from_secs(30)).await;

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 
 use async_trait::async_trait;
 
-pub use self::postgres::{lease_for, parse_url as parse_pg_url, PgOptions, PgStore};
+pub use self::postgres::{lease_for, parse_url as parse_pg_url, PgOptions, PgStore, SCHEMA_VERSION};
 pub use self::sled::{CommitStats, SledStore};
 pub use null::NullStore;
 pub use records::*;

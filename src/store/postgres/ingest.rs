@@ -194,13 +194,19 @@ pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Res
         )
         .await
         .map_err(db_error)?;
-    // Places in a key's queue are taken in the round's order, under the key's lock.
+    // Places in a key's queue are taken in the round's order, under the
+    // key's lock; a delivery is held behind an earlier pending one of its
+    // key, stored before (a completion that would release it takes the
+    // same lock) or earlier in this round.
     let insert_deliveries = tx
         .prepare_cached(
-            "INSERT INTO hr_deliveries (target, event_id, due_ms, order_key, grp, seq, record)
-             SELECT t, e, d, o, g, CASE WHEN o IS NULL THEN NULL ELSE nextval('hr_order_seq') END, r
-             FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::text[], $5::text[], $6::jsonb[])
-                  WITH ORDINALITY AS x(t, e, d, o, g, r, n)",
+            "INSERT INTO hr_deliveries (target, event_id, due_ms, order_key, grp, seq, held, record)
+             SELECT t, e, d, o, g, CASE WHEN o IS NULL THEN NULL ELSE nextval('hr_order_seq') END,
+                    o IS NOT NULL AND (b OR EXISTS (SELECT 1 FROM hr_deliveries p
+                                                     WHERE p.target = t AND p.order_key = o AND p.status = 'p')),
+                    r
+             FROM unnest($1::text[], $2::uuid[], $3::int8[], $4::text[], $5::text[], $6::jsonb[], $7::bool[])
+                  WITH ORDINALITY AS x(t, e, d, o, g, r, b, n)",
         )
         .await
         .map_err(db_error)?;
@@ -216,8 +222,8 @@ pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Res
         &e_cols.group,
         &e_cols.body,
     ];
-    let deliveries_params: [&(dyn ToSql + Sync); 6] =
-        [&d_cols.target, &d_cols.event_id, &d_cols.due, &d_cols.order_key, &d_cols.grp, &d_cols.record];
+    let deliveries_params: [&(dyn ToSql + Sync); 7] =
+        [&d_cols.target, &d_cols.event_id, &d_cols.due, &d_cols.order_key, &d_cols.grp, &d_cols.record, &d_cols.behind];
     let (with_events, with_deliveries) = (!stored.is_empty(), !d_cols.target.is_empty());
     futures_util::try_join!(
         async {
@@ -318,8 +324,12 @@ struct DeliveryColumns {
     event_id: Vec<Uuid>,
     due: Vec<i64>,
     order_key: Vec<Option<String>>,
+    /// Behind an earlier delivery of its target and key in the same round.
+    behind: Vec<bool>,
     grp: Vec<Option<String>>,
     record: Vec<serde_json::Value>,
+    /// The (target, order key) pairs seen so far.
+    keys: std::collections::HashSet<(String, String)>,
 }
 
 impl DeliveryColumns {
@@ -335,6 +345,7 @@ impl DeliveryColumns {
         self.target.push(target.to_string());
         self.event_id.push(id);
         self.due.push(due);
+        self.behind.push(order_key.as_ref().is_some_and(|k| !self.keys.insert((target.to_string(), k.clone()))));
         self.order_key.push(order_key);
         self.grp.push(grp);
         self.record.push(serde_json::to_value(record).map_err(|e| StoreError::Io(e.to_string()))?);

@@ -17,6 +17,8 @@ mod share;
 #[cfg(test)]
 pub(crate) mod throwaway;
 
+pub use schema::VERSION as SCHEMA_VERSION;
+
 use std::collections::HashSet;
 use std::str::FromStr;
 use std::time::Duration;
@@ -749,8 +751,7 @@ impl Store for PgStore {
             "SELECT (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'p'),
                     (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'x'),
                     (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'p' AND grp IS NOT NULL),
-                    (SELECT count(*) - count(DISTINCT order_key) FROM hr_deliveries
-                      WHERE target = $1 AND status = 'p' AND order_key IS NOT NULL)",
+                    (SELECT count(*) FROM hr_deliveries WHERE target = $1 AND status = 'p' AND held)",
             &[&target],
         )
         .await?;
@@ -857,12 +858,20 @@ impl Store for PgStore {
         record.tries = 0;
         execute(
             &tx,
-            "UPDATE hr_deliveries SET status = 'p', due_ms = $3, queued = true, at_ms = NULL, record = $4,
-                    seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END
+            "UPDATE hr_deliveries d SET status = 'p', due_ms = $3, queued = true, at_ms = NULL, record = $4,
+                    seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END,
+                    held = order_key IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM hr_deliveries o
+                         WHERE o.target = $1 AND o.order_key = d.order_key AND o.status = 'p' AND o.event_id <> $2)
              WHERE target = $1 AND event_id = $2",
             &[&target, &id.0, &to_i64(now), &json(&record)?],
         )
         .await?;
+        if let Some(key) = &order_key {
+            // Last in its key's queue now: if it was the head, the next one is.
+            let (targets, keys) = ([target], [key.as_str()]);
+            execute(&tx, outcomes::RELEASE_NEXT, &[&&targets[..], &&keys[..]]).await?;
+        }
         execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(true)
@@ -939,9 +948,7 @@ macro_rules! due_sql {
             $kind,
             " AND d.event_id <> ALL($3)
                   AND (d.lease_owner IS NULL OR d.lease_owner = $4 OR d.lease_until <= $2)
-                  AND (d.order_key IS NULL OR d.seq = (
-                        SELECT min(o.seq) FROM hr_deliveries o
-                        WHERE o.target = $1 AND o.order_key = d.order_key AND o.status = 'p'))
+                  AND NOT d.held
                 ORDER BY d.queued DESC, d.due_ms, d.event_id
                 LIMIT $5
                 FOR UPDATE OF d SKIP LOCKED)
@@ -959,7 +966,7 @@ const RELEASE_UNSTARTED: &str = "UPDATE hr_deliveries SET lease_owner = NULL, le
 const OTHERS_LEASES: &str = "SELECT count(*) FROM hr_deliveries
      WHERE target = $1 AND lease_owner IS NOT NULL AND lease_owner <> $2 AND lease_until > $3";
 const NEXT_RETRY: &str = "SELECT due_ms FROM hr_deliveries
-     WHERE target = $1 AND status = 'p' AND grp IS NULL AND queued AND due_ms > $2
+     WHERE target = $1 AND status = 'p' AND grp IS NULL AND NOT held AND queued AND due_ms > $2
      ORDER BY queued DESC, due_ms LIMIT 1";
 /// The target's open groups whose newest delivery is not in flight elsewhere.
 const OPEN_GROUPS: &str = "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms

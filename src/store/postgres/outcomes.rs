@@ -28,7 +28,8 @@ struct Row {
     status: i8,
     due_ms: i64,
     queued: bool,
-    ordered: bool,
+    /// Its key's queue (`order_by`), if any.
+    order_key: Option<String>,
     record: DeliveryRecord,
     /// Another instance's lease: it took the delivery over after this
     /// instance's expired, and its attempt decides what comes next.
@@ -65,7 +66,7 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
             status: r.get("status"),
             due_ms,
             queued: r.get("queued"),
-            ordered: r.get("ordered"),
+            order_key: r.get("order_key"),
             record,
             leased_elsewhere,
         };
@@ -73,6 +74,8 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     }
     let now = now_ms();
     let mut released: BTreeSet<&str> = BTreeSet::new();
+    // The (target, key) queues whose head ended: their next is released.
+    let mut heads_ended: BTreeSet<(String, String)> = BTreeSet::new();
     for o in outcomes {
         let key = (o.target.clone(), o.due.event_id.0);
         let Some(row) = rows.get_mut(&key) else { continue };
@@ -88,9 +91,10 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
             if let DeliveryState::Pending { due_ms } = row.record.state {
                 (row.due_ms, row.queued) = (to_i64(due_ms), true);
             }
-            if row.ordered && row.record.state.is_finished() {
+            if let Some(k) = row.order_key.as_ref().filter(|_| row.record.state.is_finished()) {
                 // The next of its key is now the head: any instance may take it.
                 released.insert(&o.target);
+                heads_ended.insert((o.target.clone(), k.clone()));
             }
         }
     }
@@ -111,13 +115,38 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     ];
     let notice = super::ingest::notice_of(&released.into_iter().collect::<Vec<_>>());
     let notify: [&(dyn ToSql + Sync); 2] = [&CHANNEL, &notice];
+    // Their keys' locks (in one order, as ingest rounds take them) before
+    // the next ones are released: an ingest round sees either the head
+    // pending (and holds its new delivery) or the release.
+    let (ended_targets, ended_keys): (Vec<String>, Vec<String>) = heads_ended.into_iter().unzip();
+    let locks: Vec<i64> = {
+        let mut l: Vec<i64> =
+            ended_targets.iter().zip(&ended_keys).map(|(t, k)| super::ingest::order_lock(t, k)).collect();
+        l.sort_unstable();
+        l.dedup();
+        l
+    };
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&locks];
+    let release_params: [&(dyn ToSql + Sync); 2] = [&ended_targets, &ended_keys];
     // After a failed statement, PostgreSQL ends the transaction with a
     // rollback at COMMIT, and the statement's error fails the batch.
     futures_util::try_join!(
         async {
+            match locks.is_empty() {
+                true => Ok(0),
+                false => tx.execute(ORDER_LOCKS, &lock_params).await,
+            }
+        },
+        async {
             match cols.target.is_empty() {
                 true => Ok(0),
                 false => tx.execute(&write_st, &write).await,
+            }
+        },
+        async {
+            match ended_keys.is_empty() {
+                true => Ok(0),
+                false => tx.execute(RELEASE_NEXT, &release_params).await,
             }
         },
         async {
@@ -133,9 +162,18 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     Ok(outcomes.iter().map(|_| ()).collect())
 }
 
+/// The order keys' locks, taken in the order given.
+pub const ORDER_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k";
+/// The head of each (target, key) queue given, no longer held.
+pub const RELEASE_NEXT: &str = "UPDATE hr_deliveries d SET held = false
+     FROM unnest($1::text[], $2::text[]) AS u(t, k),
+          LATERAL (SELECT o.event_id FROM hr_deliveries o
+                    WHERE o.target = u.t AND o.order_key = u.k AND o.status = 'p'
+                    ORDER BY o.seq LIMIT 1) AS h
+     WHERE d.target = u.t AND d.event_id = h.event_id AND d.held";
+
 /// The batch's deliveries, locked in one order on every instance (no deadlock).
-const READ: &str =
-    "SELECT d.target, d.event_id, d.status, d.due_ms, d.queued, d.order_key IS NOT NULL AS ordered, d.record, d.lease_owner
+const READ: &str = "SELECT d.target, d.event_id, d.status, d.due_ms, d.queued, d.order_key, d.record, d.lease_owner
      FROM hr_deliveries d JOIN unnest($1::text[], $2::uuid[]) AS u(t, e) ON d.target = u.t AND d.event_id = u.e
      ORDER BY d.target, d.event_id
      FOR UPDATE OF d";

@@ -12,7 +12,8 @@ const MIGRATION_LOCK: i64 = 0x0068_6f6f_6b72_6c79;
 
 /// The migrations, oldest first; `hr_schema` records how many have run.
 /// Never edit one that has shipped: add another.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE hr_events (
     id           uuid PRIMARY KEY,
     source       text NOT NULL,
@@ -90,7 +91,26 @@ CREATE TABLE hr_rates (
     tokens double precision NOT NULL,
     at_ms  bigint NOT NULL
 );
-"#];
+"#,
+    r#"
+-- held: an ordered delivery behind the head of its key's queue (an earlier
+-- pending one of the same target and key). Only the head is in the due
+-- index, so that a hand-out never reads the deliveries waiting behind it
+-- (one key with a backlog of a million read them all at every hand-out).
+ALTER TABLE hr_deliveries ADD COLUMN held boolean NOT NULL DEFAULT false;
+UPDATE hr_deliveries d SET held = true
+ WHERE d.status = 'p' AND d.order_key IS NOT NULL AND EXISTS (
+     SELECT 1 FROM hr_deliveries o
+      WHERE o.target = d.target AND o.order_key = d.order_key AND o.status = 'p' AND o.seq < d.seq);
+DROP INDEX hr_deliveries_due;
+CREATE INDEX hr_deliveries_due ON hr_deliveries (target, queued DESC, due_ms, event_id)
+    WHERE status = 'p' AND grp IS NULL AND NOT held;
+CREATE INDEX hr_deliveries_held ON hr_deliveries (target) WHERE status = 'p' AND held;
+"#,
+];
+
+/// The schema's version once every migration has run.
+pub const VERSION: usize = MIGRATIONS.len();
 
 /// Creates or migrates the schema; safe when several instances start at once.
 pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
@@ -116,4 +136,49 @@ pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
     }
     execute(&tx, "UPDATE hr_schema SET version = $1", &[&known]).await?;
     tx.commit().await.map_err(db_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    use super::MIGRATIONS;
+    use crate::store::postgres::{throwaway, PgOptions, PgStore};
+    use crate::store::{now_ms, Store};
+
+    /// A database of schema 1 whose key `k` has three deliveries pending:
+    /// once migrated, the two behind the head are held, and only the head
+    /// and the head of another key are handed out.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn migration_2_holds_what_waits_behind_its_keys_head() {
+        let Some(cluster) = throwaway::cluster("the schema's migrations") else { return };
+        let url = cluster.database();
+        let db = url.rsplit('/').next().and_then(|d| d.split('?').next()).expect("a database name").to_string();
+        cluster.query(&db, MIGRATIONS[0]);
+        let mut rows =
+            String::from("CREATE TABLE hr_schema (version integer NOT NULL); INSERT INTO hr_schema VALUES (1);");
+        // (event, order key, place, status): a finished one earlier in k's queue, k's three, k2's one.
+        let deliveries = [(1, "k", 1, 'd'), (2, "k", 2, 'p'), (3, "k", 3, 'p'), (4, "k", 4, 'p'), (5, "k2", 5, 'p')];
+        for (n, key, seq, status) in deliveries {
+            rows.push_str(&format!(
+                "INSERT INTO hr_events (id, source, event, received_ms, targets, dedup, body)
+                     VALUES ('00000000-0000-7000-8000-00000000000{n}', 'cms', 'page.published', {n}, '[\"t\"]', '\\x00', '\\x00');
+                 INSERT INTO hr_deliveries (target, event_id, status, due_ms, order_key, seq, record)
+                     VALUES ('t', '00000000-0000-7000-8000-00000000000{n}', '{status}', {n}, '{key}', {seq},
+                             '{{\"state\":{{\"pending\":{{\"due_ms\":{n}}}}},\"tries\":0,\"made\":0,\"attempts\":[]}}');"
+            ));
+        }
+        cluster.query(&db, &rows);
+        let options = PgOptions { url, pool: 2, ca_certs: Vec::new(), lease: Duration::from_secs(60) };
+        let store = PgStore::connect(&options).await.expect("connects and migrates");
+        let held = cluster.query(&db, "SELECT string_agg(held::text, ',' ORDER BY seq) FROM hr_deliveries");
+        assert_eq!(held, "false,false,true,true,false");
+        assert_eq!(cluster.query(&db, "SELECT version FROM hr_schema"), MIGRATIONS.len().to_string());
+        let due = store.due("t", now_ms(), 10, &HashSet::new()).await.expect("due");
+        let mut handed: Vec<String> = due.due.iter().map(|d| d.event_id.0.to_string()).collect();
+        handed.sort();
+        assert_eq!(handed, ["00000000-0000-7000-8000-000000000002", "00000000-0000-7000-8000-000000000005"]);
+        store.close().await.expect("close");
+    }
 }

@@ -787,6 +787,9 @@ const SHARED: &[(&str, SharedScenario)] = shared_scenarios![
 
 /// The lease [`run_shared`] opens its pairs with.
 const LEASE: Duration = Duration::from_secs(30);
+/// A lease runs from when its hand-out got the target's lock: the time the
+/// hand-out took is added to the `now` it was given (a few ms here).
+const HAND_OUT_SLACK_MS: u64 = 1_000;
 
 /// Runs every scenario of a shared store on a fresh pair from `fresh`.
 pub async fn run_shared<G>(fresh: FreshPair<G>) {
@@ -835,7 +838,7 @@ async fn an_expired_lease_is_taken_over_and_both_attempts_are_kept(a: &dyn Store
     let first = a.due("t", now, 10, &HashSet::new()).await.expect("due").due;
     assert_eq!(ids(&DueBatch { due: first.clone(), next_due_ms: None }), [id]);
     assert!(b.due("t", now, 10, &HashSet::new()).await.expect("due").due.is_empty(), "leased to a");
-    let after = now + LEASE.as_millis() as u64 + 1;
+    let after = now + LEASE.as_millis() as u64 + HAND_OUT_SLACK_MS;
     let taken = b.due("t", after, 10, &HashSet::new()).await.expect("due").due;
     assert_eq!(taken.iter().map(|d| d.event_id).collect::<Vec<_>>(), [id], "taken over once the lease expired");
     b.complete("t", &taken[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
@@ -854,7 +857,7 @@ async fn a_late_outcome_leaves_the_new_lease_alone(a: &dyn Store, b: &dyn Store)
     let id = accepted(a, event("cms", "x", &["t"])).await;
     let now = now_ms() + 1;
     let first = a.due("t", now, 10, &HashSet::new()).await.expect("due").due;
-    let after = now + LEASE.as_millis() as u64 + 1;
+    let after = now + LEASE.as_millis() as u64 + HAND_OUT_SLACK_MS;
     let taken = b.due("t", after, 10, &HashSet::new()).await.expect("due").due;
     assert_eq!(taken.iter().map(|d| d.event_id).collect::<Vec<_>>(), [id], "taken over once the lease expired");
     a.complete("t", &first[0], attempt(Some(503)), NextStep::RetryAt(after)).await.expect("complete");

@@ -150,7 +150,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Res
                  SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::uuid[], $6::int8[], $7::int8[])
                  ON CONFLICT (target, key) DO UPDATE SET newest_ms = excluded.newest_ms, newest_id = excluded.newest_id,
                     window_ms = excluded.window_ms, max_wait_ms = excluded.max_wait_ms
-                 RETURNING target, key, LEAST(newest_ms + window_ms, first_ms + max_wait_ms)",
+                 RETURNING target, key, due_ms",
                 &[
                     &keys.0,
                     &keys.1,

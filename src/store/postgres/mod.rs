@@ -366,12 +366,6 @@ fn status(state: &DeliveryState) -> i8 {
     }) as i8
 }
 
-/// When a debounce group is due: `window` after its newest event, and no
-/// later than `max_wait` after its first.
-fn group_due(first_ms: i64, newest_ms: i64, window_ms: i64, max_wait_ms: i64) -> i64 {
-    (newest_ms.saturating_add(window_ms)).min(first_ms.saturating_add(max_wait_ms))
-}
-
 /// Event `id` from a row with the columns of [`META`] and its body.
 fn event_of(row: &Row, id: EventId) -> Result<StoredEvent, StoreError> {
     let body: Vec<u8> = row.get("body");
@@ -455,7 +449,7 @@ impl Store for PgStore {
                         (SELECT o.event_id FROM hr_deliveries o
                           WHERE o.target = d.target AND o.order_key = d.order_key AND o.status = 'p'
                           ORDER BY o.seq LIMIT 1) AS head,
-                        (SELECT LEAST(g.newest_ms + g.window_ms, g.first_ms + g.max_wait_ms) FROM hr_groups g
+                        (SELECT g.due_ms FROM hr_groups g
                           WHERE g.target = d.target AND g.key = d.grp) AS group_due
                  FROM hr_deliveries d JOIN hr_events e ON e.id = d.event_id
                  WHERE d.event_id = $1
@@ -489,13 +483,14 @@ impl Store for PgStore {
         limit: usize,
         skip: &HashSet<EventId>,
     ) -> Result<DueBatch, StoreError> {
+        let called = std::time::Instant::now();
         let share = self.shares.lock().unwrap_or_else(|p| p.into_inner()).get(target).copied();
         let mut client = self.relaxed().await?;
         let tx = client.transaction().await.map_err(db_error)?;
         let skip: Vec<Uuid> = skip.iter().map(|e| e.0).collect();
         // A target's lease follows its current timeout (a reload may change it).
         let lease_ms = share.map_or(self.lease_ms, |s| lease_for(s.attempt).as_millis() as u64);
-        let (now, until) = (to_i64(now_ms), to_i64(now_ms.saturating_add(lease_ms)));
+        let now = to_i64(now_ms);
         let mut next_due: Option<i64> = None;
         let mut soonest = |at: i64| next_due = Some(next_due.map_or(at, |n: i64| n.min(at)));
         let mut limit = limit;
@@ -509,12 +504,14 @@ impl Store for PgStore {
         let others_st = tx.prepare_cached(OTHERS_LEASES).await.map_err(db_error)?;
         let rate_st =
             tx.prepare_cached("SELECT tokens, at_ms FROM hr_rates WHERE target = $1").await.map_err(db_error)?;
-        let groups_st = tx.prepare_cached(OPEN_GROUPS).await.map_err(db_error)?;
+        let groups_st = tx.prepare_cached(RIPE_GROUPS).await.map_err(db_error)?;
+        let next_group_st = tx.prepare_cached(NEXT_GROUP).await.map_err(db_error)?;
         let later_st = tx.prepare_cached(NEXT_RETRY).await.map_err(db_error)?;
         let lock_id = ingest::lock_id("share", target, "");
-        let groups_params: [&(dyn ToSql + Sync); 4] = [&target, &skip, &self.owner, &now];
+        let asked = limit as i64;
+        let groups_params: [&(dyn ToSql + Sync); 5] = [&target, &skip, &self.owner, &now, &asked];
         let later_params: [&(dyn ToSql + Sync); 2] = [&target, &now];
-        let (_, _, others, stored_bucket, groups, later) = futures_util::try_join!(
+        let (_, _, others, stored_bucket, groups, next_group, later) = futures_util::try_join!(
             // Every instance's hand-outs of this target, one at a time.
             async {
                 match share {
@@ -544,13 +541,19 @@ impl Store for PgStore {
                 }
             },
             tx.query(&groups_st, &groups_params),
+            tx.query_opt(&next_group_st, &later_params),
             // The next retry due after now (hand-outs do not move it).
             tx.query_opt(&later_st, &later_params),
         )
         .map_err(db_error)?;
-        if let Some(row) = later {
+        for row in [later, next_group].into_iter().flatten() {
             soonest(row.get(0));
         }
+        // A lease runs from now, not from before the waits for a connection
+        // and the target's lock: it would be short by them, and another
+        // instance could take the delivery while it is being sent.
+        let waited = called.elapsed().as_millis() as u64;
+        let until = to_i64(now_ms.saturating_add(waited).saturating_add(lease_ms));
         if let Some(share) = share {
             let asked = limit;
             limit = share::room(limit, share.concurrency, others.max(0) as usize + skip.len());
@@ -573,16 +576,7 @@ impl Store for PgStore {
         // Open groups first (each is one delivery of its newest event), then
         // retries by due time, then first attempts by arrival; an ordered
         // delivery only at the head of its key's queue.
-        let mut ripe = Vec::new();
-        for g in &groups {
-            let due = group_due(g.get(1), g.get(2), g.get(3), g.get(4));
-            if due <= now {
-                ripe.push((g.get::<_, Uuid>(0), due));
-            } else {
-                soonest(due);
-            }
-        }
-        ripe.sort_by_key(|(_, due)| *due);
+        let mut ripe: Vec<(Uuid, i64)> = groups.iter().map(|g| (g.get(0), g.get(1))).collect();
         ripe.truncate(limit);
         let mut out = Vec::new();
         if !ripe.is_empty() {
@@ -968,11 +962,15 @@ const OTHERS_LEASES: &str = "SELECT count(*) FROM hr_deliveries
 const NEXT_RETRY: &str = "SELECT due_ms FROM hr_deliveries
      WHERE target = $1 AND status = 'p' AND grp IS NULL AND NOT held AND queued AND due_ms > $2
      ORDER BY queued DESC, due_ms LIMIT 1";
-/// The target's open groups whose newest delivery is not in flight elsewhere.
-const OPEN_GROUPS: &str = "SELECT g.newest_id, g.first_ms, g.newest_ms, g.window_ms, g.max_wait_ms
+/// The target's open groups due by $4 whose newest delivery is not in
+/// flight elsewhere, soonest first, at most $5.
+const RIPE_GROUPS: &str = "SELECT g.newest_id, g.due_ms
      FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
-     WHERE g.target = $1 AND d.event_id <> ALL($2)
-       AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)";
+     WHERE g.target = $1 AND g.due_ms <= $4 AND d.event_id <> ALL($2)
+       AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)
+     ORDER BY g.due_ms LIMIT $5";
+/// When the target's next open group is due after $2.
+const NEXT_GROUP: &str = "SELECT due_ms FROM hr_groups WHERE target = $1 AND due_ms > $2 ORDER BY due_ms LIMIT 1";
 const DUE_FIRST: &str = due_sql!("NOT d.queued");
 
 /// How long a delivery handed out stays its instance's: twice the longest
@@ -1017,12 +1015,6 @@ mod tests {
         let config = parse_url("postgres://u:p@db.internal:5432/relay?sslmode=verify-full").expect("parses");
         assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
         assert!(parse_url("postgres://u@h/db?sslmode=bogus").is_err());
-    }
-
-    #[test]
-    fn a_group_is_due_a_window_after_its_newest_and_no_later_than_max_wait() {
-        assert_eq!(group_due(0, 20, 100, 1_000), 120);
-        assert_eq!(group_due(60, 120, 100, 150), 210);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1148,6 +1140,42 @@ mod tests {
         let events = query_one(&client, "SELECT count(*) FROM hr_events", &[]).await.expect("count");
         assert_eq!(events.get::<_, i64>(0), 1, "only the second round's event is stored");
         drop(client);
+        store.close().await.expect("close");
+    }
+
+    /// A hand-out that waited for the target's lock (another instance's
+    /// hand-out) leases from when it got it: with the lease counted from
+    /// before the wait, it was short by the wait, and another instance
+    /// could take the delivery while it was being sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lease_runs_from_the_hand_out_not_from_before_its_waits() {
+        let Some(cluster) = throwaway::cluster("PostgreSQL leases") else { return };
+        let store = Arc::new(fresh_store(cluster, 2).await);
+        let attempt = Duration::from_millis(100);
+        store.share("t", crate::store::Share { concurrency: 8, rate: None, attempt });
+        let lease_ms = lease_for(attempt).as_millis() as i64;
+        let id = match store.ingest(crate::store::conformance::event("cms", "1", &["t"])).await.expect("ingest") {
+            Ingested::Accepted { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        // Another session holds the target's lock for a second.
+        let holder = store.client().await.expect("client");
+        let lock = ingest::lock_id("share", "t", "");
+        execute(&holder, "SELECT pg_advisory_lock($1)", &[&lock]).await.expect("lock");
+        let asked_at = now_ms();
+        let waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.due("t", asked_at, 8, &HashSet::new()).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let released_at = now_ms() as i64;
+        execute(&holder, "SELECT pg_advisory_unlock($1)", &[&lock]).await.expect("unlock");
+        let handed = waiting.await.expect("task").expect("due");
+        assert_eq!(handed.due.iter().map(|d| d.event_id).collect::<Vec<_>>(), [id]);
+        let sql = "SELECT lease_until FROM hr_deliveries WHERE event_id = $1";
+        let until: i64 = query_one(&holder, sql, &[&id.0]).await.expect("row").get(0);
+        assert!(until >= released_at + lease_ms, "leased until {until}, {} ms short", released_at + lease_ms - until);
+        drop(holder);
         store.close().await.expect("close");
     }
 

@@ -107,6 +107,14 @@ CREATE INDEX hr_deliveries_due ON hr_deliveries (target, queued DESC, due_ms, ev
     WHERE status = 'p' AND grp IS NULL AND NOT held;
 CREATE INDEX hr_deliveries_held ON hr_deliveries (target) WHERE status = 'p' AND held;
 "#,
+    r#"
+-- A group's time (a window after its newest event, and no later than
+-- max_wait after its first), so that a hand-out reads the groups that are
+-- ripe (and the next one), not every open group of the target.
+ALTER TABLE hr_groups ADD COLUMN due_ms bigint
+    GENERATED ALWAYS AS (LEAST(newest_ms + window_ms, first_ms + max_wait_ms)) STORED;
+CREATE INDEX hr_groups_due ON hr_groups (target, due_ms);
+"#,
 ];
 
 /// The schema's version once every migration has run.

@@ -58,6 +58,7 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     a_requeue_of_an_event_in_an_open_group_leaves_it_there,
     a_stale_hand_out_of_a_group_is_refused,
     groups_are_per_key_and_cut_by_max_wait,
+    a_keys_next_group_waits_for_its_earlier_group,
 ];
 
 /// Runs every scenario on a fresh store from `fresh`.
@@ -735,6 +736,34 @@ async fn groups_are_per_key_and_cut_by_max_wait(store: &dyn Store) {
     let mut got = ids(&both);
     got.sort();
     assert_eq!(got, [posts, pages]);
+}
+
+/// The groups of one key are delivered in order: while a closed group's
+/// delivery is pending (in flight, then retrying), the key's next group is
+/// not handed out, even once its time has come; other keys' groups are. The
+/// first group's end lets the next go.
+async fn a_keys_next_group_waits_for_its_earlier_group(store: &dyn Store) {
+    let t0 = now_ms();
+    let first = accepted(store, grouped("1", "site", "k", t0, 100, 1_000)).await;
+    let handed = due(store, "site", t0 + 100).await.due;
+    assert_eq!(ids(&DueBatch { due: handed.clone(), next_due_ms: None }), [first]);
+    let closed = store.close_group("site", &handed[0]).await.expect("close").expect("the group is current");
+    // While the first is in flight, the key's next group forms and ripens.
+    let second = accepted(store, grouped("2", "site", "k", t0 + 50, 100, 1_000)).await;
+    let other = accepted(store, grouped("3", "site", "other", t0 + 50, 100, 1_000)).await;
+    let skip = HashSet::from([first]);
+    let ripe = store.due("site", t0 + 150, 100, &skip).await.expect("due");
+    assert_eq!(ids(&ripe), [other], "k's second group waits while the first is in flight");
+    let retry_at = t0 + 60_000;
+    store.complete("site", &closed, attempt(Some(503)), NextStep::RetryAt(retry_at)).await.expect("complete");
+    assert_eq!(ids(&due(store, "site", t0 + 150).await), [other], "and while it is retried");
+    let retry = due(store, "site", retry_at).await.due;
+    let retried: Vec<EventId> = retry.iter().map(|d| d.event_id).filter(|id| *id != other).collect();
+    assert_eq!(retried, [first], "once due, the first group's retry, not the second group");
+    let first_again = retry.iter().find(|d| d.event_id == first).expect("the retry");
+    store.complete("site", first_again, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let next: Vec<EventId> = ids(&due(store, "site", retry_at).await).into_iter().filter(|id| *id != other).collect();
+    assert_eq!(next, [second], "the first delivered, the second group goes");
 }
 
 /// More deliveries of one key than one record of a backend may pack: they

@@ -690,8 +690,11 @@ impl Store for PgStore {
         record.state = DeliveryState::Pending { due_ms: due.due_ms };
         execute(
             &tx,
-            "UPDATE hr_deliveries SET grp = NULL, due_ms = $3, record = $4 WHERE target = $1 AND event_id = $2",
-            &[&target, &due.event_id.0, &to_i64(due.due_ms), &json(&record)?],
+            // In its key's queue while pending: the key's next group waits
+            // for it (RIPE_GROUPS), so that one key's groups go in order.
+            "UPDATE hr_deliveries SET grp = NULL, due_ms = $3, record = $4, order_key = $5, seq = nextval('hr_order_seq')
+             WHERE target = $1 AND event_id = $2",
+            &[&target, &due.event_id.0, &to_i64(due.due_ms), &json(&record)?, &key],
         )
         .await?;
         tx.commit().await.map_err(db_error)?;
@@ -963,11 +966,14 @@ const NEXT_RETRY: &str = "SELECT due_ms FROM hr_deliveries
      WHERE target = $1 AND status = 'p' AND grp IS NULL AND NOT held AND queued AND due_ms > $2
      ORDER BY queued DESC, due_ms LIMIT 1";
 /// The target's open groups due by $4 whose newest delivery is not in
-/// flight elsewhere, soonest first, at most $5.
+/// flight elsewhere, and whose key's earlier group is not pending (in
+/// flight or retrying), soonest first, at most $5.
 const RIPE_GROUPS: &str = "SELECT g.newest_id, g.due_ms
      FROM hr_groups g JOIN hr_deliveries d ON d.target = g.target AND d.event_id = g.newest_id
      WHERE g.target = $1 AND g.due_ms <= $4 AND d.event_id <> ALL($2)
        AND (d.lease_owner IS NULL OR d.lease_owner = $3 OR d.lease_until <= $4)
+       AND NOT EXISTS (SELECT 1 FROM hr_deliveries p
+                        WHERE p.target = g.target AND p.order_key = g.key AND p.status = 'p')
      ORDER BY g.due_ms LIMIT $5";
 /// When the target's next open group is due after $2.
 const NEXT_GROUP: &str = "SELECT due_ms FROM hr_groups WHERE target = $1 AND due_ms > $2 ORDER BY due_ms LIMIT 1";

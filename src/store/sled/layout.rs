@@ -451,6 +451,9 @@ fn read_queued(
             }
         };
         let group = mark.as_ref() == sequence::GROUP_MARK;
+        if group && group_waits(db, target, id)? {
+            continue;
+        }
         batch.due.push(DueDelivery { event_id: id, due_ms, tries, made, queued: true, group, coalesced, event: None });
     }
     if let Some(item) = db.range(due_end..).next() {
@@ -460,6 +463,17 @@ fn read_queued(
         }
     }
     Ok(batch)
+}
+
+/// Whether the open group whose newest event is `id` waits for an earlier
+/// group of its key, still pending.
+fn group_waits(db: &::sled::Db, target: &str, id: EventId) -> Result<bool, StoreError> {
+    let ekey = event_key(id);
+    let Some(v) = db.get(&ekey)? else { return Ok(false) };
+    match decode_meta(&ekey, &v)?.group.get(target) {
+        Some(k) => Ok(sequence::waits_for(db, target, k, id)?.is_some()),
+        None => Ok(false),
+    }
 }
 
 fn parse_queue_key(k: &[u8], prefix_len: usize) -> Result<(u64, EventId), StoreError> {
@@ -536,6 +550,17 @@ pub fn complete_into(
             return Ok(false);
         }
     }
+    // A closed group's delivery that ends lets its key's next group go.
+    let closed = match meta.as_ref().and_then(|m| m.group.get(target)) {
+        Some(k) if current && matches!(next, NextStep::Delivered | NextStep::Dead(_) | NextStep::Skipped) => {
+            let ckey = sequence::closed_key(target, k);
+            if !free(&ckey) {
+                return Ok(false);
+            }
+            db.get(&ckey)?.filter(|v| v.as_ref() == id.as_bytes()).map(|_| ckey)
+        }
+        _ => None,
+    };
     let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(due.due_ms));
     record.attempted(attempt.clone(), next, current, now_ms);
@@ -548,6 +573,9 @@ pub fn complete_into(
         }
         if let Some(queued) = queued {
             batch.remove(queued);
+        }
+        if let Some(ckey) = closed {
+            batch.remove(ckey);
         }
         match next {
             NextStep::Delivered | NextStep::Skipped => tally.add(target, -1, 0),

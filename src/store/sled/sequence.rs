@@ -10,6 +10,10 @@
 //!   per delivery, and bounds the bytes any one change rewrites.
 //! - `g/{target}\0{key hash}`: the key's open debounce group, [`Group`] JSON.
 //! - `m/{target}\0{key hash}{id}`: empty; an event of that group.
+//! - `G/{target}\0{key hash}`: the id of the key's last closed group's
+//!   delivery, while it may be pending: the key's next group is not handed
+//!   out while that delivery is pending (in flight or retrying), so that the
+//!   groups of one key are delivered in order. Removed when it ends.
 //!
 //! A group's newest event waits in `q/` at the group's due time, its value
 //! [`GROUP_MARK`]; a held delivery has no `q/` entry until it is released.
@@ -40,6 +44,24 @@ pub fn order_prefix(target: &str, k: &str) -> Vec<u8> {
 
 pub fn group_key(target: &str, k: &str) -> Vec<u8> {
     super::layout::key(b"g/", &[target.as_bytes(), b"\0", &key_hash(k)])
+}
+
+/// The key of a key's last closed group's delivery (see the module's docs).
+pub fn closed_key(target: &str, k: &str) -> Vec<u8> {
+    super::layout::key(b"G/", &[target.as_bytes(), b"\0", &key_hash(k)])
+}
+
+/// The pending delivery of an earlier group of `k` that the group whose
+/// newest event is `id` must wait for, if any.
+pub fn waits_for(db: &::sled::Db, target: &str, k: &str, id: EventId) -> Result<Option<EventId>, StoreError> {
+    let ckey = closed_key(target, k);
+    let Some(v) = db.get(&ckey)? else { return Ok(None) };
+    let earlier = EventId::from_slice(&v).ok_or_else(|| super::layout::corrupt(&ckey, "bad event id"))?;
+    if earlier == id {
+        return Ok(None);
+    }
+    let record = get_json::<DeliveryRecord>(db, &delivery_key(target, earlier))?;
+    Ok(record.filter(|r| !r.state.is_finished()).map(|_| earlier))
 }
 
 fn member_prefix(target: &str, k: &str) -> Vec<u8> {
@@ -394,6 +416,7 @@ pub fn plan_close(
         stands_for += 1;
     }
     batch.remove(gkey);
+    batch.insert(closed_key(target, group_of), id.as_bytes().to_vec());
     batch.insert(qkey, Vec::new());
     let record = DeliveryRecord { coalesced: stands_for, ..DeliveryRecord::pending(due_ms) };
     batch.insert(delivery_key(target, id), json(&record)?);

@@ -780,11 +780,15 @@ impl Store for PgStore {
         // skipped, and a replay coming later waits for this purge), then
         // checked for pending deliveries by a statement of its own, which
         // sees every replay committed before it.
+        // Ids are UUIDv7, their time the round's, just after the receipt:
+        // bounded by the cutoff's time (and an hour's margin), the scan by
+        // id stops there instead of reading every event the retention keeps.
+        let below = id_floor(cutoff_ms.saturating_add(ID_MARGIN_MS));
         let examined: Vec<Uuid> = query(
             &tx,
-            "SELECT id FROM hr_events WHERE ($1::uuid IS NULL OR id > $1) AND received_ms < $2
+            "SELECT id FROM hr_events WHERE ($1::uuid IS NULL OR id > $1) AND id < $4 AND received_ms < $2
              ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-            &[&after.map(|a| a.0), &to_i64(cutoff_ms), &(limit as i64)],
+            &[&after.map(|a| a.0), &to_i64(cutoff_ms), &(limit as i64), &below],
         )
         .await?
         .iter()
@@ -990,6 +994,16 @@ pub fn lease_for(attempt: Duration) -> Duration {
 /// target's concurrency.
 const SHARE_POLL_MS: i64 = 50;
 
+/// How much later than its receipt an event's id may be timed (its round
+/// waits for the database at most a request's time): the purge's scan looks
+/// this far past its cutoff.
+const ID_MARGIN_MS: u64 = 3_600_000;
+
+/// The smallest UUIDv7 of the millisecond `ms`: every id made before it sorts below.
+fn id_floor(ms: u64) -> Uuid {
+    Uuid::from_u128(u128::from(ms.min((1 << 48) - 1)) << 80)
+}
+
 /// Held by the instance that purges (an arbitrary constant: "purge").
 const PURGE_LOCK: i64 = 0x0070_7572_6765;
 
@@ -1021,6 +1035,18 @@ mod tests {
         let config = parse_url("postgres://u:p@db.internal:5432/relay?sslmode=verify-full").expect("parses");
         assert_eq!(config.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
         assert!(parse_url("postgres://u@h/db?sslmode=bogus").is_err());
+    }
+
+    #[test]
+    fn an_ids_floor_sorts_below_every_id_of_its_millisecond_and_above_earlier_ones() {
+        let at = |ms: u64| {
+            let ts = uuid::Timestamp::from_unix(uuid::NoContext, ms / 1000, ((ms % 1000) * 1_000_000) as u32);
+            Uuid::new_v7(ts)
+        };
+        let ms = 1_796_054_260_396;
+        assert!(id_floor(ms) <= at(ms) && at(ms) < id_floor(ms + 1));
+        assert!(at(ms - 1) < id_floor(ms));
+        assert_eq!(id_floor(u64::MAX), Uuid::from_u128(((1u128 << 48) - 1) << 80));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -17,6 +18,12 @@ const QUEUE: usize = 8192;
 /// Times a batch is tried again when the database aborts it for a deadlock
 /// or a serialization failure with another instance.
 const RETRIES: usize = 3;
+/// How long a batch may wait for the database (a connection, its statements,
+/// its commit): past it the batch fails, and its connection is closed. A
+/// database that stops answering without closing its connections (a frozen
+/// server, a lock held for ever) would otherwise hold every webhook's answer
+/// for as long; a CMS has given up after 5 s.
+pub const BATCH_LIMIT: Duration = Duration::from_secs(10);
 
 type Job<I, O> = (I, oneshot::Sender<Result<O, StoreError>>);
 
@@ -49,8 +56,14 @@ impl<I: Send + Sync + 'static, O: Send + 'static> Batches<I, O> {
             return Err(StoreError::Closed);
         };
         let (answer, answered) = oneshot::channel();
-        sender.send((job, answer)).await.map_err(|_| StoreError::Closed)?;
-        answered.await.map_err(|_| StoreError::Closed)?
+        // The wait for a batch counts toward the limit too: batches queued
+        // behind one that waits out the limit would each wait as long. A
+        // job given up on is left out of the batches that have not begun.
+        let waited = tokio::time::timeout(BATCH_LIMIT, async {
+            sender.send((job, answer)).await.map_err(|_| StoreError::Closed)?;
+            answered.await.map_err(|_| StoreError::Closed)?
+        });
+        waited.await.unwrap_or_else(|_| Err(timed_out()))
     }
 
     /// Refuses new jobs and waits for the batches in progress.
@@ -76,12 +89,18 @@ async fn run<I, O, F, Fut>(
 {
     while let Some(first) = rx.recv().await {
         let Ok(permit) = running.clone().acquire_owned().await else { return };
-        let mut jobs = vec![first];
+        // Jobs whose callers gave up (the limit passed) are left out.
+        let mut jobs: Vec<Job<I, O>> = vec![first];
+        jobs.retain(|(_, answer)| !answer.is_closed());
         while jobs.len() < max {
             match rx.try_recv() {
+                Ok(job) if job.1.is_closed() => {}
                 Ok(job) => jobs.push(job),
                 Err(_) => break,
             }
+        }
+        if jobs.is_empty() {
+            continue;
         }
         let (pool, apply) = (pool.clone(), apply.clone());
         tokio::spawn(async move {
@@ -89,7 +108,10 @@ async fn run<I, O, F, Fut>(
             let items = Arc::new(items);
             let mut outcome = Err(StoreError::Closed);
             for _ in 0..RETRIES {
-                outcome = apply(pool.clone(), items.clone()).await;
+                // Dropped on time out, a batch closes its connection
+                // (`Open`): nothing half-done goes back to the pool.
+                let applied = tokio::time::timeout(BATCH_LIMIT, apply(pool.clone(), items.clone())).await;
+                outcome = applied.unwrap_or_else(|_| Err(timed_out()));
                 match &outcome {
                     Err(StoreError::Io(msg)) if retryable(msg) => continue,
                     _ => break,
@@ -111,6 +133,10 @@ async fn run<I, O, F, Fut>(
             drop(permit);
         });
     }
+}
+
+fn timed_out() -> StoreError {
+    StoreError::Io(format!("the database did not answer within {} s", BATCH_LIMIT.as_secs()))
 }
 
 fn retryable(msg: &str) -> bool {

@@ -203,6 +203,11 @@ pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, String> {
     if config.get_keepalives_retries().is_none() {
         config.keepalives_retries(3);
     }
+    // And one whose data goes unacknowledged (a server gone without a
+    // reset) within 30 s, where the kernel would retransmit for ~15 minutes.
+    if config.get_tcp_user_timeout().is_none() {
+        config.tcp_user_timeout(Duration::from_secs(30));
+    }
     Ok(config)
 }
 
@@ -1026,8 +1031,11 @@ mod tests {
         assert_eq!(config.get_keepalives_idle(), Duration::from_secs(30));
         assert_eq!(config.get_keepalives_interval(), Some(Duration::from_secs(10)));
         assert_eq!(config.get_keepalives_retries(), Some(3));
-        let theirs = parse_url("postgres://u@db.internal/relay?keepalives_idle=600").expect("parses");
+        assert_eq!(config.get_tcp_user_timeout(), Some(&Duration::from_secs(30)));
+        let theirs =
+            parse_url("postgres://u@db.internal/relay?keepalives_idle=600&tcp_user_timeout=5").expect("parses");
         assert_eq!(theirs.get_keepalives_idle(), Duration::from_secs(600));
+        assert_eq!(theirs.get_tcp_user_timeout(), Some(&Duration::from_secs(5)));
     }
 
     #[test]

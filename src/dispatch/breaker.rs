@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use crate::config::BreakerSettings;
+use crate::store::EventId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CircuitState {
@@ -41,9 +42,9 @@ enum State {
     Open {
         until: Instant,
     },
-    /// Half-open; `probing` while the one probe is in flight.
+    /// Half-open; `probe`: the delivery sent as the one probe, while in flight.
     HalfOpen {
-        probing: bool,
+        probe: Option<EventId>,
     },
 }
 
@@ -87,25 +88,30 @@ impl Breaker {
             State::Closed { .. } => Permit::Open,
             State::Open { until } if now < until => Permit::Wait(Some(until)),
             State::Open { .. } => {
-                self.state = State::HalfOpen { probing: false };
+                self.state = State::HalfOpen { probe: None };
                 Permit::Probe
             }
-            State::HalfOpen { probing: false } => Permit::Probe,
-            State::HalfOpen { probing: true } => Permit::Wait(None),
+            State::HalfOpen { probe: None } => Permit::Probe,
+            State::HalfOpen { probe: Some(_) } => Permit::Wait(None),
         }
     }
 
-    /// An attempt was sent while half-open: it is the probe.
-    pub fn on_dispatch(&mut self) {
-        if let State::HalfOpen { .. } = self.state {
-            self.state = State::HalfOpen { probing: true };
+    /// Delivery `id` was sent while half-open: it is the probe.
+    pub fn on_dispatch(&mut self, id: EventId) {
+        if let State::HalfOpen { probe: None } = self.state {
+            self.state = State::HalfOpen { probe: Some(id) };
         }
     }
 
-    /// The probe in flight was abandoned without an answer: allow another.
-    pub fn on_abandoned(&mut self) {
-        if let State::HalfOpen { probing: true } = self.state {
-            self.state = State::HalfOpen { probing: false };
+    /// The attempt at `id` was abandoned without an answer: if it was the
+    /// probe, another may go. (An attempt sent before the circuit opened,
+    /// abandoned late, is not the probe: a second probe must not go while
+    /// the first is out.)
+    pub fn on_abandoned(&mut self, id: EventId) {
+        if let State::HalfOpen { probe: Some(probe) } = self.state {
+            if probe == id {
+                self.state = State::HalfOpen { probe: None };
+            }
         }
     }
 
@@ -119,11 +125,11 @@ impl Breaker {
     /// opened.
     pub fn opened_elsewhere(&mut self, now: Instant, open_for: Duration) -> bool {
         match self.state {
-            State::Closed { .. } | State::HalfOpen { probing: false } => {
+            State::Closed { .. } | State::HalfOpen { probe: None } => {
                 self.state = State::Open { until: now + open_for };
                 true
             }
-            State::Open { .. } | State::HalfOpen { probing: true } => false,
+            State::Open { .. } | State::HalfOpen { probe: Some(_) } => false,
         }
     }
 
@@ -158,7 +164,7 @@ mod tests {
         assert!(!b.opened_elsewhere(now, Duration::from_secs(60)), "already open: its own time stands");
         let later = now + Duration::from_secs(6);
         assert_eq!(b.permit(later), Permit::Probe);
-        b.on_dispatch();
+        b.on_dispatch(EventId::new());
         assert!(!b.opened_elsewhere(later, Duration::from_secs(5)), "the probe out decides");
     }
 
@@ -190,11 +196,14 @@ mod tests {
         let later = now + Duration::from_secs(31);
         assert_eq!(b.state(later), CircuitState::HalfOpen);
         assert_eq!(b.permit(later), Permit::Probe);
-        b.on_dispatch();
+        let probe = EventId::new();
+        b.on_dispatch(probe);
         assert_eq!(b.permit(later), Permit::Wait(None), "one probe at a time");
-        b.on_abandoned();
+        b.on_abandoned(EventId::new());
+        assert_eq!(b.permit(later), Permit::Wait(None), "an older attempt abandoned late is not the probe");
+        b.on_abandoned(probe);
         assert_eq!(b.permit(later), Permit::Probe, "an abandoned probe frees the slot");
-        b.on_dispatch();
+        b.on_dispatch(EventId::new());
         b.on_success();
         assert_eq!(b.state(later), CircuitState::Closed);
         assert_eq!(b.permit(later), Permit::Open);
@@ -209,7 +218,7 @@ mod tests {
         }
         let later = now + Duration::from_secs(31);
         assert_eq!(b.permit(later), Permit::Probe);
-        b.on_dispatch();
+        b.on_dispatch(EventId::new());
         assert!(b.on_failure(later));
         assert_eq!(b.permit(later + Duration::from_secs(1)), Permit::Wait(Some(later + Duration::from_secs(30))));
     }

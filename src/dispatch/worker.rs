@@ -233,7 +233,7 @@ impl Worker {
                         return Some(Instant::now() + not_until.wait_time_from(DefaultClock::default().now()));
                     }
                 }
-                self.breaker.on_dispatch();
+                self.breaker.on_dispatch(due.event_id);
                 self.spawn_attempt(due);
                 if limit == 1 && !matches!(self.breaker.permit(Instant::now()), Permit::Open) {
                     return None; // the probe is out: wait for its report
@@ -344,10 +344,10 @@ impl Worker {
         let name = &self.target.name;
         match report.done {
             Done::Stalled => {
-                self.breaker.on_abandoned();
+                self.breaker.on_abandoned(report.id);
                 self.store_retry_at = Some(Instant::now() + STORE_RETRY);
             }
-            Done::Unsent => self.breaker.on_abandoned(),
+            Done::Unsent => self.breaker.on_abandoned(report.id),
             Done::Sent(Verdict::Retry { .. }) => {
                 if self.breaker.on_failure(Instant::now()) {
                     let open_for = self.target.circuit_breaker.open_for;

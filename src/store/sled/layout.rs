@@ -523,7 +523,16 @@ pub fn complete_into(
     let Completion { target, due, attempt, next } = done;
     let id = due.event_id;
     let dkey = delivery_key(target, id);
-    let found = get_record(db, &dkey)?;
+    // An unreadable record must not fail its outcome (the delivery would be
+    // handed out and sent again and again): its history is lost, its
+    // attempts are counted afresh, as on PostgreSQL.
+    let (found, unreadable) = match get_record(db, &dkey) {
+        Ok(found) => (found, false),
+        Err(e) => {
+            tracing::warn!(%target, %id, error = %e, "unreadable delivery record; its attempt count restarts");
+            (Some(DeliveryRecord::pending(due.due_ms)), true)
+        }
+    };
     // Still where it was handed out? If an operator requeued it meanwhile,
     // keep their position and record the attempt only.
     let (current, queued) = if due.queued {
@@ -531,7 +540,7 @@ pub fn complete_into(
         let current = db.contains_key(&queued)?;
         (current, current.then_some(queued))
     } else {
-        (found.is_none(), None)
+        (found.is_none() || unreadable, None)
     };
     let ekey = event_key(id);
     let meta = match db.get(&ekey)? {

@@ -473,24 +473,30 @@ mod tests {
         assert_eq!(store.counts("ordered").await.unwrap(), TargetCounts::default());
     }
 
-    /// The same for an outcome, whose writes join the round's others: one
-    /// that cannot release the next delivery of its key changes nothing.
+    /// An unreadable delivery record does not stop its delivery: its
+    /// outcome is recorded (the attempts counted afresh), and one that
+    /// releases a delivery whose record is unreadable releases it afresh.
+    /// Before, the outcome failed, and the delivery was handed out and sent
+    /// again every second, for ever.
     #[tokio::test]
-    async fn an_outcome_refused_for_an_unreadable_record_leaves_nothing_behind() {
+    async fn an_unreadable_delivery_record_does_not_stop_its_delivery_or_the_next() {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(dir.path(), 8 << 20).unwrap();
         let how = [("search", Sequenced::Ordered { key: "k".into() })];
         let first = accepted(&store, sequenced(event(b"1".to_vec()), &how)).await;
         let next = accepted(&store, sequenced(event(b"2".to_vec()), &how)).await;
-        store.db.insert(delivery_key("search", next), b"garbage".to_vec()).unwrap();
         let due = due_of(&store, first).await;
-        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
-        let done = layout::Completion { target: "search".into(), due, attempt, next: NextStep::Delivered };
-        let (mut tally, mut batch) = (layout::Tally::default(), ::sled::Batch::default());
-        assert!(layout::complete_into(&store.db, &mut tally, &mut batch, &done, now_ms(), &mut |_| true).is_err());
-        // As the round would: applied with the others.
-        store.db.apply_batch(batch).unwrap();
-        assert_eq!(sequence::head(&store.db, "search", "k").unwrap(), Some(first), "the queue lost its head");
+        store.db.insert(delivery_key("search", next), b"garbage".to_vec()).unwrap();
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(503), error: None };
+        store.complete("search", &due, attempt.clone(), NextStep::RetryAt(now_ms())).await.unwrap();
+        store.db.insert(delivery_key("search", first), b"garbage".to_vec()).unwrap();
+        let retry = due_of(&store, first).await;
+        store.complete("search", &retry, attempt, NextStep::Delivered).await.expect("recorded");
+        let record = layout::get_json::<DeliveryRecord>(&store.db, &delivery_key("search", first)).unwrap().unwrap();
+        assert!(matches!(record.state, DeliveryState::Delivered { .. }), "{:?}", record.state);
+        assert_eq!(record.attempts.len(), 1, "counted afresh");
+        assert_eq!(sequence::head(&store.db, "search", "k").unwrap(), Some(next));
+        assert_eq!(due_of(&store, next).await.event_id, next, "released afresh");
     }
 
     #[tokio::test]

@@ -331,8 +331,14 @@ pub fn leave(
 
 /// The record of a held delivery made due at `now_ms`.
 fn released_record(db: &::sled::Db, target: &str, id: EventId, now_ms: u64) -> Result<Vec<u8>, StoreError> {
-    let mut record =
-        get_json::<DeliveryRecord>(db, &delivery_key(target, id))?.unwrap_or_else(|| DeliveryRecord::pending(now_ms));
+    // Unreadable, it is released afresh: else the outcome that releases it
+    // would fail, and the one before it be sent again and again.
+    let mut record = get_json::<DeliveryRecord>(db, &delivery_key(target, id))
+        .unwrap_or_else(|e| {
+            tracing::warn!(%target, %id, error = %e, "unreadable delivery record; its attempt count restarts");
+            None
+        })
+        .unwrap_or_else(|| DeliveryRecord::pending(now_ms));
     record.state = DeliveryState::Pending { due_ms: now_ms };
     json(&record)
 }

@@ -436,3 +436,46 @@ async fn a_key_postgres_cannot_index_does_not_fail_its_round() {
         assert_eq!(reply.status, 202, "{}", reply.body.escape_ascii());
     }
 }
+
+/// A circuit is the cluster's: an instance started while another's circuit
+/// is open sends nothing to the target until `open_for` has passed; then
+/// one probe goes, from one instance, and nothing else while it is out; its
+/// success closes the circuit for all. (Before, the new instance sent at
+/// once, and each instance probed on its own.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_is_the_clusters_and_one_instance_probes() {
+    let Some(cluster) = throwaway::cluster("an_open_circuit_is_the_clusters") else { return };
+    let url = cluster.database();
+    let mut target = FakeTarget::start().await;
+    target.script([Answer::status(500), Answer::status(500), Answer::status(200).delay(Duration::from_millis(600))]);
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "\n    retry: { initial_backoff: 10ms, max_backoff: 10ms }\n    circuit_breaker: { failure_threshold: 2, open_for: 3s }";
+    let config = search_config(dir.path(), &url, &target, extra);
+    let (_a, a_addr) = spawn_relay(&config);
+    let mut ids = post_all(&[a_addr], 0, 1).await;
+    target.next().await;
+    let opened = target.next().await.at; // the second failure opens a's circuit
+                                         // An instance started while it is open, and webhooks posted to it.
+    let (_b, b_addr) = spawn_relay(&config);
+    ids.extend(post_all(&[b_addr], 1, 3).await);
+    let probe = target.next().await;
+    assert!(
+        probe.at >= opened + Duration::from_millis(2_900),
+        "a request {:?} after the circuit opened, before open_for",
+        probe.at - opened
+    );
+    let after = target.next().await;
+    assert!(
+        after.at >= probe.at + Duration::from_millis(550),
+        "a second request {:?} after the probe, while it was out",
+        after.at - probe.at
+    );
+    let seen = collect(&mut target, ids.len() - 2, Duration::from_secs(10)).await;
+    let mut delivered: Vec<String> = seen.into_keys().collect();
+    for r in [&probe, &after] {
+        delivered.push(r.headers["webhook-id"].to_str().unwrap().to_string());
+    }
+    for id in &ids {
+        assert!(delivered.contains(id), "{id} delivered once the probe succeeded");
+    }
+}

@@ -115,8 +115,11 @@ impl Breaker {
         }
     }
 
-    pub fn on_success(&mut self) {
+    /// True when this success closed an open or half-open circuit.
+    pub fn on_success(&mut self) -> bool {
+        let was_closed = matches!(self.state, State::Closed { .. });
         self.state = State::Closed { failures: 0 };
+        !was_closed
     }
 
     /// Another instance sharing the store opened the target's circuit for
@@ -178,7 +181,7 @@ mod tests {
         let mut b = breaker();
         assert!(!b.on_failure(now));
         assert!(!b.on_failure(now));
-        b.on_success();
+        assert!(!b.on_success(), "it was closed");
         assert!(!b.on_failure(now));
         assert!(!b.on_failure(now));
         assert!(b.on_failure(now), "third consecutive failure opens it");
@@ -204,7 +207,8 @@ mod tests {
         b.on_abandoned(probe);
         assert_eq!(b.permit(later), Permit::Probe, "an abandoned probe frees the slot");
         b.on_dispatch(EventId::new());
-        b.on_success();
+        assert!(b.on_success(), "the probe's success closes it");
+        assert!(!b.on_success(), "closed already");
         assert_eq!(b.state(later), CircuitState::Closed);
         assert_eq!(b.permit(later), Permit::Open);
     }

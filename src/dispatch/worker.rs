@@ -341,7 +341,7 @@ impl Worker {
 
     async fn on_report(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
-        let name = &self.target.name;
+        let name = self.target.name.clone();
         match report.done {
             Done::Stalled => {
                 self.breaker.on_abandoned(report.id);
@@ -352,19 +352,30 @@ impl Worker {
                 if self.breaker.on_failure(Instant::now()) {
                     let open_for = self.target.circuit_breaker.open_for;
                     tracing::warn!(target = %name, ?open_for, "circuit opened: deliveries wait");
-                    if let Err(e) = self.store.circuit_opened(name, open_for).await {
+                    if let Err(e) = self.store.circuit_opened(&name, open_for).await {
                         tracing::warn!(target = %name, error = %e, "other instances not told of the open circuit");
                     }
                 }
             }
             Done::Sent(Verdict::Pause) => {
-                self.breaker.on_success();
+                self.circuit_closed_by_success().await;
                 if !self.paused {
                     tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
                     self.pause_for_gone().await;
                 }
             }
-            Done::Sent(Verdict::Success | Verdict::Permanent) => self.breaker.on_success(),
+            Done::Sent(Verdict::Success | Verdict::Permanent) => self.circuit_closed_by_success().await,
+        }
+    }
+
+    /// The target answered: a circuit open or half-open closes, for every
+    /// instance sharing the store.
+    async fn circuit_closed_by_success(&mut self) {
+        if self.breaker.on_success() {
+            tracing::info!(target = %self.target.name, "circuit closed: the target answered");
+            if let Err(e) = self.store.circuit_closed(&self.target.name).await {
+                tracing::warn!(target = %self.target.name, error = %e, "other instances not told the circuit closed; they probe again");
+            }
         }
     }
 }

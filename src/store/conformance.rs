@@ -812,6 +812,7 @@ const SHARED: &[(&str, SharedScenario)] = shared_scenarios![
     concurrency_is_held_over_every_instance,
     the_rate_is_held_over_every_instance,
     instances_hear_of_each_others_work_pauses_and_circuits,
+    an_open_circuit_holds_every_instance_and_one_probes,
 ];
 
 /// The lease [`run_shared`] opens its pairs with.
@@ -927,6 +928,28 @@ async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
     assert!(none.due.is_empty(), "a used the burst for both");
     assert_eq!(none.next_due_ms, Some(now + 100), "the next token, at 10 per second");
     assert_eq!(b.due("t", now + 150, 10, &HashSet::new()).await.expect("due").due.len(), 1, "one token in 150 ms");
+}
+
+/// A circuit one instance opened is the cluster's: no instance is handed a
+/// delivery of the target while it is open, then one instance the probe
+/// (one delivery), until its success closes the circuit for all.
+async fn an_open_circuit_holds_every_instance_and_one_probes(a: &dyn Store, b: &dyn Store) {
+    let share = Share { concurrency: 100, rate: None, attempt: Duration::from_secs(5) };
+    a.share("t", share);
+    b.share("t", share);
+    futures_join((0..4).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;
+    let opened = now_ms();
+    a.circuit_opened("t", Duration::from_secs(60)).await.expect("open");
+    let held = b.due("t", opened + 1, 10, &HashSet::new()).await.expect("due");
+    assert!(held.due.is_empty(), "open on every instance");
+    let until = held.next_due_ms.expect("told when it may probe");
+    assert!((opened + 60_000..opened + 61_000).contains(&until), "{until}");
+    let probe = b.due("t", until, 10, &HashSet::new()).await.expect("due").due;
+    assert_eq!(probe.len(), 1, "once open_for has passed, one delivery: the probe");
+    assert!(a.due("t", until, 10, &HashSet::new()).await.expect("due").due.is_empty(), "b's probe is out");
+    b.complete("t", &probe[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    b.circuit_closed("t").await.expect("close");
+    assert_eq!(a.due("t", until, 10, &HashSet::new()).await.expect("due").due.len(), 3, "closed for a too");
 }
 
 async fn instances_hear_of_each_others_work_pauses_and_circuits(a: &dyn Store, b: &dyn Store) {

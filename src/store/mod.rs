@@ -133,8 +133,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Tells the instances sharing the store that this one opened a
     /// target's circuit for `open_for`, so that they hold too (nothing to
-    /// tell where no other instance shares it).
+    /// tell where no other instance shares it). Where instances share the
+    /// store, the circuit is the cluster's: until `open_for` has passed,
+    /// [`Store::due`] hands out none of the target's deliveries (once
+    /// [`Store::share`] was called for it), then one at a time (the probe),
+    /// to one instance at a time, until [`Store::circuit_closed`].
     async fn circuit_opened(&self, _target: &str, _open_for: std::time::Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// This instance's probe succeeded: the target's circuit is closed for
+    /// every instance sharing the store.
+    async fn circuit_closed(&self, _target: &str) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -509,6 +509,7 @@ impl Store for PgStore {
         let others_st = tx.prepare_cached(OTHERS_LEASES).await.map_err(db_error)?;
         let rate_st =
             tx.prepare_cached("SELECT tokens, at_ms FROM hr_rates WHERE target = $1").await.map_err(db_error)?;
+        let circuit_st = tx.prepare_cached(CIRCUIT).await.map_err(db_error)?;
         let groups_st = tx.prepare_cached(RIPE_GROUPS).await.map_err(db_error)?;
         let next_group_st = tx.prepare_cached(NEXT_GROUP).await.map_err(db_error)?;
         let later_st = tx.prepare_cached(NEXT_RETRY).await.map_err(db_error)?;
@@ -516,7 +517,7 @@ impl Store for PgStore {
         let asked = limit as i64;
         let groups_params: [&(dyn ToSql + Sync); 5] = [&target, &skip, &self.owner, &now, &asked];
         let later_params: [&(dyn ToSql + Sync); 2] = [&target, &now];
-        let (_, _, others, stored_bucket, groups, next_group, later) = futures_util::try_join!(
+        let (_, _, others, stored_bucket, circuit, groups, next_group, later) = futures_util::try_join!(
             // Every instance's hand-outs of this target, one at a time.
             async {
                 match share {
@@ -545,6 +546,12 @@ impl Store for PgStore {
                     None => Ok(None),
                 }
             },
+            async {
+                match share {
+                    Some(_) => tx.query_opt(&circuit_st, &[&target]).await,
+                    None => Ok(None),
+                }
+            },
             tx.query(&groups_st, &groups_params),
             tx.query_opt(&next_group_st, &later_params),
             // The next retry due after now (hand-outs do not move it).
@@ -559,6 +566,24 @@ impl Store for PgStore {
         // instance could take the delivery while it is being sent.
         let waited = called.elapsed().as_millis() as u64;
         let until = to_i64(now_ms.saturating_add(waited).saturating_add(lease_ms));
+        // The cluster's circuit: while open, nothing; then the probe, one
+        // instance at a time.
+        let mut probing = false;
+        if let Some(row) = circuit {
+            let (open_until, owner, probe_until): (i64, Option<Uuid>, Option<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            let probe_elsewhere = owner.is_some_and(|o| o != self.owner) && probe_until.is_some_and(|u| u > now);
+            if open_until > now {
+                limit = 0;
+                soonest(open_until);
+            } else if probe_elsewhere {
+                limit = 0;
+                soonest(probe_until.unwrap_or(now).max(now + SHARE_POLL_MS));
+            } else {
+                limit = limit.min(1);
+                probing = true;
+            }
+        }
         if let Some(share) = share {
             let asked = limit;
             limit = share::room(limit, share.concurrency, others.max(0) as usize + skip.len());
@@ -620,6 +645,14 @@ impl Store for PgStore {
             found.sort_by_key(|d| (d.due_ms, d.event_id));
             debug_assert!(found.iter().all(|d| d.queued == queued));
             out.extend(found);
+        }
+        if probing && !out.is_empty() {
+            execute(
+                &tx,
+                "UPDATE hr_circuits SET probe_owner = $2, probe_until = $3 WHERE target = $1",
+                &[&target, &self.owner, &until],
+            )
+            .await?;
         }
         if let Some((b, _)) = bucket {
             let b = b.take(out.len());
@@ -721,10 +754,30 @@ impl Store for PgStore {
     }
 
     async fn circuit_opened(&self, target: &str, open_for: Duration) -> Result<(), StoreError> {
-        let client = self.client().await?;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let until = to_i64(now_ms().saturating_add(open_for.as_millis() as u64));
+        execute(
+            &tx,
+            "INSERT INTO hr_circuits (target, open_until) VALUES ($1, $2)
+             ON CONFLICT (target) DO UPDATE SET open_until = excluded.open_until, probe_owner = NULL, probe_until = NULL",
+            &[&target, &until],
+        )
+        .await?;
         let notice = format!("{}\n{target}", open_for.as_millis());
-        execute(&client, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
-        Ok(())
+        execute(&tx, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
+        tx.commit().await.map_err(db_error)
+    }
+
+    async fn circuit_closed(&self, target: &str) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(db_error)?;
+        let closed = execute(&tx, "DELETE FROM hr_circuits WHERE target = $1", &[&target]).await?;
+        if closed > 0 {
+            // The other instances' workers wait for the circuit: wake them.
+            execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &ingest::notice_of(&[target])]).await?;
+        }
+        tx.commit().await.map_err(db_error)
     }
 
     async fn asked_to_wait(&self, target: &str, wait: Duration) -> Result<(), StoreError> {
@@ -984,6 +1037,8 @@ const RIPE_GROUPS: &str = "SELECT g.newest_id, g.due_ms
        AND NOT EXISTS (SELECT 1 FROM hr_deliveries p
                         WHERE p.target = g.target AND p.order_key = g.key AND p.status = 'p')
      ORDER BY g.due_ms LIMIT $5";
+/// The target's circuit, if the cluster has it open or half-open.
+const CIRCUIT: &str = "SELECT open_until, probe_owner, probe_until FROM hr_circuits WHERE target = $1";
 /// When the target's next open group is due after $2.
 const NEXT_GROUP: &str = "SELECT due_ms FROM hr_groups WHERE target = $1 AND due_ms > $2 ORDER BY due_ms LIMIT 1";
 const DUE_FIRST: &str = due_sql!("NOT d.queued");

@@ -115,6 +115,17 @@ ALTER TABLE hr_groups ADD COLUMN due_ms bigint
     GENERATED ALWAYS AS (LEAST(newest_ms + window_ms, first_ms + max_wait_ms)) STORED;
 CREATE INDEX hr_groups_due ON hr_groups (target, due_ms);
 "#,
+    r#"
+-- Each open circuit of the cluster: until open_until nothing of its target is
+-- handed out, then the probe, to one instance at a time (probe_owner's,
+-- until probe_until), until a success deletes the row.
+CREATE TABLE hr_circuits (
+    target      text PRIMARY KEY,
+    open_until  bigint NOT NULL,
+    probe_owner uuid,
+    probe_until bigint
+);
+"#,
 ];
 
 /// The schema's version once every migration has run.

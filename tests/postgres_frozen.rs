@@ -18,10 +18,19 @@ struct Frozen(Vec<String>);
 
 impl Frozen {
     fn freeze(postmaster: u32) -> Frozen {
-        let children = std::process::Command::new("pgrep").args(["-P", &postmaster.to_string()]).output().unwrap();
-        let mut pids: Vec<String> =
-            String::from_utf8_lossy(&children.stdout).split_whitespace().map(String::from).collect();
-        pids.push(postmaster.to_string());
+        // Its children: the processes whose parent (the 2nd field after the
+        // parenthesised name in /proc/PID/stat) it is.
+        let parent = postmaster.to_string();
+        let mut pids: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|pid| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+                after_name.split_whitespace().nth(1) == Some(parent.as_str())
+            })
+            .collect();
+        pids.push(parent);
         for pid in &pids {
             let _ = std::process::Command::new("kill").args(["-STOP", pid]).status();
         }

@@ -46,6 +46,10 @@ pub fn lock_id(kind: &str, target: &str, key: &str) -> i64 {
     i64::from_be_bytes(first)
 }
 
+/// Order keys' locks ($1), taken in the order given (sorted by every caller:
+/// no deadlock).
+pub const ORDER_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k";
+
 /// Ids that rise in the order rounds take their order locks, within this
 /// process (first attempts and `events_before` go by id).
 fn rising_id() -> EventId {
@@ -84,7 +88,7 @@ pub async fn round(pool: &Pool, events: &[NewEvent], notifier: &Notifier) -> Res
     locks.dedup();
     if !locks.is_empty() {
         let params: [&(dyn ToSql + Sync); 1] = [&locks];
-        let lock = execute(tx, "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k", &params);
+        let lock = execute(tx, ORDER_LOCKS, &params);
         futures_util::try_join!(durable(), lock)?;
     }
 

@@ -1274,6 +1274,50 @@ mod tests {
         store.close().await.expect("close");
     }
 
+    /// An outcome that ends the head of an `order_by` key takes the key's
+    /// lock before anything of it commits (an ingest round holding it sees
+    /// the head pending, and holds its new delivery; the release then finds
+    /// it). The lock and the release went out as text, prepared first: they
+    /// ran after the COMMIT, outside the transaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ending_heads_outcome_commits_under_its_keys_lock() {
+        let Some(cluster) = throwaway::cluster("PostgreSQL order locks") else { return };
+        let store = Arc::new(fresh_store(cluster, 4).await);
+        let ordered = |d: &str| {
+            crate::store::conformance::event("cms", d, &["t"])
+                .with_sequencing(vec![("t".into(), crate::store::Sequenced::Ordered { key: "k".into() })])
+        };
+        let mut ids = Vec::new();
+        for d in ["1", "2"] {
+            match store.ingest(ordered(d)).await.expect("ingest") {
+                Ingested::Accepted { id, .. } => ids.push(id),
+                other => panic!("{other:?}"),
+            }
+        }
+        let due = store.due("t", now_ms() + 1, 10, &HashSet::new()).await.expect("due").due;
+        assert_eq!(due.iter().map(|d| d.event_id).collect::<Vec<_>>(), [ids[0]]);
+        let holder = store.client().await.expect("client");
+        let lock = ingest::order_lock("t", "k");
+        execute(&holder, "SELECT pg_advisory_lock($1)", &[&lock]).await.expect("lock");
+        let completing = tokio::spawn({
+            let (store, due) = (store.clone(), due[0].clone());
+            async move {
+                let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+                store.complete("t", &due, attempt, NextStep::Delivered).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let status_of = "SELECT status FROM hr_deliveries WHERE event_id = $1";
+        let status: i8 = query_one(&holder, status_of, &[&ids[0].0]).await.expect("row").get(0);
+        assert_eq!(status, b'p' as i8, "the outcome committed before it had the key's lock");
+        execute(&holder, "SELECT pg_advisory_unlock($1)", &[&lock]).await.expect("unlock");
+        completing.await.expect("task").expect("recorded");
+        let next = store.due("t", now_ms() + 1, 10, &HashSet::new()).await.expect("due").due;
+        assert_eq!(next.iter().map(|d| d.event_id).collect::<Vec<_>>(), [ids[1]], "released");
+        drop(holder);
+        store.close().await.expect("close");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn meets_the_shared_store_contract() {
         let Some(cluster) = throwaway::cluster("the PostgreSQL shared store contract") else { return };

@@ -48,6 +48,11 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     let read_st = tx.prepare_cached(READ).await.map_err(db_error)?;
     let write_st = tx.prepare_cached(WRITE).await.map_err(db_error)?;
     let notify_st = tx.prepare_cached("SELECT pg_notify($1, $2)").await.map_err(db_error)?;
+    // Prepared before the flight below, like every statement in it: one
+    // given as text would be prepared first, and run after the COMMIT.
+    let locks_st = tx.prepare_cached(super::ingest::ORDER_LOCKS).await.map_err(db_error)?;
+    let release_st = tx.prepare_cached(RELEASE_NEXT).await.map_err(db_error)?;
+    let circuits_st = tx.prepare_cached(PROBE_ANSWERED).await.map_err(db_error)?;
     let params: [&(dyn ToSql + Sync); 2] = [&targets, &ids];
     let (_, found) =
         futures_util::try_join!(tx.batch_execute("BEGIN"), tx.query(&read_st, &params)).map_err(db_error)?;
@@ -74,6 +79,15 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     }
     let now = now_ms();
     let mut released: BTreeSet<&str> = BTreeSet::new();
+    // Targets that answered (not a retryable failure): a probe among them
+    // closes its circuit for the cluster, whatever this instance's breaker.
+    let answered: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.attempt.status.is_some_and(|s| !(s == 408 || s == 429 || s >= 500)))
+        .map(|o| o.target.as_str())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
     // The (target, key) queues whose head ended: their next is released.
     let mut heads_ended: BTreeSet<(String, String)> = BTreeSet::new();
     for o in outcomes {
@@ -128,13 +142,14 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     };
     let lock_params: [&(dyn ToSql + Sync); 1] = [&locks];
     let release_params: [&(dyn ToSql + Sync); 2] = [&ended_targets, &ended_keys];
+    let circuit_params: [&(dyn ToSql + Sync); 2] = [&answered, &owner];
     // After a failed statement, PostgreSQL ends the transaction with a
     // rollback at COMMIT, and the statement's error fails the batch.
     futures_util::try_join!(
         async {
             match locks.is_empty() {
                 true => Ok(0),
-                false => tx.execute(ORDER_LOCKS, &lock_params).await,
+                false => tx.execute(&locks_st, &lock_params).await,
             }
         },
         async {
@@ -146,7 +161,13 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
         async {
             match ended_keys.is_empty() {
                 true => Ok(0),
-                false => tx.execute(RELEASE_NEXT, &release_params).await,
+                false => tx.execute(&release_st, &release_params).await,
+            }
+        },
+        async {
+            match answered.is_empty() {
+                true => Ok(0),
+                false => tx.execute(&circuits_st, &circuit_params).await,
             }
         },
         async {
@@ -162,8 +183,9 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     Ok(outcomes.iter().map(|_| ()).collect())
 }
 
-/// The order keys' locks, taken in the order given.
-pub const ORDER_LOCKS: &str = "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::int8[]) AS k";
+/// The circuits of the targets given ($1) whose probe this instance ($2)
+/// had out: the target answered, they close.
+const PROBE_ANSWERED: &str = "DELETE FROM hr_circuits WHERE target = ANY($1) AND probe_owner = $2";
 /// The head of each (target, key) queue given, no longer held.
 pub const RELEASE_NEXT: &str = "UPDATE hr_deliveries d SET held = false
      FROM unnest($1::text[], $2::text[]) AS u(t, k),

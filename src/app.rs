@@ -20,6 +20,8 @@ use crate::store::{PgOptions, PgStore, SledStore, Store, StoreError};
 
 /// How long shutdown waits for requests in progress.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long admin requests in progress may go on once the store is closed.
+const ADMIN_GRACE: Duration = Duration::from_secs(2);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -171,13 +173,14 @@ impl Relay {
         self.dispatcher.stop(grace).await;
         let closed = self.store.close().await;
         self.admin_shutdown.cancel();
-        // A request still being sent (a client gone half-open) must not hold the exit.
+        // A request still being sent (a client gone half-open) must not hold
+        // the exit; the ingress and the workers have had their grace already.
         let mut admin_task = self.admin_task;
-        match tokio::time::timeout(grace, &mut admin_task).await {
+        match tokio::time::timeout(ADMIN_GRACE, &mut admin_task).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => tracing::error!("the admin listener task panicked"),
             Err(_) => {
-                tracing::warn!(?grace, "admin requests still in progress after the grace period; stopping anyway");
+                tracing::warn!(grace = ?ADMIN_GRACE, "admin requests still in progress; stopping anyway");
                 admin_task.abort();
             }
         }

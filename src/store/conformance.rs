@@ -932,7 +932,9 @@ async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
 
 /// A circuit one instance opened is the cluster's: no instance is handed a
 /// delivery of the target while it is open, then one instance the probe
-/// (one delivery), until its success closes the circuit for all.
+/// (one delivery), until the target answers it: that closes the circuit
+/// for all, whatever the prober's own breaker knew (it may have started
+/// after the circuit opened).
 async fn an_open_circuit_holds_every_instance_and_one_probes(a: &dyn Store, b: &dyn Store) {
     let share = Share { concurrency: 100, rate: None, attempt: Duration::from_secs(5) };
     a.share("t", share);
@@ -947,9 +949,12 @@ async fn an_open_circuit_holds_every_instance_and_one_probes(a: &dyn Store, b: &
     let probe = b.due("t", until, 10, &HashSet::new()).await.expect("due").due;
     assert_eq!(probe.len(), 1, "once open_for has passed, one delivery: the probe");
     assert!(a.due("t", until, 10, &HashSet::new()).await.expect("due").due.is_empty(), "b's probe is out");
-    b.complete("t", &probe[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
-    b.circuit_closed("t").await.expect("close");
-    assert_eq!(a.due("t", until, 10, &HashSet::new()).await.expect("due").due.len(), 3, "closed for a too");
+    b.complete("t", &probe[0], attempt(Some(503)), NextStep::RetryAt(until)).await.expect("complete");
+    assert!(a.due("t", until, 10, &HashSet::new()).await.expect("due").due.is_empty(), "a failed probe closes nothing");
+    let again = b.due("t", until, 10, &HashSet::new()).await.expect("due").due;
+    assert_eq!(again.len(), 1, "b probes again");
+    b.complete("t", &again[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    assert_eq!(a.due("t", until, 10, &HashSet::new()).await.expect("due").due.len(), 3, "answered: closed for a too");
 }
 
 async fn instances_hear_of_each_others_work_pauses_and_circuits(a: &dyn Store, b: &dyn Store) {

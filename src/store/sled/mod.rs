@@ -499,6 +499,27 @@ mod tests {
         assert_eq!(due_of(&store, next).await.event_id, next, "released afresh");
     }
 
+    /// A key's next group waits for the earlier group's delivery; if that
+    /// delivery's record is unreadable, it does not wait (an error there
+    /// failed every read of the target's queue).
+    #[tokio::test]
+    async fn a_group_waiting_for_an_unreadable_delivery_does_not_stop_the_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let how = [("search", Sequenced::Grouped { key: "k".into(), window_ms: 1, max_wait_ms: 1 })];
+        let first = accepted(&store, sequenced(event(b"1".to_vec()), &how)).await;
+        let later = now_ms() + 10_000;
+        let handed = store.due("search", later, 10, &HashSet::new()).await.unwrap().due;
+        assert_eq!(handed.iter().map(|d| d.event_id).collect::<Vec<_>>(), [first]);
+        store.close_group("search", &handed[0]).await.unwrap().expect("closed");
+        let second = accepted(&store, sequenced(event(b"2".to_vec()), &how)).await;
+        let skip = HashSet::from([first]);
+        assert!(store.due("search", later, 10, &skip).await.unwrap().due.is_empty(), "waits for the first");
+        store.db.insert(delivery_key("search", first), b"garbage".to_vec()).unwrap();
+        let due = store.due("search", later, 10, &skip).await.expect("the queue is read");
+        assert_eq!(due.due.iter().map(|d| d.event_id).collect::<Vec<_>>(), [second]);
+    }
+
     #[tokio::test]
     async fn a_rounds_outcomes_are_applied_as_one_batch() {
         let dir = tempfile::tempdir().unwrap();

@@ -56,12 +56,16 @@ pub fn closed_key(target: &str, k: &str) -> Vec<u8> {
 pub fn waits_for(db: &::sled::Db, target: &str, k: &str, id: EventId) -> Result<Option<EventId>, StoreError> {
     let ckey = closed_key(target, k);
     let Some(v) = db.get(&ckey)? else { return Ok(None) };
-    let earlier = EventId::from_slice(&v).ok_or_else(|| super::layout::corrupt(&ckey, "bad event id"))?;
-    if earlier == id {
-        return Ok(None);
+    // Unreadable, the pointer or the record it points to holds nothing: an
+    // error here would fail every read of the target's queue.
+    let Some(earlier) = EventId::from_slice(&v).filter(|e| *e != id) else { return Ok(None) };
+    match get_json::<DeliveryRecord>(db, &delivery_key(target, earlier)) {
+        Ok(record) => Ok(record.filter(|r| !r.state.is_finished()).map(|_| earlier)),
+        Err(e) => {
+            tracing::warn!(%target, id = %earlier, error = %e, "unreadable delivery record; the next group does not wait for it");
+            Ok(None)
+        }
     }
-    let record = get_json::<DeliveryRecord>(db, &delivery_key(target, earlier))?;
-    Ok(record.filter(|r| !r.state.is_finished()).map(|_| earlier))
 }
 
 fn member_prefix(target: &str, k: &str) -> Vec<u8> {

@@ -4,7 +4,7 @@
 //! own connection, so that one commit's wait does not stall the next batch.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,14 +18,28 @@ const QUEUE: usize = 8192;
 /// Times a batch is tried again when the database aborts it for a deadlock
 /// or a serialization failure with another instance.
 const RETRIES: usize = 3;
-/// How long a batch may wait for the database (a connection, its statements,
-/// its commit): past it the batch fails, and its connection is closed. A
+/// How long a job may wait, from its queueing, for its batch to commit (a
+/// batch runs within the soonest limit of its jobs): past it the job fails,
+/// left out of the batches not yet begun, or with its batch, whose
+/// connection is then closed. A
 /// database that stops answering without closing its connections (a frozen
 /// server, a lock held for ever) would otherwise hold every webhook's answer
 /// for as long; a CMS has given up after 5 s.
 pub const BATCH_LIMIT: Duration = Duration::from_secs(10);
 
-type Job<I, O> = (I, oneshot::Sender<Result<O, StoreError>>);
+/// A job: its item, where its answer goes, its state, and when its caller
+/// gives up on it unless a batch has taken it.
+struct Job<I, O> {
+    item: I,
+    answer: oneshot::Sender<Result<O, StoreError>>,
+    state: Arc<AtomicU8>,
+    deadline: tokio::time::Instant,
+}
+
+/// A [`Job`]'s state: queued, taken by a batch, or given up by its caller.
+const QUEUED: u8 = 0;
+const TAKEN: u8 = 1;
+const ABANDONED: u8 = 2;
 
 pub struct Batches<I, O> {
     jobs: Mutex<Option<mpsc::Sender<Job<I, O>>>>,
@@ -55,15 +69,26 @@ impl<I: Send + Sync + 'static, O: Send + 'static> Batches<I, O> {
         let Some(sender) = sender.filter(|_| !self.closed.load(Ordering::SeqCst)) else {
             return Err(StoreError::Closed);
         };
-        let (answer, answered) = oneshot::channel();
+        let (answer, mut answered) = oneshot::channel();
+        let state = Arc::new(AtomicU8::new(QUEUED));
         // The wait for a batch counts toward the limit too: batches queued
         // behind one that waits out the limit would each wait as long. A
-        // job given up on is left out of the batches that have not begun.
-        let waited = tokio::time::timeout(BATCH_LIMIT, async {
-            sender.send((job, answer)).await.map_err(|_| StoreError::Closed)?;
-            answered.await.map_err(|_| StoreError::Closed)?
-        });
-        waited.await.unwrap_or_else(|_| Err(timed_out()))
+        // job given up on before a batch took it is left out; one a batch
+        // has taken is answered by the batch (within its own limit), so that
+        // a job is never answered as failed and then committed.
+        let deadline = tokio::time::Instant::now() + BATCH_LIMIT;
+        let queued = Job { item: job, answer, state: state.clone(), deadline };
+        match tokio::time::timeout_at(deadline, sender.send(queued)).await {
+            Ok(sent) => sent.map_err(|_| StoreError::Closed)?,
+            Err(_) => return Err(timed_out()),
+        }
+        if let Ok(answer) = tokio::time::timeout_at(deadline, &mut answered).await {
+            return answer.map_err(|_| StoreError::Closed)?;
+        }
+        if state.compare_exchange(QUEUED, ABANDONED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            return Err(timed_out());
+        }
+        answered.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Refuses new jobs and waits for the batches in progress.
@@ -90,12 +115,16 @@ async fn run<I, O, F, Fut>(
     while let Some(first) = rx.recv().await {
         let Ok(permit) = running.clone().acquire_owned().await else { return };
         // Jobs whose callers gave up (the limit passed) are left out.
-        let mut jobs: Vec<Job<I, O>> = vec![first];
-        jobs.retain(|(_, answer)| !answer.is_closed());
+        let take =
+            |job: &Job<I, O>| job.state.compare_exchange(QUEUED, TAKEN, Ordering::SeqCst, Ordering::SeqCst).is_ok();
+        let mut jobs: Vec<Job<I, O>> = Vec::new();
+        if take(&first) {
+            jobs.push(first);
+        }
         while jobs.len() < max {
             match rx.try_recv() {
-                Ok(job) if job.1.is_closed() => {}
-                Ok(job) => jobs.push(job),
+                Ok(job) if take(&job) => jobs.push(job),
+                Ok(_) => {}
                 Err(_) => break,
             }
         }
@@ -104,13 +133,16 @@ async fn run<I, O, F, Fut>(
         }
         let (pool, apply) = (pool.clone(), apply.clone());
         tokio::spawn(async move {
-            let (items, answers): (Vec<I>, Vec<_>) = jobs.into_iter().unzip();
+            // Within the soonest of its jobs' limits: a job taken just before
+            // its caller would have given up is not held a whole limit more.
+            let deadline = jobs.iter().map(|j| j.deadline).min().unwrap_or_else(tokio::time::Instant::now);
+            let (items, answers): (Vec<I>, Vec<_>) = jobs.into_iter().map(|j| (j.item, j.answer)).unzip();
             let items = Arc::new(items);
             let mut outcome = Err(StoreError::Closed);
             for _ in 0..RETRIES {
                 // Dropped on time out, a batch closes its connection
                 // (`Open`): nothing half-done goes back to the pool.
-                let applied = tokio::time::timeout(BATCH_LIMIT, apply(pool.clone(), items.clone())).await;
+                let applied = tokio::time::timeout_at(deadline, apply(pool.clone(), items.clone())).await;
                 outcome = applied.unwrap_or_else(|_| Err(timed_out()));
                 match &outcome {
                     Err(StoreError::Io(msg)) if retryable(msg) => continue,

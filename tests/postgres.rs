@@ -26,8 +26,7 @@ fn instance_config(dir: &Path, url: &str, targets: &str, routes: &str) -> std::p
 /// A config for instances with one target, `search` at `target` (with the
 /// YAML lines `extra`), to which `page.*` webhooks go.
 fn search_config(dir: &Path, url: &str, target: &FakeTarget, extra: &str) -> std::path::PathBuf {
-    let targets = format!("  - name: search\n    url: \"{}\"{extra}", target.url("/reindex"));
-    instance_config(dir, url, &targets, "  - { source: buttercms, events: [\"page.*\"], targets: [search] }")
+    pg_search_config(dir, url, 8, target, extra)
 }
 
 /// `n` relay processes with `config`, and their ingress addresses.

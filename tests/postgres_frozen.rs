@@ -52,12 +52,7 @@ async fn a_frozen_database_is_503_after_the_round_limit_and_acks_resume_when_it_
     let url = cluster.database();
     let target = FakeTarget::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let text = relay_config_on(
-        &format!(r#"{{ backend: postgres, url: "{url}", pool: 4 }}"#),
-        &format!("  - name: search\n    url: \"{}\"", target.url("/reindex")),
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
-    let config = write_config(dir.path(), &text);
+    let config = pg_search_config(dir.path(), &url, 4, &target, "");
     let (relay, addr) = spawn_relay(&config);
     for n in 0..5 {
         assert_eq!(post_butter(addr, butter_page(n)).await.status, 202);

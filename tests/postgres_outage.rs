@@ -22,12 +22,7 @@ async fn a_database_restart_is_503s_meanwhile_and_nothing_acked_lost() {
     // while it is down (below): their outcomes are refused.
     target.always(Answer::status(200).delay(Duration::from_millis(300)));
     let dir = tempfile::tempdir().unwrap();
-    let text = relay_config_on(
-        &format!(r#"{{ backend: postgres, url: "{url}", pool: 4 }}"#),
-        &format!("  - name: search\n    url: \"{}\"", target.url("/reindex")),
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
-    let config = write_config(dir.path(), &text);
+    let config = pg_search_config(dir.path(), &url, 4, &target, "");
     let (relay, addr) = spawn_relay(&config);
 
     let mut acked: HashSet<String> = HashSet::new();

@@ -358,24 +358,22 @@ impl Worker {
                 }
             }
             Done::Sent(Verdict::Pause) => {
-                self.circuit_closed_by_success().await;
+                self.circuit_closed_by_success();
                 if !self.paused {
                     tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
                     self.pause_for_gone().await;
                 }
             }
-            Done::Sent(Verdict::Success | Verdict::Permanent) => self.circuit_closed_by_success().await,
+            Done::Sent(Verdict::Success | Verdict::Permanent) => self.circuit_closed_by_success(),
         }
     }
 
-    /// The target answered: a circuit open or half-open closes, for every
-    /// instance sharing the store.
-    async fn circuit_closed_by_success(&mut self) {
+    /// The target answered: this instance's circuit, open or half-open,
+    /// closes (a shared store closes the cluster's as it records the
+    /// probe's outcome).
+    fn circuit_closed_by_success(&mut self) {
         if self.breaker.on_success() {
             tracing::info!(target = %self.target.name, "circuit closed: the target answered");
-            if let Err(e) = self.store.circuit_closed(&self.target.name).await {
-                tracing::warn!(target = %self.target.name, error = %e, "other instances not told the circuit closed; they probe again");
-            }
         }
     }
 }

@@ -137,14 +137,9 @@ pub trait Store: Send + Sync + 'static {
     /// store, the circuit is the cluster's: until `open_for` has passed,
     /// [`Store::due`] hands out none of the target's deliveries (once
     /// [`Store::share`] was called for it), then one at a time (the probe),
-    /// to one instance at a time, until [`Store::circuit_closed`].
+    /// to one instance at a time, until the target answers the probe (its
+    /// outcome, recorded by [`Store::complete`], closes the circuit).
     async fn circuit_opened(&self, _target: &str, _open_for: std::time::Duration) -> Result<(), StoreError> {
-        Ok(())
-    }
-
-    /// This instance's probe succeeded: the target's circuit is closed for
-    /// every instance sharing the store.
-    async fn circuit_closed(&self, _target: &str) -> Result<(), StoreError> {
         Ok(())
     }
 

@@ -514,8 +514,8 @@ impl Store for PgStore {
         let next_group_st = tx.prepare_cached(NEXT_GROUP).await.map_err(db_error)?;
         let later_st = tx.prepare_cached(NEXT_RETRY).await.map_err(db_error)?;
         let lock_id = ingest::lock_id("share", target, "");
-        let asked = limit as i64;
-        let groups_params: [&(dyn ToSql + Sync); 5] = [&target, &skip, &self.owner, &now, &asked];
+        let groups_limit = limit as i64;
+        let groups_params: [&(dyn ToSql + Sync); 5] = [&target, &skip, &self.owner, &now, &groups_limit];
         let later_params: [&(dyn ToSql + Sync); 2] = [&target, &now];
         let (_, _, others, stored_bucket, circuit, groups, next_group, later) = futures_util::try_join!(
             // Every instance's hand-outs of this target, one at a time.
@@ -572,13 +572,14 @@ impl Store for PgStore {
         if let Some(row) = circuit {
             let (open_until, owner, probe_until): (i64, Option<Uuid>, Option<i64>) =
                 (row.get(0), row.get(1), row.get(2));
-            let probe_elsewhere = owner.is_some_and(|o| o != self.owner) && probe_until.is_some_and(|u| u > now);
+            let probe_elsewhere = probe_until.filter(|u| *u > now && owner.is_some_and(|o| o != self.owner));
             if open_until > now {
                 limit = 0;
                 soonest(open_until);
-            } else if probe_elsewhere {
+            } else if let Some(probe_until) = probe_elsewhere {
+                // Its answer wakes this instance (a notice); its lease's end, at the latest.
                 limit = 0;
-                soonest(probe_until.unwrap_or(now).max(now + SHARE_POLL_MS));
+                soonest(probe_until);
             } else {
                 limit = limit.min(1);
                 probing = true;
@@ -766,17 +767,6 @@ impl Store for PgStore {
         .await?;
         let notice = format!("{}\n{target}", open_for.as_millis());
         execute(&tx, "SELECT pg_notify($1, $2)", &[&CIRCUITS, &notice]).await?;
-        tx.commit().await.map_err(db_error)
-    }
-
-    async fn circuit_closed(&self, target: &str) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(db_error)?;
-        let closed = execute(&tx, "DELETE FROM hr_circuits WHERE target = $1", &[&target]).await?;
-        if closed > 0 {
-            // The other instances' workers wait for the circuit: wake them.
-            execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &ingest::notice_of(&[target])]).await?;
-        }
         tx.commit().await.map_err(db_error)
     }
 

@@ -142,7 +142,7 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     };
     let lock_params: [&(dyn ToSql + Sync); 1] = [&locks];
     let release_params: [&(dyn ToSql + Sync); 2] = [&ended_targets, &ended_keys];
-    let circuit_params: [&(dyn ToSql + Sync); 2] = [&answered, &owner];
+    let circuit_params: [&(dyn ToSql + Sync); 3] = [&answered, &owner, &CHANNEL];
     // After a failed statement, PostgreSQL ends the transaction with a
     // rollback at COMMIT, and the statement's error fails the batch.
     futures_util::try_join!(
@@ -184,8 +184,11 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
 }
 
 /// The circuits of the targets given ($1) whose probe this instance ($2)
-/// had out: the target answered, they close.
-const PROBE_ANSWERED: &str = "DELETE FROM hr_circuits WHERE target = ANY($1) AND probe_owner = $2";
+/// had out: the target answered, they close, and every instance's workers
+/// of those targets are woken (on $3, the channel of queued work).
+const PROBE_ANSWERED: &str = "WITH closed AS (
+         DELETE FROM hr_circuits WHERE target = ANY($1) AND probe_owner = $2 RETURNING target)
+     SELECT count(pg_notify($3, target)) FROM closed";
 /// The head of each (target, key) queue given, no longer held.
 pub const RELEASE_NEXT: &str = "UPDATE hr_deliveries d SET held = false
      FROM unnest($1::text[], $2::text[]) AS u(t, k),

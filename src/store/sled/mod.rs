@@ -499,6 +499,29 @@ mod tests {
         assert_eq!(due_of(&store, next).await.event_id, next, "released afresh");
     }
 
+    /// An outcome's writes join the round's others: one refused because the
+    /// key queue it must read to release the next is unreadable writes
+    /// nothing of its own.
+    #[tokio::test]
+    async fn an_outcome_refused_for_an_unreadable_queue_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(dir.path(), 8 << 20).unwrap();
+        let how = [("search", Sequenced::Ordered { key: "k".into() })];
+        let first = accepted(&store, sequenced(event(b"1".to_vec()), &how)).await;
+        accepted(&store, sequenced(event(b"2".to_vec()), &how)).await;
+        let due = due_of(&store, first).await;
+        let chunk = store.db.scan_prefix(sequence::order_prefix("search", "k")).keys().next().unwrap().unwrap();
+        store.db.insert(chunk.clone(), b"garbage".to_vec()).unwrap();
+        let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+        let done = layout::Completion { target: "search".into(), due, attempt, next: NextStep::Delivered };
+        let (mut tally, mut batch) = (layout::Tally::default(), ::sled::Batch::default());
+        assert!(layout::complete_into(&store.db, &mut tally, &mut batch, &done, now_ms(), &mut |_| true).is_err());
+        // As the round would: applied with the others.
+        store.db.apply_batch(batch).unwrap();
+        assert!(store.db.get(delivery_key("search", first)).unwrap().is_none(), "its record was written");
+        assert_eq!(store.db.get(chunk).unwrap().as_deref(), Some(&b"garbage"[..]), "its queue was rewritten");
+    }
+
     /// A key's next group waits for the earlier group's delivery; if that
     /// delivery's record is unreadable, it does not wait (an error there
     /// failed every read of the target's queue).

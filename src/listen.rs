@@ -88,7 +88,9 @@ pub async fn serve_http<I, H, Fut>(
 {
     let activity = Arc::new(Activity::new());
     let seen = activity.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        let started = seen.request_started(req.version());
+        req.extensions_mut().insert(started);
         let busy = Busy::start(&seen);
         let answer = handle(req);
         async move {
@@ -123,6 +125,14 @@ pub async fn serve_http<I, H, Fut>(
     }
 }
 
+/// When a request began to arrive, as far as the server can tell: over
+/// HTTP/1, when its connection was ready for it (opened, or the previous
+/// answer given: hyper's head timeout counts from then too); over HTTP/2,
+/// when its headers arrived. `request_timeout` bounds the whole request
+/// from then, head and body.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestStarted(pub tokio::time::Instant);
+
 /// Requests in progress on one connection, and when the last one ended
 /// (or the connection opened).
 struct Activity(Mutex<(usize, tokio::time::Instant)>);
@@ -134,6 +144,13 @@ impl Activity {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (usize, tokio::time::Instant)> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When a request of `version` arriving now began (see [`RequestStarted`]).
+    fn request_started(&self, version: http::Version) -> RequestStarted {
+        let (busy, last) = *self.lock();
+        let http1 = matches!(version, http::Version::HTTP_09 | http::Version::HTTP_10 | http::Version::HTTP_11);
+        RequestStarted(if http1 && busy == 0 { last } else { tokio::time::Instant::now() })
     }
 
     /// When to look again if the connection is not yet `idle` that long;

@@ -214,6 +214,40 @@ async fn slow_body_is_cut_off_at_request_timeout() {
     assert!(started.elapsed() < Duration::from_secs(10));
 }
 
+/// `request_timeout` (2 s here) bounds the whole request, head and body: a
+/// head sent over 1.4 s, then a body over 1.4 s more, is answered 408 (each
+/// had its own 2 s before, so it was accepted after 2.8 s).
+#[tokio::test]
+async fn a_request_timeout_covers_the_head_and_the_body_together() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = start().await;
+    let body = butter_page(1);
+    let head = format!(
+        "POST /hooks/buttercms HTTP/1.1\r\nhost: x\r\nx-webhook-secret: {BUTTER_SECRET}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    let mut tcp = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    let trickle = |bytes: Vec<u8>, over: Duration| {
+        let pieces = 14;
+        let each = bytes.len().div_ceil(pieces);
+        (bytes, each, over / pieces as u32)
+    };
+    for (bytes, each, pause) in
+        [trickle(head.into_bytes(), Duration::from_millis(1_400)), trickle(body.to_vec(), Duration::from_millis(1_400))]
+    {
+        for piece in bytes.chunks(each) {
+            if tcp.write_all(piece).await.is_err() {
+                break; // answered and closed
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+    let mut answer = vec![0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut answer)).await.unwrap().unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..n]).to_string();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
 /// A source whose credential is all in the headers refuses a client
 /// without it before reading its body: answered 401 at once, not 408 once
 /// `request_timeout` (2 s here) has passed waiting for a body that never

@@ -19,6 +19,7 @@ use super::formats::{self, FormatError};
 use crate::config::{RouteRule, Sequencing, Settings, Source, Target};
 use crate::dispatch::Workers;
 use crate::jq::Lane;
+use crate::listen::RequestStarted;
 use crate::metrics::{IngressOutcome, Metrics};
 use crate::respond::{self, Reply};
 use crate::store::{Ingested, NewEvent, Sequenced, Store, StoreError};
@@ -193,8 +194,10 @@ impl Ingress {
         let (parts, body) = req.into_parts();
         let limit = usize::try_from(routes.max_body).unwrap_or(usize::MAX);
         let budget = routes.budgets.get(&source.name).ok_or_else(|| Reject::BodyRead("no body budget".into()))?;
+        // The whole request within `request_timeout`: its head's time counts.
+        let began = parts.extensions.get::<RequestStarted>().map_or(started.into(), |s| s.0);
         // `_held` gives the body's bytes back to the budget once stored.
-        let (body, _held) = tokio::time::timeout(routes.request_timeout, budget.read(body, limit))
+        let (body, _held) = tokio::time::timeout_at(began + routes.request_timeout, budget.read(body, limit))
             .await
             .map_err(|_| Reject::Timeout)?
             .map_err(|e| match e {

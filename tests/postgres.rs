@@ -17,10 +17,7 @@ use common::*;
 
 /// A config for one of several instances sharing `url`.
 fn instance_config(dir: &Path, url: &str, targets: &str, routes: &str) -> std::path::PathBuf {
-    let text = relay_config_on(&format!(r#"{{ backend: postgres, url: "{url}", pool: 8 }}"#), targets, routes);
-    let path = dir.join(format!("routes-{}.yaml", fastrand::u32(..)));
-    std::fs::write(&path, text).unwrap();
-    path
+    pg_config(dir, url, 8, targets, routes)
 }
 
 /// A config for instances with one target, `search` at `target` (with the

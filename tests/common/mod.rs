@@ -383,17 +383,19 @@ pub fn relay_config(dir: &Path, targets: &str, routes: &str) -> String {
 }
 
 /// A relay config on the PostgreSQL database at `url` (`pool` connections
-/// per instance) with one target, `search` at `target` (with the YAML lines
-/// `extra`), to which `page.*` webhooks go; written to a file of its own in `dir`.
-pub fn pg_search_config(dir: &Path, url: &str, pool: usize, target: &FakeTarget, extra: &str) -> PathBuf {
-    let text = relay_config_on(
-        &format!(r#"{{ backend: postgres, url: "{url}", pool: {pool} }}"#),
-        &format!("  - name: search\n    url: \"{}\"{extra}", target.url("/reindex")),
-        "  - { source: buttercms, events: [\"page.*\"], targets: [search] }",
-    );
+/// per instance), written to a file of its own in `dir`.
+pub fn pg_config(dir: &Path, url: &str, pool: usize, targets: &str, routes: &str) -> PathBuf {
+    let text = relay_config_on(&format!(r#"{{ backend: postgres, url: "{url}", pool: {pool} }}"#), targets, routes);
     let path = dir.join(format!("routes-{}.yaml", fastrand::u32(..)));
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// [`pg_config`] with one target, `search` at `target` (with the YAML lines
+/// `extra`), to which `page.*` webhooks go.
+pub fn pg_search_config(dir: &Path, url: &str, pool: usize, target: &FakeTarget, extra: &str) -> PathBuf {
+    let targets = format!("  - name: search\n    url: \"{}\"{extra}", target.url("/reindex"));
+    pg_config(dir, url, pool, &targets, "  - { source: buttercms, events: [\"page.*\"], targets: [search] }")
 }
 
 /// [`relay_config`] with this `storage:` (a YAML flow mapping).

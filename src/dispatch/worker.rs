@@ -120,6 +120,12 @@ pub struct Worker {
     status: tokio::sync::watch::Sender<TargetStatus>,
     /// Set after a store error, so that a failing store is not spun on.
     store_retry_at: Option<Instant>,
+    /// How long wakes gather once the queue ran dry ([`Store::read_gather`]).
+    gather: Duration,
+    /// The last read of the queue found nothing more due.
+    ran_dry: bool,
+    /// When the queue is read again, wakes gathering until then.
+    read_at: Option<Instant>,
     shutdown: CancellationToken,
     attempts: TaskTracker,
 }
@@ -138,6 +144,7 @@ impl Worker {
         let limiter = limiter_for(&target);
         store.share(&target.name, share_of(&target));
         let (reports_tx, reports) = mpsc::unbounded_channel();
+        let gather = store.read_gather();
         Ok(Worker {
             breaker: Breaker::new(target.circuit_breaker),
             lane: Arc::new(Lane::new(format!("target {} transform", target.name))),
@@ -156,6 +163,9 @@ impl Worker {
             control,
             status,
             store_retry_at: None,
+            gather,
+            ran_dry: false,
+            read_at: None,
             shutdown,
             attempts: TaskTracker::new(),
         })
@@ -168,7 +178,13 @@ impl Worker {
             tracing::warn!(target = %self.target.name, "target is paused; its queue is held until it is resumed");
         }
         loop {
-            let next = self.dispatch().await;
+            let next = match self.read_at.filter(|at| Instant::now() < *at) {
+                Some(at) => Some(at),
+                None => {
+                    self.read_at = None;
+                    self.dispatch().await
+                }
+            };
             self.publish();
             tokio::select! {
                 _ = self.shutdown.cancelled() => break,
@@ -179,9 +195,12 @@ impl Worker {
                     while let Ok(report) = self.reports.try_recv() {
                         self.on_report(report).await;
                     }
+                    self.read_at = read_after_wake(self.read_at, self.ran_dry, self.gather, Instant::now());
                 }
                 Some(control) = self.control.recv() => self.on_control(control).await,
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => {
+                    self.read_at = read_after_wake(self.read_at, self.ran_dry, self.gather, Instant::now());
+                }
                 _ = sleep_until(next), if next.is_some() => {}
             }
         }
@@ -226,6 +245,7 @@ impl Worker {
                 }
             };
             let found = batch.due.len();
+            self.ran_dry = found < limit && !batch.limited;
             for due in batch.due {
                 if let Some(limiter) = &self.limiter {
                     if let Err(not_until) = limiter.check() {
@@ -423,6 +443,18 @@ fn limiter_for(target: &Target) -> Option<DefaultDirectRateLimiter> {
         let burst = NonZeroU32::new(r.burst).unwrap_or(NonZeroU32::MIN);
         RateLimiter::direct(Quota::per_second(per_second).allow_burst(burst))
     })
+}
+
+/// When a worker woken by a new delivery or an ended attempt reads its
+/// queue: at once, unless its last read found the queue dry, where wakes
+/// gather for `gather` from the first (one read for the webhooks that came
+/// meanwhile, on a store where each read is a transaction).
+fn read_after_wake(read_at: Option<Instant>, ran_dry: bool, gather: Duration, now: Instant) -> Option<Instant> {
+    match read_at {
+        Some(at) => Some(at),
+        None if ran_dry && !gather.is_zero() => Some(now + gather),
+        None => None,
+    }
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -651,7 +683,20 @@ impl AttemptCtx {
 
 #[cfg(test)]
 mod tests {
-    use super::free_slots;
+    use std::time::{Duration, Instant};
+
+    use super::{free_slots, read_after_wake};
+
+    #[test]
+    fn wakes_gather_only_once_the_queue_ran_dry() {
+        let now = Instant::now();
+        let gather = Duration::from_millis(10);
+        assert_eq!(read_after_wake(None, false, gather, now), None, "more due: read at once");
+        assert_eq!(read_after_wake(None, true, gather, now), Some(now + gather), "dry: gather from the first wake");
+        let later = now + Duration::from_millis(4);
+        assert_eq!(read_after_wake(Some(now + gather), true, gather, later), Some(now + gather), "later wakes join it");
+        assert_eq!(read_after_wake(None, true, Duration::ZERO, now), None, "a store whose reads are cheap");
+    }
 
     #[test]
     fn requests_at_the_target_stay_within_concurrency() {

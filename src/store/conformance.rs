@@ -100,6 +100,7 @@ async fn accepted(store: &dyn Store, ev: NewEvent) -> EventId {
 
 async fn due(store: &dyn Store, target: &str, at_ms: u64) -> DueBatch {
     let batch = store.due(target, at_ms, 100, &HashSet::new()).await.expect("due");
+    assert!(!batch.limited, "no limit shared with other instances: short only when nothing more is due");
     for d in &batch.due {
         if let Some(event) = &d.event {
             // An event handed out with its delivery is the stored one, body and all.
@@ -506,7 +507,11 @@ async fn plain_and_ordered_completions_at_once_each_do_their_part(store: &dyn St
     }
     let to_a = due(store, "a", now_ms() + 1).await.due;
     let to_o = due(store, "o", now_ms() + 1).await.due;
-    assert_eq!(ids(&DueBatch { due: to_o.clone(), next_due_ms: None }), firsts, "the first of each key");
+    assert_eq!(
+        ids(&DueBatch { due: to_o.clone(), next_due_ms: None, limited: false }),
+        firsts,
+        "the first of each key"
+    );
     let outcomes = futures_join(
         to_a.iter()
             .map(|d| ("a", d, NextStep::Delivered))
@@ -746,7 +751,7 @@ async fn a_keys_next_group_waits_for_its_earlier_group(store: &dyn Store) {
     let t0 = now_ms();
     let first = accepted(store, grouped("1", "site", "k", t0, 100, 1_000)).await;
     let handed = due(store, "site", t0 + 100).await.due;
-    assert_eq!(ids(&DueBatch { due: handed.clone(), next_due_ms: None }), [first]);
+    assert_eq!(ids(&DueBatch { due: handed.clone(), next_due_ms: None, limited: false }), [first]);
     let closed = store.close_group("site", &handed[0]).await.expect("close").expect("the group is current");
     // While the first is in flight, the key's next group forms and ripens.
     let second = accepted(store, grouped("2", "site", "k", t0 + 50, 100, 1_000)).await;
@@ -866,7 +871,7 @@ async fn an_expired_lease_is_taken_over_and_both_attempts_are_kept(a: &dyn Store
     let id = accepted(a, event("cms", "x", &["t"])).await;
     let now = now_ms() + 1;
     let first = a.due("t", now, 10, &HashSet::new()).await.expect("due").due;
-    assert_eq!(ids(&DueBatch { due: first.clone(), next_due_ms: None }), [id]);
+    assert_eq!(ids(&DueBatch { due: first.clone(), next_due_ms: None, limited: false }), [id]);
     assert!(b.due("t", now, 10, &HashSet::new()).await.expect("due").due.is_empty(), "leased to a");
     let after = now + LEASE.as_millis() as u64 + HAND_OUT_SLACK_MS;
     let taken = b.due("t", after, 10, &HashSet::new()).await.expect("due").due;
@@ -905,16 +910,19 @@ async fn concurrency_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
     b.share("t", share);
     futures_join((0..5).map(|n| accepted(a, event("cms", &n.to_string(), &["t"])))).await;
     let now = now_ms() + 1;
-    let to_a = a.due("t", now, 5, &HashSet::new()).await.expect("due").due;
+    let to_a = a.due("t", now, 5, &HashSet::new()).await.expect("due");
+    assert!(to_a.limited, "more are due: the short hand-out says so");
+    let to_a = to_a.due;
     assert_eq!(to_a.len(), 2, "the target's concurrency");
     let none = b.due("t", now, 5, &HashSet::new()).await.expect("due");
     assert!(none.due.is_empty(), "a's two fill the target's concurrency");
-    assert!(none.next_due_ms.is_some(), "b is told to look again");
+    assert!(none.next_due_ms.is_some() && none.limited, "b is told to look again");
     a.complete("t", &to_a[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
     assert_eq!(b.due("t", now, 5, &HashSet::new()).await.expect("due").due.len(), 1, "a's end makes room for one");
     // a's own attempt in flight counts too.
     let in_flight = HashSet::from([to_a[1].event_id]);
-    assert!(a.due("t", now, 5, &in_flight).await.expect("due").due.is_empty());
+    let full = a.due("t", now, 5, &in_flight).await.expect("due");
+    assert!(full.due.is_empty() && full.limited);
 }
 
 async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
@@ -925,7 +933,7 @@ async fn the_rate_is_held_over_every_instance(a: &dyn Store, b: &dyn Store) {
     let now = now_ms() + 1;
     assert_eq!(a.due("t", now, 10, &HashSet::new()).await.expect("due").due.len(), 2, "the burst");
     let none = b.due("t", now, 10, &HashSet::new()).await.expect("due");
-    assert!(none.due.is_empty(), "a used the burst for both");
+    assert!(none.due.is_empty() && none.limited, "a used the burst for both");
     assert_eq!(none.next_due_ms, Some(now + 100), "the next token, at 10 per second");
     assert_eq!(b.due("t", now + 150, 10, &HashSet::new()).await.expect("due").due.len(), 1, "one token in 150 ms");
 }
@@ -943,7 +951,7 @@ async fn an_open_circuit_holds_every_instance_and_one_probes(a: &dyn Store, b: &
     let opened = now_ms();
     a.circuit_opened("t", Duration::from_secs(60)).await.expect("open");
     let held = b.due("t", opened + 1, 10, &HashSet::new()).await.expect("due");
-    assert!(held.due.is_empty(), "open on every instance");
+    assert!(held.due.is_empty() && held.limited, "open on every instance");
     let until = held.next_due_ms.expect("told when it may probe");
     assert!((opened + 60_000..opened + 61_000).contains(&until), "{until}");
     let probe = b.due("t", until, 10, &HashSet::new()).await.expect("due").due;

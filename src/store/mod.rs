@@ -112,6 +112,15 @@ pub trait Store: Send + Sync + 'static {
     /// that one process owns leaves them to its worker.
     fn share(&self, _target: &str, _share: Share) {}
 
+    /// How long a worker whose queue ran dry lets wakes gather before it
+    /// reads the queue again: zero where a read is cheap (a store in this
+    /// process); a few milliseconds where each read is a transaction on a
+    /// database that instances share, so that webhooks arriving one by one
+    /// are handed out a few at a time, not each by a read of its own.
+    fn read_gather(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Records an attempt at a delivery handed out by [`Store::due`] and moves
     /// it on. If the delivery was requeued meanwhile (by an operator), the
     /// attempt is recorded and the new queue position kept.

@@ -373,6 +373,10 @@ pub struct DueBatch {
     pub due: Vec<DueDelivery>,
     /// When the first delivery not yet due becomes due.
     pub next_due_ms: Option<u64>,
+    /// Fewer were handed out than asked for because of the limits the
+    /// instances share (concurrency, rate, circuit), not because nothing
+    /// more was due: more may be waiting.
+    pub limited: bool,
 }
 
 /// What happens to a delivery after an attempt.

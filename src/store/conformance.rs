@@ -54,6 +54,7 @@ const SCENARIOS: &[(&str, Scenario)] = scenarios![
     a_dead_delivery_releases_the_next_and_a_replay_queues_behind_the_rest,
     a_delivery_without_a_key_is_never_held,
     a_long_queue_of_one_key_keeps_its_order,
+    a_redeliver_of_a_queued_delivery_keeps_its_place,
     a_debounce_group_is_one_delivery_of_its_newest_event,
     a_requeue_of_an_event_in_an_open_group_leaves_it_there,
     a_stale_hand_out_of_a_group_is_refused,
@@ -772,7 +773,8 @@ async fn a_keys_next_group_waits_for_its_earlier_group(store: &dyn Store) {
 }
 
 /// More deliveries of one key than one record of a backend may pack: they
-/// are released one by one, in order; a replayed one goes to the end.
+/// are released one by one, in order; a redelivered one keeps its place,
+/// a replayed one (it had ended) goes to the end.
 async fn a_long_queue_of_one_key_keeps_its_order(store: &dyn Store) {
     let ids = futures_join((0..150).map(|n| accepted(store, ordered(&format!("o{n:03}"), "t", "k")))).await;
     let mut ids = ids;
@@ -784,15 +786,53 @@ async fn a_long_queue_of_one_key_keeps_its_order(store: &dyn Store) {
         assert_eq!(due.due.len(), 1, "one at a time, at step {n}");
         let d = &due.due[0];
         if n == 10 {
-            // Replayed while it waits its turn: it goes behind every one queued.
-            assert!(store.requeue("t", ids[20]).await.expect("requeue"));
+            // Redelivered while it waits its turn: it keeps its place.
+            assert!(store.requeue("t", ids[100]).await.expect("requeue"));
         }
         store.complete("t", d, attempt(Some(200)), NextStep::Delivered).await.expect("complete");
         delivered.push(d.event_id);
+        if n == 20 {
+            // Replayed once delivered: behind every one queued.
+            assert!(store.requeue("t", ids[20]).await.expect("requeue"));
+        }
     }
-    let mut expected: Vec<EventId> = ids.iter().copied().filter(|id| *id != ids[20]).collect();
+    let mut expected: Vec<EventId> = ids.clone();
     expected.push(ids[20]);
-    assert_eq!(delivered, expected);
+    assert_eq!(delivered[..150], expected[..150]);
+    let last = due(store, "t", now_ms() + 1).await.due;
+    assert_eq!(last.iter().map(|d| d.event_id).collect::<Vec<_>>(), [ids[20]], "the replay, last");
+    store.complete("t", &last[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
+}
+
+/// A redeliver of a delivery still queued keeps its place in its key's
+/// queue. Asked while its attempt is in flight, it releases nothing of its
+/// key (two requests of one key would be at the target at once): that
+/// attempt is recorded, the delivery is sent again, and only its end
+/// releases the next. A held one redelivered waits where it was.
+async fn a_redeliver_of_a_queued_delivery_keeps_its_place(store: &dyn Store) {
+    let a = accepted(store, ordered("1", "t", "k")).await;
+    let b = accepted(store, ordered("2", "t", "k")).await;
+    let c = accepted(store, ordered("3", "t", "k")).await;
+    let first = due(store, "t", now_ms() + 1).await.due;
+    assert_eq!(ids(&DueBatch { due: first.clone(), ..DueBatch::default() }), [a]);
+    assert!(store.requeue("t", b).await.expect("requeue"), "held: stays behind A, before C");
+    assert!(store.requeue("t", a).await.expect("requeue"), "while its attempt is out");
+    let during = store.due("t", now_ms() + 1, 10, &HashSet::from([a])).await.expect("due");
+    assert!(during.due.is_empty(), "nothing of k while A's attempt is out: {:?}", ids(&during));
+    assert_eq!(waiting_for(store, b).await, Some(a));
+    assert_eq!(waiting_for(store, c).await, Some(a));
+    assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 3, dead: 0, held: 2 });
+    store.complete("t", &first[0], attempt(Some(200)), NextStep::Delivered).await.expect("complete");
+    let record = state(store, a, "t").await;
+    assert!(matches!(record.state, DeliveryState::Pending { .. }), "{:?}", record.state);
+    assert_eq!(record.attempts.len(), 1, "the attempt is recorded");
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [a], "A again, as asked; B still waits");
+    finish(store, "t", a, NextStep::Delivered).await;
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [b], "A's end releases B");
+    finish(store, "t", b, NextStep::Delivered).await;
+    assert_eq!(ids(&due(store, "t", now_ms() + 1).await), [c]);
+    finish(store, "t", c, NextStep::Delivered).await;
     assert_eq!(store.counts("t").await.expect("counts"), TargetCounts { queued: 0, dead: 0, held: 0 });
 }
 

@@ -912,22 +912,21 @@ impl Store for PgStore {
         let now = now_ms();
         record.state = DeliveryState::Pending { due_ms: now };
         record.tries = 0;
+        // Pending, it keeps its place in its key's queue (nothing of its
+        // key is released while an attempt at it may be in flight); ended,
+        // it is queued behind every delivery of its key queued before.
         execute(
             &tx,
             "UPDATE hr_deliveries d SET status = 'p', due_ms = $3, queued = true, at_ms = NULL, record = $4,
-                    seq = CASE WHEN order_key IS NULL THEN NULL ELSE nextval('hr_order_seq') END,
-                    held = order_key IS NOT NULL AND EXISTS (
+                    seq = CASE WHEN order_key IS NULL OR status = 'p' THEN seq ELSE nextval('hr_order_seq') END,
+                    held = CASE WHEN order_key IS NULL THEN false WHEN status = 'p' THEN held ELSE EXISTS (
                         SELECT 1 FROM hr_deliveries o
                          WHERE o.target = $1 AND o.order_key = d.order_key AND o.status = 'p' AND o.event_id <> $2)
+                    END
              WHERE target = $1 AND event_id = $2",
             &[&target, &id.0, &to_i64(now), &json(&record)?],
         )
         .await?;
-        if let Some(key) = &order_key {
-            // Last in its key's queue now: if it was the head, the next one is.
-            let (targets, keys) = ([target], [key.as_str()]);
-            execute(&tx, outcomes::RELEASE_NEXT, &[&&targets[..], &&keys[..]]).await?;
-        }
         execute(&tx, "SELECT pg_notify($1, $2)", &[&CHANNEL, &target]).await?;
         tx.commit().await.map_err(db_error)?;
         Ok(true)

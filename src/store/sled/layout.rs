@@ -686,34 +686,43 @@ pub fn plan_requeue(
         // group closes): it is queued already, and goes with the group.
         return Ok(Some(::sled::Batch::default()));
     }
-    let seq = sequence::seq_of(found.as_ref(), id);
     let mut record = found.unwrap_or_else(|| DeliveryRecord::pending(meta.received_ms));
     // An operator's requeue starts the count toward max_attempts afresh.
     record.tries = 0;
     let mut batch = ::sled::Batch::default();
-    let was_pending = !record.state.is_finished();
-    match record.state {
-        DeliveryState::Pending { due_ms } => batch.remove(queue_key(target, due_ms, id)),
-        DeliveryState::Dead { .. } => {
-            tally.add(target, 1, -1);
-            batch.remove(dead_key(target, id))
+    let order_key = meta.order.get(target);
+    let due_now = match record.state {
+        // Queued already: it keeps its place, in its key's queue too (so
+        // that nothing of its key is released while an attempt at it may
+        // be in flight). Due now: the head of a key at once, a held one
+        // once it is released.
+        DeliveryState::Pending { due_ms } => {
+            batch.remove(queue_key(target, due_ms, id));
+            match order_key {
+                Some(k) => sequence::head(db, target, k)? == Some(id),
+                None => true,
+            }
         }
-        DeliveryState::Delivered { .. } | DeliveryState::Skipped { .. } | DeliveryState::Coalesced { .. } => {
-            tally.add(target, 1, 0)
+        ended => {
+            match ended {
+                DeliveryState::Dead { .. } => {
+                    tally.add(target, 1, -1);
+                    batch.remove(dead_key(target, id))
+                }
+                _ => tally.add(target, 1, 0),
+            }
+            // Queued again: behind every delivery of its key queued before.
+            match order_key {
+                Some(k) => {
+                    let (seq, head) = sequence::rejoin(db, &mut batch, tally, target, k, id)?;
+                    record.order_seq = Some(seq.to_string());
+                    head
+                }
+                None => true,
+            }
         }
-    }
+    };
     record.state = DeliveryState::Pending { due_ms: now_ms };
-    // Queued again now: behind every delivery of its key queued before.
-    let mut due_now = true;
-    if let Some(order_key) = meta.order.get(target) {
-        let remaining = match was_pending {
-            true => Some(sequence::leave(db, &mut batch, tally, target, order_key, seq, now_ms)?),
-            false => None,
-        };
-        let (new_seq, head) = sequence::rejoin(db, &mut batch, tally, target, order_key, id, remaining)?;
-        record.order_seq = Some(new_seq.to_string());
-        due_now = head;
-    }
     if due_now {
         batch.insert(queue_key(target, now_ms, id), &[]);
     }

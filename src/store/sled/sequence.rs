@@ -267,10 +267,9 @@ pub fn seq_of(record: Option<&DeliveryRecord>, id: EventId) -> EventId {
     record.and_then(|r| r.order_seq.as_deref()).and_then(|s| s.parse().ok()).unwrap_or(id)
 }
 
-/// Takes a delivery out of its key's queue (it ended, or is requeued). If it
-/// was the head, the next delivery of the key is released: due now. Returns
-/// whether deliveries of the key are still queued. Reads the chunks up to
-/// the delivery's and the one after (for a head, its first).
+/// Takes a delivery out of its key's queue (it ended). If it was the head,
+/// the next delivery of the key is released: due now. Reads the chunks up
+/// to the delivery's and the one after (for a head, its first).
 pub fn leave(
     db: &::sled::Db,
     batch: &mut ::sled::Batch,
@@ -279,21 +278,17 @@ pub fn leave(
     order_key: &str,
     seq: EventId,
     now_ms: u64,
-) -> Result<bool, StoreError> {
+) -> Result<(), StoreError> {
     let prefix = order_prefix(target, order_key);
-    let mut remaining = false;
     let mut chunks = db.scan_prefix(&prefix);
     let mut first = true;
     let found = loop {
-        let Some(item) = chunks.next() else { return Ok(remaining) };
+        let Some(item) = chunks.next() else { return Ok(()) };
         let (ck, v) = item?;
         let list = entries(&ck, &v)?;
         match list.iter().position(|(s, _)| *s == seq) {
             Some(at) => break (ck, list, at, first && at == 0),
-            None => {
-                remaining |= !list.is_empty();
-                first = false;
-            }
+            None => first = false,
         }
     };
     let (ck, mut list, at, was_head) = found;
@@ -309,7 +304,6 @@ pub fn leave(
             None => None,
         },
     };
-    remaining |= !list.is_empty() || next.is_some();
     // Everything read before anything is written: a caller's batch holds
     // other writes, and a half-planned one must not join them.
     let released = match (was_head, next) {
@@ -330,7 +324,7 @@ pub fn leave(
         batch.insert(queue_key(target, now_ms, next), Vec::new());
         tally.held(target, -1);
     }
-    Ok(remaining)
+    Ok(())
 }
 
 /// The record of a held delivery made due at `now_ms`.
@@ -347,10 +341,9 @@ fn released_record(db: &::sled::Db, target: &str, id: EventId, now_ms: u64) -> R
     json(&record)
 }
 
-/// Puts a requeued delivery at the end of its key's queue, in a chunk of its
-/// own, after [`leave`] took it from where it was (`remaining`: what leave
-/// returned; `None` when it was not queued). Returns its new place, and
-/// whether it is the head (then it is due at once; else it is held).
+/// Puts a requeued delivery that had ended at the end of its key's queue,
+/// in a chunk of its own. Returns its new place, and whether it is the head
+/// (then it is due at once; else it is held).
 pub fn rejoin(
     db: &::sled::Db,
     batch: &mut ::sled::Batch,
@@ -358,7 +351,6 @@ pub fn rejoin(
     target: &str,
     order_key: &str,
     id: EventId,
-    remaining: Option<bool>,
 ) -> Result<(EventId, bool), StoreError> {
     let prefix = order_prefix(target, order_key);
     let (mut last_chunk, mut last_seq) = (None, None);
@@ -367,7 +359,7 @@ pub fn rejoin(
         last_chunk = Some(chunk_number(&prefix, &ck));
         last_seq = entries(&ck, &v)?.last().map(|e| e.0);
     }
-    let behind = remaining.unwrap_or(last_chunk.is_some());
+    let behind = last_chunk.is_some();
     // After every place taken, even if the clock went back.
     let mut seq = EventId::new();
     if let Some(last) = last_seq.filter(|l| *l >= seq) {

@@ -37,7 +37,8 @@ struct Row {
 }
 
 /// Records `outcomes` in one transaction (on a connection that commits
-/// without waiting for the disk); one `()` per outcome. An outcome whose
+/// without waiting for the disk, unless the batch releases the next
+/// delivery of a key); one `()` per outcome. An outcome whose
 /// event was purged meanwhile has nothing to record.
 pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Vec<()>, StoreError> {
     // BEGIN goes with the read, COMMIT with the writes: two round trips.
@@ -146,6 +147,16 @@ pub async fn record(pool: &Pool, outcomes: &[Outcome], owner: Uuid) -> Result<Ve
     // After a failed statement, PostgreSQL ends the transaction with a
     // rollback at COMMIT, and the statement's error fails the batch.
     futures_util::try_join!(
+        // A batch that releases the next delivery of a key commits once on
+        // disk: committed without waiting, it is visible at once, and the
+        // next delivery could be sent before the head's end is durable (a
+        // database crash would then send the head again, after it).
+        async {
+            match ended_keys.is_empty() {
+                true => Ok(()),
+                false => tx.batch_execute("SET LOCAL synchronous_commit = on").await,
+            }
+        },
         async {
             match locks.is_empty() {
                 true => Ok(0),

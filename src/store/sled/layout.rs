@@ -173,9 +173,13 @@ pub fn decode_event(key: &[u8], v: &[u8]) -> Result<(EventMeta, Bytes), StoreErr
 }
 
 /// Changes to the targets' counts (queued, dead, held), written with the
-/// batch that makes them.
+/// batch that makes them; and the keys of that batch that no reader may act
+/// on before it is durable.
 #[derive(Debug, Default)]
-pub struct Tally(HashMap<String, [i64; 3]>);
+pub struct Tally {
+    counts: HashMap<String, [i64; 3]>,
+    until_durable: Vec<Vec<u8>>,
+}
 
 impl Tally {
     pub fn add(&mut self, target: &str, queued: i64, dead: i64) {
@@ -188,23 +192,36 @@ impl Tally {
     }
 
     fn change(&mut self, target: &str, by: [i64; 3]) {
-        match self.0.get_mut(target) {
+        match self.counts.get_mut(target) {
             Some(d) => d.iter_mut().zip(by).for_each(|(d, b)| *d += b),
             None => {
-                self.0.insert(target.to_string(), by);
+                self.counts.insert(target.to_string(), by);
             }
         }
     }
 
-    /// Applies the changes to `counts` and adds the changed counts to `batch`.
-    pub fn write(self, counts: &mut HashMap<String, TargetCounts>, batch: &mut ::sled::Batch) {
-        for (target, [queued, dead, held]) in self.0 {
+    /// A key this batch writes that lets a delivery go which no reader may
+    /// hand out before the batch is durable: a key's next delivery released
+    /// (its due entry), or a key's next debounce group let go (its earlier
+    /// group's `G/` pointer removed). Its attempt would otherwise reach the
+    /// target before the end of the one before it is on disk, and after a
+    /// crash that one would be sent again, last.
+    pub fn until_durable(&mut self, key: Vec<u8>) {
+        self.until_durable.push(key);
+    }
+
+    /// Applies the changes to `counts` and adds the changed counts to
+    /// `batch`; returns the keys to hide until the batch is durable.
+    #[must_use]
+    pub fn write(self, counts: &mut HashMap<String, TargetCounts>, batch: &mut ::sled::Batch) -> Vec<Vec<u8>> {
+        for (target, [queued, dead, held]) in self.counts {
             let c = counts.entry(target.clone()).or_default();
             c.queued = c.queued.saturating_add_signed(queued);
             c.dead = c.dead.saturating_add_signed(dead);
             c.held = c.held.saturating_add_signed(held);
             batch.insert(counts_key(&target), encode_counts(c));
         }
+        self.until_durable
     }
 }
 
@@ -584,6 +601,7 @@ pub fn complete_into(
             batch.remove(queued);
         }
         if let Some(ckey) = closed {
+            tally.until_durable(ckey.clone());
             batch.remove(ckey);
         }
         match next {

@@ -13,7 +13,7 @@ mod layout;
 mod sequence;
 mod writer;
 
-use self::layout::{decode_event, delivery_key, event_key};
+use self::layout::{decode_event, delivery_key, event_key, queue_key};
 pub use self::writer::CommitStats;
 use self::writer::Writer;
 use super::*;
@@ -26,14 +26,17 @@ pub struct SledStore {
 impl SledStore {
     /// Opens (or creates) the store in `path` with a page cache of `cache_bytes`.
     pub fn open(path: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        let db = ::sled::Config::new()
-            .path(path)
-            .cache_capacity(cache_bytes)
-            .open()
-            .map_err(|e| StoreError::Io(format!("cannot open storage at {}: {e}", path.display())))?;
-        check_layout(&db, path)?;
+        let db = open_db(path, cache_bytes)?;
         let mut syncer = DiskSync::new(path, db.clone())?;
-        let writer = Writer::start(db.clone(), move || syncer.sync())?;
+        Self::start(db, move || syncer.sync())
+    }
+
+    /// The store on `db`, made durable by `sync`.
+    fn start(
+        db: ::sled::Db,
+        sync: impl FnMut() -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<Self, StoreError> {
+        let writer = Writer::start(db.clone(), sync)?;
         Ok(SledStore { db, writer })
     }
 
@@ -133,8 +136,22 @@ impl Store for SledStore {
             let walk = progress.walks.entry(target.to_string()).or_insert_with(|| writer::Walk::at(cursor));
             (walk.start(cursor, skip), progress.durable)
         };
-        let (batch, walked_to) = layout::read_due(&self.db, target, now_ms, limit, skip, from, durable)?;
+        let (mut batch, walked_to) = layout::read_due(&self.db, target, now_ms, limit, skip, from, durable)?;
         let mut progress = self.progress()?;
+        if !progress.until_durable.is_empty() {
+            // Let go by the round being made durable: not yet (the outcome
+            // that let it go wakes the worker once it is).
+            let hidden = &progress.until_durable;
+            batch.due.retain(|d| match d.group {
+                true => !self
+                    .get_meta(d.event_id)
+                    .ok()
+                    .flatten()
+                    .and_then(|m| m.group.get(target).map(|k| hidden.contains(&sequence::closed_key(target, k))))
+                    .unwrap_or(false),
+                false => !d.queued || !hidden.contains(&queue_key(target, d.due_ms, d.event_id)),
+            });
+        }
         let walk = progress.walks.entry(target.to_string()).or_insert_with(|| writer::Walk::at(from));
         let moved = walk.walked(walked_to, batch.due.iter().filter(|d| !d.queued).map(|d| d.event_id));
         let cursor = progress.cursors.get(target).map(|(id, _)| *id);
@@ -271,6 +288,16 @@ impl Store for SledStore {
         tokio::task::spawn_blocking(move || db.flush()).await.map_err(|e| StoreError::Io(e.to_string()))??;
         Ok(())
     }
+}
+
+fn open_db(path: &Path, cache_bytes: u64) -> Result<::sled::Db, StoreError> {
+    let db = ::sled::Config::new()
+        .path(path)
+        .cache_capacity(cache_bytes)
+        .open()
+        .map_err(|e| StoreError::Io(format!("cannot open storage at {}: {e}", path.display())))?;
+    check_layout(&db, path)?;
+    Ok(db)
 }
 
 /// Marks a new store with the layout's version, and refuses a store that
@@ -573,6 +600,99 @@ mod tests {
         assert!(rounds < 40, "40 outcomes at once took {rounds} rounds");
         assert_eq!(store.counts("search").await.unwrap().queued, 0);
         assert!(store.due("search", now_ms(), 100, &HashSet::new()).await.unwrap().due.is_empty());
+    }
+
+    /// A store whose rounds can be held between their apply and their sync.
+    struct Gated {
+        store: Arc<SledStore>,
+        hold: Arc<std::sync::atomic::AtomicBool>,
+        entered: Option<std::sync::mpsc::Receiver<()>>,
+        go: std::sync::mpsc::Sender<()>,
+    }
+
+    impl Gated {
+        fn open(path: &Path) -> Gated {
+            let hold = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (entered_tx, entered) = std::sync::mpsc::channel();
+            let (go, go_rx) = std::sync::mpsc::channel::<()>();
+            let held = hold.clone();
+            let sync = move || {
+                if held.load(Ordering::SeqCst) {
+                    let _ = entered_tx.send(());
+                    let _ = go_rx.recv_timeout(Duration::from_secs(10));
+                }
+                Ok(())
+            };
+            let store = Arc::new(SledStore::start(open_db(path, 8 << 20).unwrap(), sync).unwrap());
+            Gated { store, hold, entered: Some(entered), go }
+        }
+
+        /// Records `due`'s success in a round that stays applied and not
+        /// yet durable until [`Gated::release`]; returns once it is applied.
+        async fn complete_held(&mut self, due: DueDelivery) -> tokio::task::JoinHandle<Result<(), StoreError>> {
+            self.hold.store(true, Ordering::SeqCst);
+            let store = self.store.clone();
+            let completing = tokio::spawn(async move {
+                let attempt = Attempt { at_ms: now_ms(), duration_ms: 1, status: Some(200), error: None };
+                store.complete("search", &due, attempt, NextStep::Delivered).await
+            });
+            let entered = self.entered.take().expect("one held round");
+            let entered = tokio::task::spawn_blocking(move || entered.recv_timeout(Duration::from_secs(10)));
+            entered.await.unwrap().expect("the round's sync started");
+            completing
+        }
+
+        fn release(&self) {
+            self.hold.store(false, Ordering::SeqCst);
+            self.go.send(()).unwrap();
+        }
+    }
+
+    /// The end of a key's head releases the next delivery in the same
+    /// batch; that one is not handed out before the batch is durable (a
+    /// crash meanwhile would send the head again, after it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_released_delivery_waits_until_the_end_that_released_it_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gated = Gated::open(dir.path());
+        let store = gated.store.clone();
+        let ordered = |body: &str| sequenced(event(body.into()), &[("search", Sequenced::Ordered { key: "k".into() })]);
+        let a = accepted(&store, ordered("1")).await;
+        let b = accepted(&store, ordered("2")).await;
+        let completing = gated.complete_held(due_of(&store, a).await).await;
+        assert_eq!(store.db.scan_prefix(b"q/").count(), 1, "A's end is applied, B released");
+        let during = store.due("search", now_ms() + 1, 10, &HashSet::from([a])).await.unwrap();
+        assert!(during.due.is_empty(), "B handed out before A's end is durable: {:?}", ids(&during));
+        gated.release();
+        completing.await.unwrap().unwrap();
+        assert_eq!(ids(&store.due("search", now_ms() + 1, 10, &HashSet::new()).await.unwrap()), vec![b]);
+    }
+
+    /// The same for a key's next debounce group, let go by the end of the
+    /// earlier group's delivery.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_next_group_waits_until_the_end_that_let_it_go_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut gated = Gated::open(dir.path());
+        let store = gated.store.clone();
+        let grouped = |body: &str| {
+            let how = Sequenced::Grouped { key: "k".into(), window_ms: 1, max_wait_ms: 1 };
+            sequenced(event(body.into()), &[("search", how)])
+        };
+        let first = accepted(&store, grouped("1")).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let handed = due_of(&store, first).await;
+        let closed = store.close_group("search", &handed).await.unwrap().expect("closed");
+        let second = accepted(&store, grouped("2")).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let waiting = store.due("search", now_ms() + 1, 10, &HashSet::from([first])).await.unwrap();
+        assert!(waiting.due.is_empty(), "the next group waits for the first's delivery");
+        let completing = gated.complete_held(closed).await;
+        let during = store.due("search", now_ms() + 1, 10, &HashSet::from([first])).await.unwrap();
+        assert!(during.due.is_empty(), "the next group handed out before the first's end is durable");
+        gated.release();
+        completing.await.unwrap().unwrap();
+        assert_eq!(ids(&store.due("search", now_ms() + 1, 10, &HashSet::new()).await.unwrap()), vec![second]);
     }
 
     #[tokio::test]

@@ -319,9 +319,10 @@ pub fn leave(
         tally.held(target, -1);
     }
     if let Some((next, record)) = released {
-        // The held delivery is due now.
+        // The held delivery is due now, once this end is on disk.
         batch.insert(delivery_key(target, next), record);
         batch.insert(queue_key(target, now_ms, next), Vec::new());
+        tally.until_durable(queue_key(target, now_ms, next));
         tally.held(target, -1);
     }
     Ok(())

@@ -63,6 +63,9 @@ pub struct Progress {
     pub cursors: HashMap<String, (EventId, bool)>,
     /// Per target, where its next walk resumes (not saved).
     pub walks: HashMap<String, Walk>,
+    /// Due entries applied in the round being made durable that are not to
+    /// be handed out before it is ([`layout::Tally::until_durable`]).
+    pub until_durable: HashSet<Vec<u8>>,
 }
 
 /// Where a target's walk for first attempts stands: it resumes after `to`
@@ -353,12 +356,12 @@ fn round(
     let mut pending: HashSet<Vec<u8>> = ingest.sequences.queues().map(<[u8]>::to_vec).collect();
     let claims = ingest.claims;
     layout::add_dedup_records(&claims, &mut batch);
-    tally.write(&mut state.counts, &mut batch);
+    let hidden = tally.write(&mut state.counts, &mut batch);
     let moved = save_cursors(shared.progress, &mut batch);
     // The ingests, the moved cursors and the outcomes go in one batch, unless
     // a job must read what the ones before it wrote (sled writes out its log
     // buffer at every batch).
-    let mut merged = Merged { batch, dirty: !ingests.is_empty() || moved, ..Merged::default() };
+    let mut merged = Merged { batch, hidden, dirty: !ingests.is_empty() || moved, ..Merged::default() };
     let mut written: Result<(), StoreError> = Ok(());
     let mut answers = Vec::with_capacity(changes.len());
     for change in changes {
@@ -374,9 +377,9 @@ fn round(
                     Ok(false) => {
                         // It reads its key's queue, which the batch writes:
                         // after the merged ones are applied.
-                        merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+                        merged.apply(db, &mut state.counts, &mut written, &mut answers, &shared);
                         pending.clear();
-                        let answer = apply_alone(db, &mut state.counts, &written, shared.stats, |db, tally| {
+                        let answer = apply_alone(db, &mut state.counts, &written, &shared, |db, tally| {
                             layout::plan_complete(db, tally, &done, now).map(|b| (b, ()))
                         });
                         taint(&mut written, &answer);
@@ -386,15 +389,15 @@ fn round(
                 }
             }
             Change::Mutate(plan, reply) => {
-                merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+                merged.apply(db, &mut state.counts, &mut written, &mut answers, &shared);
                 pending.clear();
-                let answer = apply_alone(db, &mut state.counts, &written, shared.stats, plan);
+                let answer = apply_alone(db, &mut state.counts, &written, &shared, plan);
                 taint(&mut written, &answer);
                 answers.push(Answered::Mutate(reply, answer));
             }
         }
     }
-    merged.apply(db, &mut state.counts, &mut written, &mut answers, shared.stats);
+    merged.apply(db, &mut state.counts, &mut written, &mut answers, &shared);
     if written.is_ok() {
         // Applied, so findable by a later round even if the sync fails below
         // (the events then stay stored, although their senders got 503).
@@ -407,12 +410,16 @@ fn round(
     let took = started.elapsed().as_micros() as u64;
     shared.stats.flush_micros.fetch_add(took, Ordering::Relaxed);
     shared.stats.slowest_micros.fetch_max(took, Ordering::Relaxed);
-    match &written {
-        Ok(()) => {
-            if let Ok(mut progress) = shared.progress.lock() {
-                progress.durable = state.newest;
-            }
+    {
+        let mut progress = shared.progress.lock().unwrap_or_else(|p| p.into_inner());
+        // Durable, or refused: either way not to be hidden any more.
+        progress.until_durable.clear();
+        if written.is_ok() {
+            progress.durable = state.newest;
         }
+    }
+    match &written {
+        Ok(()) => {}
         Err(e) => {
             tracing::error!(error = %e, jobs = ingests.len() + answers.len(), "storage write failed; those writes are refused");
             if matches!(e, StoreError::Failed(_)) {
@@ -459,6 +466,8 @@ struct Merged {
     batch: ::sled::Batch,
     /// The outcomes' changes to the counts (the webhooks' are in `batch`).
     tally: Tally,
+    /// Keys of the webhooks' writes to hide until durable.
+    hidden: Vec<Vec<u8>>,
     /// Whom to answer for the outcomes in `batch`.
     replies: Vec<oneshot::Sender<Result<(), StoreError>>>,
     /// It holds writes besides the outcomes' (webhooks, moved cursors).
@@ -473,16 +482,17 @@ impl Merged {
         counts: &mut HashMap<String, TargetCounts>,
         written: &mut Result<(), StoreError>,
         answers: &mut Vec<Answered>,
-        stats: &CommitStats,
+        shared: &Shared,
     ) {
         if self.replies.is_empty() && !self.dirty {
             return;
         }
-        let Merged { mut batch, tally, replies, .. } = std::mem::take(self);
+        let Merged { mut batch, tally, replies, hidden, .. } = std::mem::take(self);
         let result = written.clone().and_then(|()| {
-            tally.write(counts, &mut batch);
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-            db.apply_batch(batch).map_err(sled_failed)
+            let mut hidden = hidden;
+            hidden.extend(tally.write(counts, &mut batch));
+            shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+            apply(db, batch, hidden, shared.progress)
         });
         taint(written, &result);
         answers.extend(replies.into_iter().map(|reply| Answered::Complete(reply, result.clone())));
@@ -494,15 +504,29 @@ fn apply_alone<T>(
     db: &::sled::Db,
     counts: &mut HashMap<String, TargetCounts>,
     written: &Result<(), StoreError>,
-    stats: &CommitStats,
+    shared: &Shared,
     plan: impl FnOnce(&::sled::Db, &mut Tally) -> Result<(::sled::Batch, T), StoreError>,
 ) -> Result<T, StoreError> {
     written.clone()?;
     let mut tally = Tally::default();
     let (mut batch, answer) = plan(db, &mut tally)?;
-    tally.write(counts, &mut batch);
-    stats.batches.fetch_add(1, Ordering::Relaxed);
-    db.apply_batch(batch).map(|()| answer).map_err(sled_failed)
+    let hidden = tally.write(counts, &mut batch);
+    shared.stats.batches.fetch_add(1, Ordering::Relaxed);
+    apply(db, batch, hidden, shared.progress).map(|()| answer)
+}
+
+/// Applies a batch, its `hidden` keys noted first: a reader that finds one
+/// of them after the batch is applied finds it noted too.
+fn apply(
+    db: &::sled::Db,
+    batch: ::sled::Batch,
+    hidden: Vec<Vec<u8>>,
+    progress: &Mutex<Progress>,
+) -> Result<(), StoreError> {
+    if !hidden.is_empty() {
+        progress.lock().unwrap_or_else(|p| p.into_inner()).until_durable.extend(hidden);
+    }
+    db.apply_batch(batch).map_err(sled_failed)
 }
 
 /// A write failure taints the round; a planning error is the job's own.

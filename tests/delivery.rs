@@ -276,6 +276,22 @@ async fn gone_410_pauses_the_target_and_holds_its_queue() {
     assert!(matches!(state_of(&t, id, "search").await, DeliveryState::Pending { .. }));
 }
 
+/// Nothing goes out once the target has answered 410: not the next
+/// delivery the freed slot would take before the worker hears of the 410.
+#[tokio::test]
+async fn nothing_is_sent_after_a_410() {
+    let mut a = FakeTarget::start().await;
+    a.always(Answer::status(410).delay(Duration::from_millis(300)));
+    let t = start_relay(&target("search", &a.url("/"), "    concurrency: 1\n"), &route("search")).await;
+    for n in 0..5 {
+        send(&t, butter_page(n)).await;
+    }
+    a.next().await;
+    eventually("paused", || async { t.store.paused_targets().await.unwrap().contains("search") }).await;
+    a.nothing_for(Duration::from_millis(800)).await;
+    assert_eq!(t.store.counts("search").await.unwrap().queued, 5, "all five still queued");
+}
+
 #[tokio::test]
 async fn queue_gauges_follow_the_store() {
     let mut a = FakeTarget::start().await;

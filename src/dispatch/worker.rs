@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -88,6 +88,9 @@ enum Done {
     /// Finished without contacting the target (skipped by its transform,
     /// the transform failed, the event is gone), and recorded.
     Unsent,
+    /// Not sent, nothing recorded: the queue was held (a 410) before its
+    /// request went out. The delivery stays where it was.
+    Held,
     /// Nothing recorded (store or sandbox trouble, or shutdown): the
     /// delivery stays where it was, and the worker waits before reading again.
     Stalled,
@@ -107,6 +110,9 @@ pub struct Worker {
     limiter: Option<DefaultDirectRateLimiter>,
     /// Held by a 410 or an operator; persisted in the store.
     paused: bool,
+    /// Set as soon as an attempt is answered 410 (before its report), and
+    /// while paused: attempts not yet sent are not sent, none is started.
+    hold: Arc<AtomicBool>,
     /// Deliveries being attempted, until their outcome is recorded; left
     /// out of store reads.
     in_flight: HashSet<EventId>,
@@ -155,6 +161,7 @@ impl Worker {
             metrics,
             limiter,
             paused,
+            hold: Arc::new(AtomicBool::new(paused)),
             in_flight: HashSet::new(),
             at_target: Arc::default(),
             reports_tx,
@@ -211,7 +218,7 @@ impl Worker {
     /// Starts what may start now; returns when to look again (`None`: when
     /// woken by a report or a new event).
     async fn dispatch(&mut self) -> Option<Instant> {
-        if self.paused {
+        if self.paused || self.hold.load(Ordering::SeqCst) {
             return None;
         }
         if let Some(at) = self.store_retry_at {
@@ -279,6 +286,7 @@ impl Worker {
             metrics: self.metrics.clone(),
             lane: self.lane.clone(),
             asked_to_wait: self.asked_to_wait.clone(),
+            hold: self.hold.clone(),
         };
         let (reports, shutdown) = (self.reports_tx.clone(), self.shutdown.clone());
         self.attempts.spawn(async move {
@@ -319,7 +327,7 @@ impl Worker {
                 if paused != self.paused {
                     let action = if paused { "paused" } else { "resumed" };
                     tracing::warn!(target = %self.target.name, "target {action} on another instance");
-                    self.paused = paused;
+                    self.set_paused(paused);
                 }
                 return;
             }
@@ -327,8 +335,13 @@ impl Worker {
         if paused != self.paused {
             let action = if paused { "paused" } else { "resumed" };
             tracing::warn!(target = %self.target.name, "target {action} by an operator");
-            self.paused = paused;
+            self.set_paused(paused);
         }
+    }
+
+    fn set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        self.hold.store(paused, Ordering::SeqCst);
     }
 
     /// Takes new settings; attempts in flight finish under the old ones.
@@ -353,7 +366,7 @@ impl Worker {
     /// Holds the queue (the target answered 410), and remembers it across
     /// restarts; held in this process even if the store cannot save it.
     async fn pause_for_gone(&mut self) {
-        self.paused = true;
+        self.set_paused(true);
         if let Err(e) = self.store.set_paused(&self.target.name, true).await {
             tracing::error!(target = %self.target.name, error = %e, "cannot persist the pause");
         }
@@ -362,12 +375,18 @@ impl Worker {
     async fn on_report(&mut self, report: Report) {
         self.in_flight.remove(&report.id);
         let name = self.target.name.clone();
+        if self.hold.load(Ordering::SeqCst) && !self.paused {
+            // An attempt was answered 410 (its own report may say only
+            // that its outcome could not be recorded).
+            tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
+            self.pause_for_gone().await;
+        }
         match report.done {
             Done::Stalled => {
                 self.breaker.on_abandoned(report.id);
                 self.store_retry_at = Some(Instant::now() + STORE_RETRY);
             }
-            Done::Unsent => self.breaker.on_abandoned(report.id),
+            Done::Unsent | Done::Held => self.breaker.on_abandoned(report.id),
             Done::Sent(Verdict::Retry { .. }) => {
                 if self.breaker.on_failure(Instant::now()) {
                     let open_for = self.target.circuit_breaker.open_for;
@@ -377,14 +396,7 @@ impl Worker {
                     }
                 }
             }
-            Done::Sent(Verdict::Pause) => {
-                self.circuit_closed_by_success();
-                if !self.paused {
-                    tracing::warn!(target = %name, "target answered 410 Gone: paused; its queue is held until an operator resumes it");
-                    self.pause_for_gone().await;
-                }
-            }
-            Done::Sent(Verdict::Success | Verdict::Permanent) => self.circuit_closed_by_success(),
+            Done::Sent(Verdict::Success | Verdict::Permanent | Verdict::Pause) => self.circuit_closed_by_success(),
         }
     }
 
@@ -474,6 +486,8 @@ struct AttemptCtx {
     /// Until when the target asked, with `Retry-After` on a 429, that
     /// nothing be sent: the whole queue waits, not only that delivery.
     asked_to_wait: Arc<Mutex<Option<Instant>>>,
+    /// The worker's: the queue is held (410, or paused).
+    hold: Arc<AtomicBool>,
 }
 
 /// Holds the target's queue for `wait` (capped like a delivery's own retry)
@@ -532,6 +546,10 @@ impl AttemptCtx {
             Ok(body) => body,
             Err(done) => return done,
         };
+        if self.hold.load(Ordering::SeqCst) {
+            // Answered 410 since this attempt started: not sent.
+            return Done::Held;
+        }
         let started_ms = now_ms();
         let sent = client::Sent { transformed, attempt: number, coalesced: due.coalesced };
         let result = match client::build_request(&self.target, &event, sent, SystemTime::now()) {
@@ -550,6 +568,11 @@ impl AttemptCtx {
             if self.ask_to_wait(*after) {
                 asked = Some(*after);
             }
+        }
+        if result.verdict == Verdict::Pause {
+            // 410 Gone: the queue is held from now, before the slot frees
+            // another attempt (the worker pauses it at this report).
+            self.hold.store(true, Ordering::SeqCst);
         }
         drop(slot);
         if let Some(wait) = asked {
